@@ -1,0 +1,35 @@
+# mone-train: the two commands the README starts with, and a few helpers.
+#   make train   set up .venv (once), build the default corpus (once), train the default model
+#   make test    set up .venv (once), run the test suite
+VENV ?= .venv
+STAMP := $(VENV)/.installed
+PY := $(VENV)/bin/python
+# Extra Hydra overrides for `make train`, e.g. make train ARGS="moe=moe trainer.steps=100"
+ARGS ?=
+
+.PHONY: install train test lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install.sh
+	bash scripts/install.sh $(VENV)
+
+train: install
+	$(VENV)/bin/mone-train $(ARGS)
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: install
+	$(PY) benchmarks/trainer_throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

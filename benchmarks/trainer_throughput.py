@@ -1,0 +1,141 @@
+"""Trainer tokens/s against a bare megatron-core training loop on the same model.
+
+Three contenders, interleaved over several rounds so that machine noise hits all alike:
+
+    bare       megatron-core GPTModel (its own SequentialMLP experts) + torch AdamW, nothing else
+    trainer    mone-train's full step loop (DDP buffers, clipping, logging) with moe=moe
+    trainer    the same with moe=mone (rho = 0.5, NG-LBL on): the default `make train` model
+
+Targets (issue: walking skeleton): trainer/moe >= 90% and trainer/mone >= 85% of bare.
+Prints a table and writes benchmarks/results/trainer_throughput_<device>.json.
+
+    python benchmarks/trainer_throughput.py [--steps 60] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine_info  # noqa: E402
+
+from mone_train.preflight import compose_config  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def bare_loop(steps: int, warmup: int) -> float:
+    """Tokens/s of a plain megatron-core forward/backward/AdamW loop on the `small` model."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from mone_train.data.corpus import prepare_stdlib_corpus
+    from mone_train.data.dataset import build_gpt_datasets, micro_batches
+    from mone_train.data.tokenizer import ByteTokenizer
+    from mone_train.distributed import init_distributed, shutdown_distributed
+    from mone_train.model.builder import build_gpt_model
+    from mone_train.train import causal_mask, configure_torch
+
+    cfg = compose_config(["moe=moe"])
+    t = cfg.trainer
+    configure_torch(cfg)
+    init_distributed(1)
+    try:
+        corpus = prepare_stdlib_corpus(cfg.data.cache_dir, cfg.data.valid_every)
+        tokenizer = ByteTokenizer()
+        train_ds, _ = build_gpt_datasets(
+            corpus.train_prefix,
+            corpus.valid_prefix,
+            tokenizer,
+            t.seq_length,
+            t.seed,
+            steps * t.global_batch_size,
+            t.micro_batch_size,
+            Path(corpus.train_prefix).parent / "index-cache",
+        )
+        torch.manual_seed(t.seed)
+        model_parallel_cuda_manual_seed(t.seed)
+        model = build_gpt_model(cfg, tokenizer.vocab_size)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
+        mask = causal_mask(t.seq_length, torch.device("cpu"))
+        batches = micro_batches(train_ds, 0, t.micro_batch_size, 0, 1)
+        for step in range(steps):
+            if step == warmup:
+                start = time.perf_counter()
+            batch = next(batches)
+            loss = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
+            loss.mean().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - start
+        return (steps - warmup) * t.micro_batch_size * t.seq_length / elapsed
+    finally:
+        shutdown_distributed()
+
+
+def trainer(flavour: str, steps: int, warmup: int, workdir: Path) -> float:
+    """Tokens/s that mone-train's own log reports after the first interval."""
+    from mone_train.train import run
+
+    run_dir = workdir / f"{flavour}-{time.monotonic_ns()}"
+    cfg = compose_config(
+        [
+            f"moe={flavour}",
+            f"trainer.steps={steps}",
+            f"trainer.log_interval={warmup}",
+            f"trainer.eval_interval={steps}",
+            "trainer.eval_iters=1",
+            f"trainer.run_dir={run_dir}",
+            "logging.wandb_mode=disabled",
+        ]
+    )
+    run(cfg)
+    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]
+    return statistics.mean(rates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    if args.steps % args.warmup:
+        parser.error("--steps must be a multiple of --warmup (the logging interval)")
+
+    results: dict[str, list[float]] = {"bare/moe": [], "trainer/moe": [], "trainer/mone": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.rounds):
+            results["bare/moe"].append(bare_loop(args.steps, args.warmup))
+            results["trainer/moe"].append(trainer("moe", args.steps, args.warmup, Path(tmp)))
+            results["trainer/mone"].append(trainer("mone", args.steps, args.warmup, Path(tmp)))
+
+    bare = statistics.median(results["bare/moe"])
+    rows = []
+    for name, rates in results.items():
+        rate = statistics.median(rates)
+        rows.append(
+            {"contender": name, "tokens_per_s": rate, "ratio_to_bare": rate / bare, "rounds": rates}
+        )
+    machine = machine_info()
+    print(f"\nTrainer throughput, `small` model, {machine['cpu']} ({machine['cpu_cores']} cores)")
+    print(f"{'contender':<14} {'tokens/s':>10} {'vs bare':>8}")
+    for row in rows:
+        print(f"{row['contender']:<14} {row['tokens_per_s']:>10,.0f} {row['ratio_to_bare']:>8.1%}")
+    device = "gpu" if torch.cuda.is_available() else "cpu"
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"trainer_throughput_{device}.json"
+    out.write_text(json.dumps({"machine": machine, "args": vars(args), "results": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

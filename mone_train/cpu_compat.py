@@ -1,0 +1,228 @@
+"""Narrow patches that let megatron-core's MoE GPT train on a machine without CUDA.
+
+megatron-core (pinned in ``pyproject.toml``) assumes a GPU in five places that the MoE training
+path reaches. Each patch below replaces exactly one of them with the CPU equivalent; nothing else
+in megatron-core or torch changes. :func:`apply` installs them only when CUDA is absent and is
+idempotent. Every patch has a test in ``tests/test_cpu_compat.py`` that exercises the megatron
+code path which fails without it.
+
+1. ``rng_tracker``: megatron's ``CudaRNGStatesTracker`` saves and restores *CUDA* generator
+   states (``torch.cuda.get_rng_state``), which raises *Torch not compiled with CUDA enabled*.
+   Attention always forks the model-parallel state and activation recompute snapshots all
+   states, so we swap in a tracker with the same interface backed by the CPU generator.
+2. ``current_device``: the router and rotary embeddings move tensors to
+   ``torch.cuda.current_device()``; without CUDA that is the CPU.
+3. ``streams``: the alltoall token dispatcher creates a ``torch.cuda.Stream`` for its
+   device-to-host copies and records an event on it. On CPU those copies are synchronous, so
+   no-op streams and events keep the same control flow.
+4. ``te_names``: ``moe_utils`` refers to ``te_general_gemm`` (and other TransformerEngine
+   functions) that are only defined when TransformerEngine imports; we define them as ``None``,
+   which is what megatron checks for when choosing its fallback.
+5. ``alltoall_splits``: ``maybe_move_tensor_to_cpu(..., as_numpy=True)`` converts only CUDA
+   tensors, so on CPU the all-to-all split sizes stay tensors and
+   ``torch.distributed.all_to_all_single`` rejects them (*incompatible function arguments*)
+   whenever expert parallelism is > 1. We convert CPU tensors too when numpy is asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+PATCHES = ("rng_tracker", "current_device", "streams", "te_names", "alltoall_splits")
+
+_applied: set[str] = set()
+
+
+def cuda_absent() -> bool:
+    """True when this process has no usable CUDA device (the only case we patch)."""
+    return not torch.cuda.is_available()
+
+
+def applied_patches() -> frozenset[str]:
+    """Names of the patches installed in this process."""
+    return frozenset(_applied)
+
+
+def apply(only: tuple[str, ...] | None = None) -> frozenset[str]:
+    """Install the CPU patches (all, or the named subset) if CUDA is absent; return those active.
+
+    Safe to call more than once. Must run before megatron-core builds a model or a dispatcher.
+    """
+    if not cuda_absent():
+        return applied_patches()
+    names = PATCHES if only is None else only
+    unknown = set(names) - set(PATCHES)
+    if unknown:
+        raise ValueError(f"unknown cpu_compat patch {sorted(unknown)}; valid: {list(PATCHES)}")
+    for name in names:
+        if name not in _applied:
+            _INSTALLERS[name]()
+            _applied.add(name)
+    return applied_patches()
+
+
+# --- 1. RNG tracker ----------------------------------------------------------------------------
+
+
+def _install_rng_tracker() -> None:
+    from megatron.core.tensor_parallel import random as mp_random
+
+    class CPURNGStatesTracker(mp_random.CudaRNGStatesTracker):
+        """megatron's RNG-states tracker, keeping named states of the CPU generator."""
+
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            orig = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+        @contextlib.contextmanager
+        def fork(self, name=mp_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            orig_state = torch.get_rng_state()
+            orig_name = self._current_state_name
+            if orig_name != "default-rng":
+                self.states_[orig_name] = orig_state
+            torch.set_rng_state(self.states_[name])
+            self._current_state_name = name
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                if orig_name != "default-rng":
+                    orig_state = self.states_[orig_name]
+                torch.set_rng_state(orig_state)
+                self._current_state_name = orig_name
+
+    def get_rng_state(device="cuda", clone=False, graph_safe=False):
+        return torch.get_rng_state()
+
+    def set_rng_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    # initialize_rng_tracker() instantiates the class by its module-level name; the recompute
+    # path (_get_all_rng_states / _set_all_rng_states) reads the "CUDA" state through these two.
+    mp_random.CudaRNGStatesTracker = CPURNGStatesTracker
+    mp_random._get_cuda_rng_state = get_rng_state
+    mp_random._set_cuda_rng_state = set_rng_state
+    mp_random.initialize_rng_tracker(force_reset=True)
+
+
+# --- 2. current device -------------------------------------------------------------------------
+
+
+def _install_current_device() -> None:
+    torch.cuda.current_device = lambda: "cpu"
+
+
+# --- 3. streams and events ---------------------------------------------------------------------
+
+
+class _CPUEvent:
+    """Stands in for ``torch.cuda.Event``: CPU work is already complete when recorded."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+    def query(self):
+        return True
+
+
+class _CPUStream:
+    """Stands in for ``torch.cuda.Stream``: CPU ops run in program order on one stream."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, stream):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def record_event(self, event=None):
+        return event or _CPUEvent()
+
+    def synchronize(self):
+        pass
+
+    def __eq__(self, other):
+        return isinstance(other, _CPUStream)
+
+    def __hash__(self):
+        return 0
+
+
+_CPU_STREAM = _CPUStream()
+
+
+def _install_streams() -> None:
+    torch.cuda.Stream = _CPUStream
+    torch.cuda.Event = _CPUEvent
+    torch.cuda.current_stream = lambda device=None: _CPU_STREAM
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+
+
+# --- 4. TransformerEngine names ----------------------------------------------------------------
+
+
+def _install_te_names() -> None:
+    from megatron.core.transformer.moe import moe_utils
+
+    for name in (
+        "fused_compute_score_for_moe_aux_loss",
+        "fused_moe_aux_loss",
+        "fused_permute",
+        "fused_permute_with_probs",
+        "fused_sort_chunks_by_index",
+        "fused_sort_chunks_by_index_with_probs",
+        "fused_topk_with_score_function",
+        "fused_unpermute",
+        "te_general_gemm",
+    ):
+        if not hasattr(moe_utils, name):
+            setattr(moe_utils, name, None)
+
+
+# --- 5. all-to-all split sizes -----------------------------------------------------------------
+
+
+def _install_alltoall_splits() -> None:
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
+_INSTALLERS = {
+    "rng_tracker": _install_rng_tracker,
+    "current_device": _install_current_device,
+    "streams": _install_streams,
+    "te_names": _install_te_names,
+    "alltoall_splits": _install_alltoall_splits,
+}

@@ -1,0 +1,1 @@
+"""Data: tokenizers, the default corpus, and megatron-core GPT datasets over indexed files."""

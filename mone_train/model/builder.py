@@ -1,0 +1,114 @@
+"""Build the megatron-core GPT model whose MoE layers use MoNE experts.
+
+The MoNE experts enter through megatron-core's layer spec: the decoder block spec is megatron's
+own (``get_gpt_decoder_block_spec``, local backend), and in its MoE layer spec the ``experts``
+submodule's class is swapped for :class:`MoNEExperts`. Router, token dispatcher, auxiliary
+loss, expert parallelism and checkpoint layout therefore stay megatron-core's.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+from mone_train.config import Config
+from mone_train.model.mone_experts import MoNEExperts
+
+
+def num_moe_layers(cfg: Config) -> int:
+    """Layers that are MoE: every ``moe_layer_freq``-th, starting with the first."""
+    return len(range(0, cfg.model.num_layers, cfg.model.moe_layer_freq))
+
+
+def transformer_config(cfg: Config) -> TransformerConfig:
+    """megatron-core TransformerConfig for this run (TP = PP = 1, alltoall dispatcher)."""
+    m, t = cfg.model, cfg.trainer
+    bf16 = t.precision == "bf16"
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        ffn_hidden_size=m.ffn_hidden_size,
+        hidden_dropout=m.dropout,
+        attention_dropout=m.dropout,
+        normalization="RMSNorm",
+        add_bias_linear=False,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        init_method_std=m.init_method_std,
+        num_moe_experts=m.num_experts,
+        moe_router_topk=m.router_topk,
+        moe_ffn_hidden_size=m.moe_ffn_hidden_size,
+        moe_layer_freq=m.moe_layer_freq,
+        moe_aux_loss_coeff=m.aux_loss_coeff,
+        moe_router_load_balancing_type="aux_loss" if m.aux_loss_coeff > 0 else "none",
+        moe_token_dispatcher_type="alltoall",
+        moe_router_dtype="fp32",  # router logits and softmax in fp32, as megatron recommends
+        # These fusions need TransformerEngine or the grouped_gemm package (CUDA only).
+        moe_grouped_gemm=False,
+        moe_permute_fusion=False,
+        moe_router_fusion=False,
+        tensor_model_parallel_size=1,
+        pipeline_model_parallel_size=1,
+        expert_model_parallel_size=t.expert_parallel_size,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+    )
+
+
+def decoder_block_spec(cfg: Config, config: TransformerConfig) -> TransformerBlockSubmodules:
+    """megatron-core's local decoder block spec with the experts chosen by ``cfg.moe``."""
+    block = get_gpt_decoder_block_spec(
+        config, use_transformer_engine=False, normalization="RMSNorm"
+    )
+    if cfg.moe.flavour == "moe":
+        return block
+    swapped: dict[int, ModuleSpec] = {}
+    layer_specs = []
+    for spec in block.layer_specs:
+        mlp = spec.submodules.mlp
+        if mlp.module is MoELayer:
+            if id(spec) not in swapped:
+                new_spec = copy.deepcopy(spec)
+                experts = new_spec.submodules.mlp.submodules.experts
+                assert experts.module is SequentialMLP, experts.module
+                experts.module = MoNEExperts
+                experts.params = {
+                    "neuron_keep_ratio": cfg.moe.neuron_keep_ratio,
+                    "ng_lbl_coeff": cfg.moe.ng_lbl_coeff,
+                    "num_moe_layers": num_moe_layers(cfg),
+                    "kernel_impl": cfg.moe.kernel_impl,
+                }
+                swapped[id(spec)] = new_spec
+            spec = swapped[id(spec)]
+        layer_specs.append(spec)
+    return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=block.layer_norm)
+
+
+def build_gpt_model(cfg: Config, vocab_size: int) -> GPTModel:
+    """The GPTModel on this rank (its local experts only). Seed torch before calling."""
+    config = transformer_config(cfg)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=decoder_block_spec(cfg, config),
+        vocab_size=vocab_size,
+        max_sequence_length=cfg.model.max_position_embeddings,
+        position_embedding_type="rope",
+        share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+    )
+    for module in model.modules():
+        if isinstance(module, MoELayer) and isinstance(module.experts, MoNEExperts):
+            module.experts.layer_number = module.layer_number
+    return model

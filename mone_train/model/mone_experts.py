@@ -1,0 +1,104 @@
+"""MoNE experts: megatron-core's SequentialMLP with neuron top-k inside every routed expert.
+
+The module keeps SequentialMLP's parameters, layout and ``sharded_state_dict`` (so checkpoints
+and expert-parallel resharding are megatron-core's own) and replaces only the forward:
+
+    fc1 of every local expert  ->  the MoNE activation over all their rows  ->  fc2 per expert
+
+The neuron selection runs after token dispatch, on the rank that holds the expert, so expert
+parallelism moves exactly the bytes it moves for plain MoE. Legend: N dispatched rows on this
+rank, D hidden size, F neurons per expert (``moe_ffn_hidden_size``), K kept neurons.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_utils import (
+    MoEAuxLossAutoScaler,
+    save_to_aux_losses_tracker,
+)
+
+from mone_kernels import neuron_topk_swiglu_grouped, num_kept_neurons
+
+NG_LBL_TRACKER_NAME = "ng_lbl"
+
+
+class MoNEExperts(SequentialMLP):
+    """Routed SwiGLU experts that keep the top-K neurons per token by |SiLU(gate)|.
+
+    Args (beyond SequentialMLP's):
+        neuron_keep_ratio: rho in (0, 1]; K = max(1, round(rho * F)). At 1 the computation is the
+            plain SwiGLU expert.
+        ng_lbl_coeff: beta of the neuron-granular load-balance loss (0 disables it).
+        num_moe_layers: MoE layers in the model; NG-LBL is averaged over them.
+        kernel_impl: implementation of the activation, see ``mone_kernels.IMPLS``.
+    """
+
+    def __init__(
+        self,
+        num_local_experts,
+        config,
+        submodules,
+        pg_collection=None,
+        *,
+        neuron_keep_ratio: float = 1.0,
+        ng_lbl_coeff: float = 0.0,
+        num_moe_layers: int = 1,
+        kernel_impl: str = "auto",
+    ):
+        super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
+        if not (config.gated_linear_unit and config.activation_func is F.silu):
+            raise ValueError("MoNE experts need SwiGLU experts (gated_linear_unit with SiLU)")
+        if config.add_bias_linear or config.moe_apply_probs_on_input:
+            raise ValueError(
+                "MoNE experts support add_bias_linear=False, moe_apply_probs_on_input=False"
+            )
+        self.num_neurons = config.moe_ffn_hidden_size
+        self.neuron_keep_ratio = neuron_keep_ratio
+        self.num_kept = num_kept_neurons(neuron_keep_ratio, self.num_neurons)
+        self.ng_lbl_coeff = ng_lbl_coeff
+        self.num_moe_layers = num_moe_layers
+        self.kernel_impl = kernel_impl
+        # Set by the model builder from the enclosing MoE layer; used for per-layer logging.
+        self.layer_number: int | None = None
+        self.num_layers = config.num_layers
+
+    def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
+        """[N, D] dispatched tokens, tokens per local expert, [N] router probs -> ([N, D], None)."""
+        if self.num_local_experts == 1:
+            counts = [permuted_local_hidden_states.shape[0]]
+        else:
+            counts = tokens_per_expert.tolist()
+        x_chunks = torch.split(permuted_local_hidden_states, counts)
+        probs_chunks = torch.split(permuted_probs, counts)
+        fc1_chunks = [expert.linear_fc1(x)[0] for expert, x in zip(self.local_experts, x_chunks)]
+
+        with_balance = self.training and self.ng_lbl_coeff > 0 and self.num_kept < self.num_neurons
+        activations = neuron_topk_swiglu_grouped(
+            fc1_chunks, self.num_kept, impl=self.kernel_impl, with_balance=with_balance
+        )
+        out_chunks = [
+            expert.linear_fc2((act.h * probs.unsqueeze(-1)).to(act.h.dtype))[0]
+            for expert, act, probs in zip(self.local_experts, activations, probs_chunks)
+        ]
+        out_ND = out_chunks[0] if len(out_chunks) == 1 else torch.cat(out_chunks, dim=0)
+        if with_balance:
+            out_ND = self._attach_ng_lbl(out_ND, activations, counts)
+        return out_ND, None
+
+    def _attach_ng_lbl(self, out_ND, activations, counts):
+        """Add beta * L_layer / num_moe_layers to the backward pass and log L_layer.
+
+        L_layer is the mean of the per-expert losses over local experts that received tokens.
+        """
+        losses = [act.balance for act, count in zip(activations, counts) if count > 0]
+        if not losses:
+            return out_ND
+        loss = torch.stack(losses).mean()
+        # Logged raw per layer, as megatron logs its own aux loss; readers average over layers.
+        save_to_aux_losses_tracker(
+            NG_LBL_TRACKER_NAME, loss.detach(), self.layer_number, self.num_layers
+        )
+        return MoEAuxLossAutoScaler.apply(out_ND, loss * (self.ng_lbl_coeff / self.num_moe_layers))

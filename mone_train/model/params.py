@@ -1,0 +1,69 @@
+"""Parameter counts: total, and activated per token under MoE routing and under MoNE.
+
+Per token and routed expert (D hidden, F neurons, K kept), plain MoE touches 3*D*F weights;
+MoNE touches all of W_gate (D*F) but only K rows of W_up and K columns of W_down (2*D*K). The
+activated MoE-layer parameter ratio is therefore (D*F + 2*D*K) / (3*D*F) = (1 + 2*rho) / 3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from megatron.core.transformer.moe.experts import SequentialMLP
+
+from mone_train.model.mone_experts import MoNEExperts
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Model-wide counts (all experts of all expert-parallel ranks)."""
+
+    total: int
+    expert: int  # routed-expert weights, all experts
+    activated_moe: int  # per token with top-k routing and whole experts
+    activated: int  # per token with the neuron top-k (equals activated_moe for plain MoE)
+    neuron_keep_ratio: float  # rho (K / F as used, after rounding)
+    moe_layer_activated_ratio: float  # (1 + 2 rho) / 3 of an expert's weights per routed token
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line for the start-up banner."""
+        return (
+            f"parameters: total {self.total / 1e6:.2f}M | activated per token "
+            f"{self.activated / 1e6:.2f}M (MoE routing alone {self.activated_moe / 1e6:.2f}M) | "
+            f"neuron keep ratio rho={self.neuron_keep_ratio:.3f} | activated MoE-layer "
+            f"parameter ratio (1+2rho)/3={self.moe_layer_activated_ratio:.3f}"
+        )
+
+
+def count_parameters(model: torch.nn.Module, router_topk: int, ep_size: int = 1) -> ParamCounts:
+    """Count from the built model (works on the meta device too)."""
+    all_params = {id(p): p for p in model.parameters()}
+    total_local = sum(p.numel() for p in all_params.values())
+    expert_local = 0
+    activated_experts_moe = 0
+    activated_experts = 0
+    kept_ratio = 1.0
+    for module in model.modules():
+        if not isinstance(module, SequentialMLP):
+            continue
+        expert_local += sum(p.numel() for p in module.parameters())
+        expert = module.local_experts[0]
+        hidden = expert.linear_fc2.weight.shape[0]
+        num_neurons = expert.linear_fc2.weight.shape[1]
+        num_kept = module.num_kept if isinstance(module, MoNEExperts) else num_neurons
+        kept_ratio = num_kept / num_neurons
+        activated_experts_moe += router_topk * 3 * hidden * num_neurons
+        activated_experts += router_topk * (hidden * num_neurons + 2 * hidden * num_kept)
+    dense = total_local - expert_local
+    return ParamCounts(
+        total=dense + expert_local * ep_size,
+        expert=expert_local * ep_size,
+        activated_moe=dense + activated_experts_moe,
+        activated=dense + activated_experts,
+        neuron_keep_ratio=kept_ratio,
+        moe_layer_activated_ratio=(1 + 2 * kept_ratio) / 3,
+    )

@@ -1,0 +1,79 @@
+"""Optimizer, learning-rate schedule and gradient clipping over megatron-core DDP buffers.
+
+megatron-core's DistributedDataParallel accumulates gradients into ``param.main_grad`` (a view
+of its contiguous buffer) and all-reduces them in ``finish_grad_sync``. A ``torch.optim`` AdamW
+then steps on those buffers: before each step ``param.grad`` is pointed at ``main_grad``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from mone_train.config import OptimConfig
+
+
+def build_optimizer(cfg: OptimConfig, params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (norm scales and biases are not decayed)."""
+    decay = [p for p in params if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in params if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+    )
+
+
+def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then decay."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "constant":
+        return cfg.lr
+    decay_steps = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    if cfg.schedule == "linear":
+        return cfg.lr - (cfg.lr - min_lr) * progress
+    return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def attach_main_grads(params: list[torch.nn.Parameter]) -> None:
+    """Point ``param.grad`` at the DDP buffer so torch optimizers and norms read it."""
+    for p in params:
+        p.grad = p.main_grad
+
+
+def global_grad_norm(params: list[torch.nn.Parameter], expert_group=None) -> torch.Tensor:
+    """L2 norm of all gradients of the model, including experts held by other EP ranks.
+
+    Dense gradients are identical on every rank after DDP's all-reduce; expert gradients
+    (``param.allreduce is False`` in megatron-core) differ across the expert-parallel group,
+    so their squared norms are summed over it.
+    """
+    dense = [p.main_grad for p in params if getattr(p, "allreduce", True)]
+    experts = [p.main_grad for p in params if not getattr(p, "allreduce", True)]
+    dense_sq, expert_sq = (
+        torch.stack(torch._foreach_norm(grads)).float().pow(2).sum() if grads else torch.zeros(())
+        for grads in (dense, experts)
+    )
+    if expert_group is not None and dist.get_world_size(expert_group) > 1:
+        dist.all_reduce(expert_sq, group=expert_group)
+    return (dense_sq + expert_sq).sqrt()
+
+
+def clip_grads_(
+    params: list[torch.nn.Parameter], max_norm: float, total_norm: torch.Tensor
+) -> None:
+    """Scale gradients in place so that their global norm is at most ``max_norm``."""
+    if max_norm <= 0:
+        return
+    scale = max_norm / (float(total_norm) + 1e-6)
+    if scale < 1.0:
+        torch._foreach_mul_([p.main_grad for p in params], scale)

@@ -1,0 +1,88 @@
+"""Check command-line overrides before Hydra runs, so that a bad value ends in one line.
+
+Hydra reports composition errors over several lines with hints; a user who typed
+``trainer.stpes=10`` or ``moe.neuron_keep_ratio=1.5`` should instead see one line naming the key
+and what would be valid, and get a non-zero exit. Sweeps (``--multirun``) and Hydra's own flags
+are left to Hydra: each job of a sweep still validates its config when it starts.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+EXIT_CONFIG_ERROR = 2
+
+
+def compose_config(overrides: list[str], config_dir: Path = CONFIG_DIR):
+    """Compose ``config.yaml`` with overrides (Hydra's compose API) into a typed Config."""
+    from hydra import compose, initialize_config_dir
+
+    from mone_train.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        dcfg = compose(config_name="config", overrides=overrides)
+    return OmegaConf.to_object(dcfg)
+
+
+def describe_error(err: BaseException) -> str:
+    """One line for a composition error: the key, the value and what would be valid."""
+    from hydra.errors import MissingConfigException
+
+    chain = []
+    cause: BaseException | None = err
+    while cause is not None:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    for exc in chain:
+        if isinstance(exc, (ConfigAttributeError, ConfigKeyError)) and getattr(
+            exc, "full_key", None
+        ):
+            full_key = exc.full_key
+            parent = full_key.rsplit(".", 1)[0] if "." in full_key else ""
+            valid = _keys_under(parent)
+            where = f" under {parent}" if parent else ""
+            return f"unknown config key '{full_key}'; valid keys{where}: {', '.join(valid)}"
+        if isinstance(exc, OmegaConfBaseException) and getattr(exc, "full_key", None):
+            return f"{exc.full_key}: {str(exc).splitlines()[0]}"
+        if isinstance(exc, MissingConfigException) and exc.options and exc.missing_cfg_file:
+            group, _, option = exc.missing_cfg_file.rpartition("/")
+            return (
+                f"{group}={option} is not a config option; valid: {', '.join(sorted(exc.options))}"
+            )
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
+def _keys_under(parent: str) -> list[str]:
+    from mone_train.config import Config
+
+    node = OmegaConf.structured(Config)
+    if parent:
+        node = OmegaConf.select(node, parent)
+    return sorted(node.keys()) if node is not None and hasattr(node, "keys") else []
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Exit with one line on stderr if the overrides in ``argv`` do not make a valid config."""
+    from mone_train.config import ConfigError, validate
+
+    if any(arg.startswith("-") for arg in argv):
+        return
+    overrides = [a for a in argv if not a.lstrip("+~").startswith("hydra.")]
+    try:
+        cfg = compose_config(overrides)
+        validate(cfg)
+    except ConfigError as err:
+        _fail(str(err))
+    except Exception as err:  # Hydra / OmegaConf composition errors
+        _fail(describe_error(err))
+
+
+def _fail(message: str) -> None:
+    print(f"mone-train: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_CONFIG_ERROR)

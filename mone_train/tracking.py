@@ -1,0 +1,76 @@
+"""Where metrics go: the terminal, ``metrics.jsonl`` in the run directory, and wandb.
+
+Only the main rank writes. Every record is one JSON object per line with at least ``step``;
+evaluation records carry ``val_loss`` (nats per token).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from mone_train.config import LoggingConfig
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLogger:
+    """Writes metric records; a no-op on ranks other than the main one."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: LoggingConfig,
+        resolved_config: dict,
+        enabled: bool,
+    ) -> None:
+        self.enabled = enabled
+        self._file = None
+        self._wandb_run = None
+        if not enabled:
+            return
+        self._file = open(run_dir / METRICS_FILE, "a", buffering=1)
+        mode = os.environ.get("WANDB_MODE", cfg.wandb_mode)
+        if mode != "disabled":
+            import wandb
+
+            self._wandb_run = wandb.init(
+                project=cfg.wandb_project,
+                entity=cfg.wandb_entity,
+                name=cfg.wandb_run_name or run_dir.name,
+                group=cfg.wandb_group,
+                tags=list(cfg.wandb_tags),
+                config=resolved_config,
+                dir=str(run_dir),
+                mode=mode,
+                settings=wandb.Settings(quiet=True),
+            )
+
+    @property
+    def wandb_dir(self) -> str | None:
+        """Folder of the wandb run files (None when wandb is disabled)."""
+        return self._wandb_run.dir if self._wandb_run is not None else None
+
+    def log(self, record: dict[str, Any], echo: str | None = None) -> None:
+        """Append ``record`` (must hold ``step``) and print ``echo`` if given."""
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        if self._wandb_run is not None:
+            self._wandb_run.log(
+                {k: v for k, v in record.items() if k != "step"}, step=record["step"]
+            )
+        if echo:
+            tqdm.write(echo)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None

@@ -1,0 +1,342 @@
+"""Entry point of ``mone-train`` (also ``python -m mone_train.train``).
+
+The run reads as stages, each callable on its own (tests do):
+
+    compose + validate config -> init distributed -> prepare data -> build model
+    -> build datasets -> step loop (train, log, evaluate) -> final evaluation
+
+Hydra composes ``configs/config.yaml`` with the command-line overrides; the resolved config is
+written to ``<run_dir>/config.yaml`` beside ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from mone_train.config import Config, ConfigError, register_configs, validate
+from mone_train.preflight import CONFIG_DIR, check_overrides
+
+register_configs()
+
+
+@dataclass
+class TrainState:
+    """What the loop advances: optimizer steps done and samples consumed (the data position)."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def configure_torch(cfg: Config) -> None:
+    """Threads and megatron's jit_fuser (torch.compile), before any model code runs."""
+    if cfg.trainer.num_threads is not None:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    import torch._dynamo as dynamo
+
+    compile_enabled = cfg.trainer.compile
+    if compile_enabled is None:
+        # On CPU torch.compile buys nothing measurable here and costs 10-20 s on the first step.
+        compile_enabled = torch.cuda.is_available()
+    dynamo.config.disable = not compile_enabled
+
+
+def prepare_run_dir(cfg: Config, is_main: bool) -> Path:
+    """Create the run directory; refuse one that already holds a run (nothing is overwritten)."""
+    run_dir = Path(cfg.trainer.run_dir).expanduser().resolve()
+    from mone_train.tracking import METRICS_FILE
+
+    if (run_dir / METRICS_FILE).exists():
+        raise ConfigError(
+            f"trainer.run_dir={str(run_dir)!r} is invalid: expected a directory without a previous "
+            f"run ({METRICS_FILE} exists there)"
+        )
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    return run_dir
+
+
+def prepare_corpus(cfg: Config, is_main: bool):
+    """Build (main rank) or wait for the default corpus; every rank gets its paths."""
+    from mone_train.data.corpus import prepare_stdlib_corpus
+
+    if is_main:
+        corpus = prepare_stdlib_corpus(cfg.data.cache_dir, cfg.data.valid_every)
+    dist.barrier()
+    if not is_main:
+        corpus = prepare_stdlib_corpus(cfg.data.cache_dir, cfg.data.valid_every)
+    return corpus
+
+
+def build_model(cfg: Config, vocab_size: int):
+    """Seeded GPT model wrapped in megatron-core DDP; returns (ddp_model, param list)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from mone_train.model.builder import build_gpt_model
+
+    # Same seed on every rank, so replicated (dense) weights start identical.
+    torch.manual_seed(cfg.trainer.seed)
+    model_parallel_cuda_manual_seed(cfg.trainer.seed)
+    model = build_gpt_model(cfg, vocab_size)
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    ddp = DistributedDataParallel(
+        config=model.config,
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True),
+        module=model,
+    )
+    return ddp, [p for p in ddp.parameters() if p.requires_grad]
+
+
+def causal_mask(seq_length: int, device: torch.device) -> torch.Tensor:
+    """[1, 1, s, s] boolean mask, True above the diagonal (positions a token may not see)."""
+    return torch.triu(torch.ones(seq_length, seq_length, dtype=torch.bool, device=device), 1)[
+        None, None
+    ]
+
+
+def lm_loss(
+    model, batch: dict, mask: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of per-token LM loss over unmasked tokens, their count) for one micro batch."""
+    tokens = batch["tokens"].to(device, non_blocking=True)
+    labels = batch["labels"].to(device, non_blocking=True)
+    loss_mask = batch["loss_mask"].to(device, non_blocking=True).float()
+    position_ids = batch["position_ids"].to(device, non_blocking=True)
+    per_token = model(tokens, position_ids, mask, labels=labels)
+    return (per_token.float() * loss_mask).sum(), loss_mask.sum()
+
+
+@torch.no_grad()
+def evaluate(model, dataset, cfg: Config, info, mask: torch.Tensor) -> float:
+    """Mean LM loss (nats per token) on the first eval_iters batches of held-out data."""
+    from mone_train.data.dataset import micro_batches
+
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    batches = micro_batches(dataset, 0, cfg.trainer.micro_batch_size, info.dp_rank, info.dp_size)
+    for _ in range(cfg.trainer.eval_iters):
+        loss_sum, count = lm_loss(model, next(batches), mask, info.device)
+        total += torch.stack([loss_sum.double().cpu(), count.double().cpu()])
+    dist.all_reduce(total)
+    model.train()
+    return float(total[0] / total[1])
+
+
+def run(cfg: Config) -> dict:
+    """Train as configured; return the summary (final validation loss, counts, run dir)."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe.moe_utils import (
+        MoEAuxLossAutoScaler,
+        clear_aux_losses_tracker,
+        get_moe_layer_wise_logging_tracker,
+    )
+    from tqdm import tqdm
+
+    from mone_train.data.dataset import build_gpt_datasets, micro_batches
+    from mone_train.data.tokenizer import ByteTokenizer
+    from mone_train.distributed import init_distributed, shutdown_distributed
+    from mone_train.model.builder import num_moe_layers
+    from mone_train.model.params import count_parameters
+    from mone_train.optim import (
+        attach_main_grads,
+        build_optimizer,
+        clip_grads_,
+        global_grad_norm,
+        lr_at,
+    )
+    from mone_train.tracking import MetricsLogger
+
+    validate(cfg)
+    configure_torch(cfg)
+    t, m = cfg.trainer, cfg.model
+    info = init_distributed(t.expert_parallel_size)
+    logger = None
+    try:
+        validate(cfg, world_size=info.world_size)
+        run_dir = prepare_run_dir(cfg, info.is_main)
+        say = print if info.is_main else (lambda *a, **k: None)
+        say(f"run directory: {run_dir}")
+        say(
+            f"world size {info.world_size}: expert parallel {info.ep_size}, data parallel "
+            f"{info.dp_size}, device {info.device.type}"
+        )
+        corpus = prepare_corpus(cfg, info.is_main)
+        tokenizer = ByteTokenizer()
+        vocab_size = m.vocab_size or tokenizer.vocab_size
+
+        model, params = build_model(cfg, vocab_size)
+        counts = count_parameters(model, m.router_topk, info.ep_size)
+        say(f"model {m.name} ({cfg.moe.flavour}): {counts.summary()}")
+
+        accum = t.global_batch_size // (t.micro_batch_size * info.dp_size)
+        train_ds, valid_ds = build_gpt_datasets(
+            corpus.train_prefix,
+            corpus.valid_prefix,
+            tokenizer,
+            t.seq_length,
+            t.seed,
+            num_train_samples=t.steps * t.global_batch_size,
+            num_valid_samples=t.eval_iters * t.micro_batch_size * info.dp_size,
+            cache_dir=Path(corpus.train_prefix).parent / "index-cache",
+        )
+        optimizer = build_optimizer(cfg.optim, params)
+        logger = MetricsLogger(
+            run_dir, cfg.logging, OmegaConf.to_container(OmegaConf.structured(cfg)), info.is_main
+        )
+        if info.is_main:
+            with open(run_dir / "params.json", "w") as f:
+                import json
+
+                json.dump(counts.as_dict(), f, indent=2)
+
+        mask = causal_mask(t.seq_length, info.device)
+        state = TrainState()
+        batches = micro_batches(train_ds, 0, t.micro_batch_size, info.dp_rank, info.dp_size)
+        expert_group = parallel_state.get_expert_model_parallel_group()
+        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / accum, device=info.device))
+        get_moe_layer_wise_logging_tracker().clear()  # a global: start from nothing tracked
+        num_moe = num_moe_layers(cfg)
+        tokens_per_step = t.global_batch_size * t.seq_length
+
+        interval = {"loss": 0.0, "steps": 0, "start": time.perf_counter()}
+        progress = tqdm(total=t.steps, desc="training", unit="step", disable=not info.is_main)
+        val_loss = None
+        model.train()
+        while state.step < t.steps:
+            lr = lr_at(state.step, cfg.optim, t.steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            model.zero_grad_buffer()
+            step_loss = torch.zeros(2, dtype=torch.float64)
+            for _ in range(accum):
+                loss_sum, count = lm_loss(model, next(batches), mask, info.device)
+                (loss_sum / count / accum).backward()
+                step_loss += torch.stack([loss_sum.detach().double().cpu(), count.double().cpu()])
+            model.finish_grad_sync()
+            grad_norm = global_grad_norm(params, expert_group)
+            clip_grads_(params, cfg.optim.clip_grad, grad_norm)
+            attach_main_grads(params)
+            optimizer.step()
+            state.step += 1
+            state.consumed_samples += t.global_batch_size
+
+            interval["loss"] += float(step_loss[0] / step_loss[1])
+            interval["steps"] += 1
+            progress.update(1)
+            if state.step % t.log_interval == 0 or state.step == t.steps:
+                elapsed = time.perf_counter() - interval["start"]
+                aux = _read_aux_losses(
+                    get_moe_layer_wise_logging_tracker(), num_moe, interval["steps"] * accum
+                )
+                clear_aux_losses_tracker()
+                record = {
+                    "step": state.step,
+                    "loss": interval["loss"] / interval["steps"],
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "tokens_per_s": interval["steps"] * tokens_per_step / elapsed,
+                    "aux_loss": aux.get("load_balancing_loss"),
+                    "ng_lbl": aux.get("ng_lbl"),
+                    "consumed_samples": state.consumed_samples,
+                }
+                logger.log(record, echo=_format_train(record))
+                progress.set_postfix(loss=f"{record['loss']:.3f}")
+                interval = {"loss": 0.0, "steps": 0, "start": time.perf_counter()}
+            if state.step % t.eval_interval == 0 or state.step == t.steps:
+                eval_start = time.perf_counter()
+                val_loss = evaluate(model, valid_ds, cfg, info, mask)
+                clear_aux_losses_tracker()
+                record = {"step": state.step, "val_loss": val_loss}
+                state.history.append(record)
+                logger.log(
+                    record, echo=f"step {state.step:>6} | val_loss {val_loss:.4f} nats/token"
+                )
+                interval["start"] += time.perf_counter() - eval_start
+        progress.close()
+
+        summary = {
+            "run_dir": str(run_dir),
+            "steps": state.step,
+            "val_loss": val_loss,
+            "params": counts.as_dict(),
+            "wandb_dir": logger.wandb_dir,
+        }
+        logger.close()  # wandb prints its own closing lines; ours come last
+        say(f"final validation loss {val_loss:.4f} nats/token after {state.step} steps")
+        say(counts.summary())
+        say(f"run directory: {run_dir}")
+        return summary
+    finally:
+        if logger is not None:
+            logger.close()
+        shutdown_distributed()
+
+
+def _read_aux_losses(tracker: dict, num_moe: int, num_forwards: int) -> dict[str, float]:
+    """Mean over MoE layers and forward passes of each tracked auxiliary loss."""
+    out = {}
+    for name, entry in tracker.items():
+        values = entry["values"].float()
+        if dist.get_world_size() > 1:
+            values = values.clone()
+            dist.all_reduce(values)
+            values /= dist.get_world_size()
+        out[name] = float(values.sum()) / num_moe / max(1, num_forwards)
+    return out
+
+
+def _format_train(record: dict) -> str:
+    parts = [
+        f"step {record['step']:>6}",
+        f"loss {record['loss']:.4f}",
+        f"lr {record['lr']:.2e}",
+        f"grad_norm {record['grad_norm']:.3f}",
+        f"tok/s {record['tokens_per_s']:,.0f}",
+    ]
+    if record.get("aux_loss") is not None:
+        parts.append(f"aux {record['aux_loss']:.4f}")
+    if record.get("ng_lbl") is not None:
+        parts.append(f"ng_lbl {record['ng_lbl']:.4f}")
+    return " | ".join(parts)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+def hydra_main(dcfg: DictConfig) -> None:
+    """Hydra task: one training run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        cfg: Config = OmegaConf.to_object(dcfg)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # Each job of a sweep trains in its own job folder.
+            cfg.trainer.run_dir = HydraConfig.get().runtime.output_dir
+        run(cfg)
+    except ConfigError as err:
+        print(f"mone-train: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    """Console entry point: one-line errors for bad overrides, then Hydra."""
+    # megatron-core announces its CPU fallbacks (no TransformerEngine / Apex) on every import.
+    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (is|are) not installed")
+    warnings.filterwarnings("ignore", message=r"full scope is deprecated")
+    check_overrides(sys.argv[1:])
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

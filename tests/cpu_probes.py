@@ -1,0 +1,121 @@
+"""One megatron-core code path per CPU patch, each of which fails on CPU without that patch.
+
+Used in-process (with every patch on: the path works) and in a subprocess with all patches but
+one (the path must fail with the error the patch exists for). Run as a script:
+
+    python tests/cpu_probes.py <patch-name-to-leave-out>
+
+prints ``FAILED <ExceptionType>: <message>`` or ``OK``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def _tiny_config():
+    from mone_train.config import Config
+    from mone_train.model.builder import transformer_config
+
+    cfg = Config()
+    cfg.model.hidden_size = 16
+    cfg.model.num_experts = 2
+    cfg.model.moe_ffn_hidden_size = 8
+    return transformer_config(cfg)
+
+
+def probe_rng_tracker() -> None:
+    """Attention forks the model-parallel RNG; recompute snapshots every RNG state."""
+    from megatron.core.tensor_parallel import random as mp_random
+
+    mp_random.model_parallel_cuda_manual_seed(7)
+    tracker = mp_random.get_cuda_rng_tracker()
+    before = torch.get_rng_state()
+    with tracker.fork():
+        first = torch.rand(4)
+    assert torch.equal(torch.get_rng_state(), before), "fork leaked into the default generator"
+    with tracker.fork():
+        second = torch.rand(4)
+    assert not torch.equal(first, second), "a forked stream must advance"
+    states = mp_random._get_all_rng_states()
+    mp_random._set_all_rng_states(*states)
+    mp_random.model_parallel_cuda_manual_seed(7)
+    with mp_random.get_cuda_rng_tracker().fork():
+        assert torch.equal(torch.rand(4), first), "the same seed must give the same stream"
+
+
+def probe_current_device() -> None:
+    """Rotary embeddings (like the router) move their tensors to the current CUDA device."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    emb = RotaryEmbedding(kv_channels=8, rotary_percent=1.0, use_cpu_initialization=False)(6)
+    assert emb.device.type == "cpu" and emb.shape[0] == 6
+
+
+def probe_streams() -> None:
+    """The alltoall dispatcher creates a CUDA stream for its device-to-host copies."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = None
+    dispatcher = MoEAlltoAllTokenDispatcher(
+        2, [0, 1], _tiny_config(), pg_collection=ProcessGroupCollection.use_mpu_process_groups()
+    )
+    stream = dispatcher.cuda_dtoh_stream
+    with torch.cuda.stream(stream):
+        pass
+    stream.record_event().synchronize()
+
+
+def probe_te_names() -> None:
+    """The fp32 router gating checks TransformerEngine's GEMM by name."""
+    from megatron.core.transformer.moe.moe_utils import router_gating_linear
+
+    x = torch.randn(3, 4, requires_grad=True)
+    w = torch.randn(2, 4, requires_grad=True)
+    out = router_gating_linear(x, w, None, torch.float32)
+    out.sum().backward()
+    torch.testing.assert_close(out, x @ w.t())
+
+
+def probe_alltoall_splits() -> None:
+    """all_to_all_single needs split sizes as lists or numpy arrays, not CPU tensors."""
+    from megatron.core.transformer.moe import token_dispatcher
+
+    splits = token_dispatcher.maybe_move_tensor_to_cpu(
+        torch.tensor([3] * dist.get_world_size()), as_numpy=True
+    )
+    data = torch.arange(3 * dist.get_world_size(), dtype=torch.float32)
+    out = torch.empty_like(data)
+    dist.all_to_all_single(out, data, output_split_sizes=splits, input_split_sizes=splits)
+
+
+PROBES = {
+    "rng_tracker": probe_rng_tracker,
+    "current_device": probe_current_device,
+    "streams": probe_streams,
+    "te_names": probe_te_names,
+    "alltoall_splits": probe_alltoall_splits,
+}
+
+
+def _run_without(left_out: str) -> str:
+    from megatron.core import parallel_state
+
+    from mone_train import cpu_compat
+
+    cpu_compat.apply(only=tuple(p for p in cpu_compat.PATCHES if p != left_out))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    try:
+        PROBES[left_out]()
+    except Exception as err:  # the point: report whatever megatron raised
+        return f"FAILED {type(err).__name__}: {err}"
+    return "OK"
+
+
+if __name__ == "__main__":
+    print(_run_without(sys.argv[1]).splitlines()[0])

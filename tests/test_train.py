@@ -1,0 +1,82 @@
+"""End-to-end training runs on the default corpus, and the pieces of the loop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from mone_train.config import ConfigError, OptimConfig
+from mone_train.optim import lr_at
+from mone_train.preflight import compose_config
+
+
+def _smoke(run_dir, *extra):
+    return compose_config(["model=tiny", "trainer=smoke", f"trainer.run_dir={run_dir}", *extra])
+
+
+def test_tiny_run_learns_and_writes_its_run_directory(tmp_path, monkeypatch):
+    from mone_train.train import run
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    run_dir = tmp_path / "run"
+    cfg = _smoke(run_dir, "logging.wandb_mode=offline")
+    summary = run(cfg)
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == [30, 60]
+    assert train[0]["loss"] - evals[-1]["val_loss"] >= 1.0
+    assert summary["val_loss"] == evals[-1]["val_loss"]
+    for r in train:
+        assert r["aux_loss"] > 0 and r["ng_lbl"] > 0 and r["tokens_per_s"] > 0
+
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["moe"]["flavour"] == "mone" and saved["trainer"]["steps"] == 60
+    params = json.loads((run_dir / "params.json").read_text())
+    assert params == summary["params"] and params["activated"] < params["activated_moe"]
+    offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1 and any(offline_runs[0].iterdir())
+
+
+def test_plain_moe_run_logs_no_ng_lbl(tmp_path):
+    from mone_train.train import run
+
+    run_dir = tmp_path / "moe"
+    run(
+        _smoke(
+            run_dir,
+            "moe=moe",
+            "trainer.steps=20",
+            "trainer.eval_interval=20",
+            "logging.wandb_mode=disabled",
+        )
+    )
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r.get("ng_lbl") is None for r in records)
+    assert not (run_dir / "wandb").exists()
+
+
+def test_existing_run_is_never_overwritten(tmp_path):
+    from mone_train.train import run
+
+    run_dir = tmp_path / "taken"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(ConfigError, match="trainer.run_dir"):
+        run(_smoke(run_dir, "logging.wandb_mode=disabled"))
+    assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl"]
+
+
+def test_lr_schedule_warms_up_then_decays_to_min():
+    cfg = OptimConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, schedule="cosine")
+    assert lr_at(0, cfg, 100) == pytest.approx(0.1)
+    assert lr_at(9, cfg, 100) == pytest.approx(1.0)
+    assert lr_at(10, cfg, 100) == pytest.approx(1.0)
+    assert lr_at(55, cfg, 100) == pytest.approx(0.55)
+    assert lr_at(100, cfg, 100) == pytest.approx(0.1)
+    linear = OptimConfig(lr=1.0, min_lr_ratio=0.0, warmup_steps=0, schedule="linear")
+    assert lr_at(50, linear, 100) == pytest.approx(0.5)
