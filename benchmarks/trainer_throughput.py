@@ -1,12 +1,14 @@
 """Trainer tokens/s against a bare megatron-core training loop on the same model.
 
-Three contenders, interleaved over several rounds so that machine noise hits all alike:
+Three contenders, run in turn within each round (in a rotating order) over several rounds:
 
     bare       megatron-core GPTModel (its own SequentialMLP experts) + torch AdamW, nothing else
     trainer    mone-train's full step loop (DDP buffers, clipping, logging) with moe=moe
     trainer    the same with moe=mone (rho = 0.5, NG-LBL on): the default `make train` model
 
 Targets (issue: walking skeleton): trainer/moe >= 90% and trainer/mone >= 85% of bare.
+On a shared machine the speed drifts by 10-20% over minutes, so the ratio to bare is taken
+within each round (paired) and the median over rounds is reported beside the median tokens/s.
 Prints a table and writes benchmarks/results/trainer_throughput_<device>.json.
 
     python benchmarks/trainer_throughput.py [--steps 60] [--rounds 2]
@@ -111,23 +113,37 @@ def main() -> None:
     if args.steps % args.warmup:
         parser.error("--steps must be a multiple of --warmup (the logging interval)")
 
-    results: dict[str, list[float]] = {"bare/moe": [], "trainer/moe": [], "trainer/mone": []}
+    contenders = {
+        "bare/moe": lambda: bare_loop(args.steps, args.warmup),
+        "trainer/moe": lambda: trainer("moe", args.steps, args.warmup, workdir),
+        "trainer/mone": lambda: trainer("mone", args.steps, args.warmup, workdir),
+    }
+    names = list(contenders)
+    results: dict[str, list[float]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(args.rounds):
-            results["bare/moe"].append(bare_loop(args.steps, args.warmup))
-            results["trainer/moe"].append(trainer("moe", args.steps, args.warmup, Path(tmp)))
-            results["trainer/mone"].append(trainer("mone", args.steps, args.warmup, Path(tmp)))
+        workdir = Path(tmp)
+        for round_index in range(args.rounds):
+            order = names[round_index % len(names) :] + names[: round_index % len(names)]
+            for name in order:
+                results[name].append(contenders[name]())
 
-    bare = statistics.median(results["bare/moe"])
     rows = []
     for name, rates in results.items():
-        rate = statistics.median(rates)
+        ratios = [rate / bare for rate, bare in zip(rates, results["bare/moe"])]
         rows.append(
-            {"contender": name, "tokens_per_s": rate, "ratio_to_bare": rate / bare, "rounds": rates}
+            {
+                "contender": name,
+                "tokens_per_s": statistics.median(rates),
+                "ratio_to_bare": statistics.median(ratios),
+                "rounds_tokens_per_s": rates,
+                "rounds_ratio_to_bare": ratios,
+            }
         )
     machine = machine_info()
     print(f"\nTrainer throughput, `small` model, {machine['cpu']} ({machine['cpu_cores']} cores)")
-    print(f"{'contender':<14} {'tokens/s':>10} {'vs bare':>8}")
+    print(
+        f"{'contender':<14} {'tokens/s':>10} {'vs bare':>8}   (medians over {args.rounds} rounds)"
+    )
     for row in rows:
         print(f"{row['contender']:<14} {row['tokens_per_s']:>10,.0f} {row['ratio_to_bare']:>8.1%}")
     device = "gpu" if torch.cuda.is_available() else "cpu"

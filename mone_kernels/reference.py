@@ -62,12 +62,17 @@ def neuron_topk_mask(score_TF: torch.Tensor, k: int) -> torch.Tensor:
     num_neurons = score_TF.shape[-1]
     if not 1 <= k <= num_neurons:
         raise ValueError(f"k={k} must be in [1, {num_neurons}]")
-    if k == num_neurons:
+    if score_TF.shape[0] and bool(score_TF.min() < 0):
+        raise ValueError("neuron_topk_mask needs non-negative scores")
+    return _topk_mask_nonnegative(score_TF, k)
+
+
+def _topk_mask_nonnegative(score_TF: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`neuron_topk_mask` without argument checks (scores known to be >= 0)."""
+    if k == score_TF.shape[-1]:
         return torch.ones_like(score_TF, dtype=torch.bool)
     # The K-th largest score is the threshold. Without ties at it, "score >= threshold" already
     # has exactly K per row; rows with ties there keep the tied scores of lowest index.
-    if score_TF.shape[0] and bool(score_TF.min() < 0):
-        raise ValueError("neuron_topk_mask needs non-negative scores")
     kth_T1 = _kth_largest(score_TF, k)
     mask_TF = score_TF >= kth_T1
     row_counts_T = mask_TF.view(torch.uint8).sum(dim=-1, dtype=torch.int32)
@@ -90,7 +95,7 @@ class _NeuronTopkSwiGLU(torch.autograd.Function):
         num_rows, num_neurons = gate_TF.shape
         g_TF = F.silu(gate_TF)
         g_abs_TF = g_TF.abs()
-        mask_TF = neuron_topk_mask(g_abs_TF, k)
+        mask_TF = _topk_mask_nonnegative(g_abs_TF, k)
         # Bool tensors convert to float several times faster through a uint8 view on CPU.
         mask_f_TF = mask_TF.view(torch.uint8).to(torch.float32)
         balance = torch.zeros((), device=fc1_T2F.device)
