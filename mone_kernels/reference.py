@@ -160,3 +160,16 @@ def neuron_topk_swiglu_reference(
         return (F.silu(gate_TF) * up_TF).to(fc1_T2F.dtype), None, None
     h_TF, mask_TF, balance = _NeuronTopkSwiGLU.apply(fc1_T2F, k, with_balance)
     return h_TF, mask_TF, (balance if with_balance else None)
+
+
+def expert_balance_loss(fc1_T2F: torch.Tensor, mask_TF: torch.Tensor) -> torch.Tensor:
+    """The balance loss L of one expert's rows, through autograd (for paths whose activation
+    does not fuse it, such as the Triton kernel). Same definition as the fused one above."""
+    num_rows, num_neurons = mask_TF.shape
+    if num_rows == 0:
+        return fc1_T2F.sum() * 0.0
+    g_abs_TF = F.silu(fc1_T2F[:, :num_neurons].float()).abs()
+    counts_F = mask_TF.view(torch.uint8).to(torch.float32).sum(dim=0)
+    num_kept = counts_F.sum() / num_rows
+    shares_T = (g_abs_TF @ counts_F) / g_abs_TF.sum(dim=-1).clamp_min(_TINY)
+    return shares_T.sum() * (num_neurons / (num_rows * num_rows * num_kept))

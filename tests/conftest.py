@@ -8,6 +8,18 @@ import os
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+
+def _cuda_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# Without a GPU the Triton kernels run under Triton's interpreter, which must be chosen before
+# triton is imported. The trainer's `auto` choice stays the PyTorch reference on CPU.
+if not _cuda_present():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
