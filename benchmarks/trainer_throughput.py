@@ -34,8 +34,8 @@ from mone_train.preflight import compose_config  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def bare_loop(steps: int, warmup: int) -> float:
-    """Tokens/s of a plain megatron-core forward/backward/AdamW loop on the `small` model."""
+def bare_loop(steps: int, warmup: int, overrides: list[str]) -> float:
+    """Tokens/s of a plain megatron-core forward/backward/AdamW loop on the same model."""
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from mone_train.data.corpus import prepare_stdlib_corpus
@@ -45,8 +45,9 @@ def bare_loop(steps: int, warmup: int) -> float:
     from mone_train.model.builder import build_gpt_model
     from mone_train.train import causal_mask, configure_torch
 
-    cfg = compose_config(["moe=moe"])
+    cfg = compose_config(["moe=moe", *overrides])
     t = cfg.trainer
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     configure_torch(cfg)
     init_distributed(1)
     try:
@@ -66,23 +67,25 @@ def bare_loop(steps: int, warmup: int) -> float:
         model_parallel_cuda_manual_seed(t.seed)
         model = build_gpt_model(cfg, tokenizer.vocab_size)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
-        mask = causal_mask(t.seq_length, torch.device("cpu"))
+        mask = causal_mask(t.seq_length, device)
         batches = micro_batches(train_ds, 0, t.micro_batch_size, 0, 1)
         for step in range(steps):
             if step == warmup:
                 start = time.perf_counter()
-            batch = next(batches)
+            batch = {k: v.to(device) for k, v in next(batches).items()}
             loss = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
             loss.mean().backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         return (steps - warmup) * t.micro_batch_size * t.seq_length / elapsed
     finally:
         shutdown_distributed()
 
 
-def trainer(flavour: str, steps: int, warmup: int, workdir: Path) -> float:
+def trainer(flavour: str, steps: int, warmup: int, workdir: Path, overrides: list[str]) -> float:
     """Tokens/s that mone-train's own log reports after the first interval."""
     from mone_train.train import run
 
@@ -96,6 +99,7 @@ def trainer(flavour: str, steps: int, warmup: int, workdir: Path) -> float:
             "trainer.eval_iters=1",
             f"trainer.run_dir={run_dir}",
             "logging.wandb_mode=disabled",
+            *overrides,
         ]
     )
     run(cfg)
@@ -109,14 +113,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--overrides", nargs="*", default=[], help="Hydra overrides for all three")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.steps % args.warmup:
         parser.error("--steps must be a multiple of --warmup (the logging interval)")
 
     contenders = {
-        "bare/moe": lambda: bare_loop(args.steps, args.warmup),
-        "trainer/moe": lambda: trainer("moe", args.steps, args.warmup, workdir),
-        "trainer/mone": lambda: trainer("mone", args.steps, args.warmup, workdir),
+        "bare/moe": lambda: bare_loop(args.steps, args.warmup, args.overrides),
+        "trainer/moe": lambda: trainer("moe", args.steps, args.warmup, workdir, args.overrides),
+        "trainer/mone": lambda: trainer("mone", args.steps, args.warmup, workdir, args.overrides),
     }
     names = list(contenders)
     results: dict[str, list[float]] = {name: [] for name in names}
@@ -140,16 +146,22 @@ def main() -> None:
             }
         )
     machine = machine_info()
-    print(f"\nTrainer throughput, `small` model, {machine['cpu']} ({machine['cpu_cores']} cores)")
+    where = machine["gpu"] or f"{machine['cpu']} ({machine['cpu_cores']} cores)"
+    print(f"\nTrainer throughput, `small` model {' '.join(args.overrides)}, {where}")
     print(
         f"{'contender':<14} {'tokens/s':>10} {'vs bare':>8}   (medians over {args.rounds} rounds)"
     )
     for row in rows:
         print(f"{row['contender']:<14} {row['tokens_per_s']:>10,.0f} {row['ratio_to_bare']:>8.1%}")
     device = "gpu" if torch.cuda.is_available() else "cpu"
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"trainer_throughput_{device}.json"
-    out.write_text(json.dumps({"machine": machine, "args": vars(args), "results": rows}, indent=2))
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"trainer_throughput_{device}.json"
+    out.write_text(
+        json.dumps(
+            {"machine": machine, "args": {**vars(args), "out": str(args.out)}, "results": rows},
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

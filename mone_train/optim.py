@@ -59,8 +59,11 @@ def global_grad_norm(params: list[torch.nn.Parameter], expert_group=None) -> tor
     """
     dense = [p.main_grad for p in params if getattr(p, "allreduce", True)]
     experts = [p.main_grad for p in params if not getattr(p, "allreduce", True)]
+    device = params[0].main_grad.device
     dense_sq, expert_sq = (
-        torch.stack(torch._foreach_norm(grads)).float().pow(2).sum() if grads else torch.zeros(())
+        torch.stack(torch._foreach_norm(grads)).float().pow(2).sum()
+        if grads
+        else torch.zeros((), device=device)
         for grads in (dense, experts)
     )
     if expert_group is not None and dist.get_world_size(expert_group) > 1:

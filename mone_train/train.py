@@ -124,11 +124,11 @@ def evaluate(model, dataset, cfg: Config, info, mask: torch.Tensor) -> float:
     from mone_train.data.dataset import micro_batches
 
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=info.device)
     batches = micro_batches(dataset, 0, cfg.trainer.micro_batch_size, info.dp_rank, info.dp_size)
     for _ in range(cfg.trainer.eval_iters):
         loss_sum, count = lm_loss(model, next(batches), mask, info.device)
-        total += torch.stack([loss_sum.double().cpu(), count.double().cpu()])
+        total += torch.stack([loss_sum.double(), count.double()])
     dist.all_reduce(total)
     model.train()
     return float(total[0] / total[1])

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU check, in one go (budget: under 8 minutes on one H100/H200-class GPU):
+#   1. kernel tests compiled (fp32, and bf16/fp16 storage) against the PyTorch reference
+#   2. the kernel benchmark (memory floor, fused vs reference vs dense, full-expert ratio)
+#   3. a short training step-time comparison, MoE vs MoNE, when megatron-core is installable
+# Every table goes to OUT (first argument, else $OUT, else benchmarks/results/gpu-<date>).
+#
+# The GPU machine is expected to have torch and triton. The rest (megatron-core, hydra-core,
+# omegaconf, wandb, ...) can come as wheels in WHEELS (default: ./wheels), made beforehand on
+# any machine with network:
+#   pip download -d wheels --only-binary=:all: --python-version 3.12 \
+#       --platform manylinux2014_x86_64 --no-deps megatron-core==0.16.1 hydra-core==1.3.8 \
+#       omegaconf==2.3.1 wandb==0.31.0 tqdm psutil PyYAML ...   (see pyproject.toml)
+# Without them steps 1 and 2 still run; step 3 is skipped and says so.
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+OUT=${1:-${OUT:-benchmarks/results/gpu-$(date +%Y-%m-%d)}}
+WHEELS=${WHEELS:-wheels}
+mkdir -p "$OUT"
+PY=${PYTHON:-python}
+log() { echo "[gpu_check] $*" | tee -a "$OUT/gpu_check.log"; }
+
+"$PY" - <<'PY' | tee "$OUT/device.txt"
+import torch
+assert torch.cuda.is_available(), "gpu_check.sh needs a CUDA device"
+import triton
+print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
+PY
+[[ ${PIPESTATUS[0]} -eq 0 ]] || exit 1
+
+if [[ -d "$WHEELS" ]]; then
+  log "installing wheels from $WHEELS"
+  "$PY" -m pip install -q --no-index --find-links "$WHEELS" --no-deps "$WHEELS"/*.whl 2>&1 | tail -3
+fi
+"$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null || export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+log "1/3 kernel tests (compiled Triton)"
+timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py tests/test_mone_reference.py \
+  2>&1 | tee "$OUT/kernel_tests.txt" | tail -3
+
+log "2/3 kernel benchmark"
+timeout 180 "$PY" benchmarks/kernel_bench.py --out "$OUT" 2>&1 | tee "$OUT/kernel_bench.txt" | tail -5
+
+log "3/3 training step time, MoE vs MoNE"
+if "$PY" -c "import megatron.core, hydra" 2>/dev/null; then
+  timeout 150 "$PY" benchmarks/trainer_throughput.py --steps 40 --warmup 10 --rounds 2 --out "$OUT" \
+    --overrides model.hidden_size=1024 model.num_attention_heads=16 model.moe_ffn_hidden_size=1024 \
+    model.num_experts=16 trainer.micro_batch_size=8 trainer.global_batch_size=8 trainer.seq_length=1024 \
+    2>&1 | tee "$OUT/step_time.txt" | tail -6
+else
+  log "megatron-core or hydra missing (no wheels supplied): step-time comparison skipped"
+fi
+log "tables in $OUT"
