@@ -32,7 +32,6 @@ def num_moe_layers(cfg: Config) -> int:
 def transformer_config(cfg: Config) -> TransformerConfig:
     """megatron-core TransformerConfig for this run (TP = PP = 1, alltoall dispatcher)."""
     m, t = cfg.model, cfg.trainer
-    bf16 = t.precision == "bf16"
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -62,9 +61,7 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         pipeline_model_parallel_size=1,
         expert_model_parallel_size=t.expert_parallel_size,
         use_cpu_initialization=not torch.cuda.is_available(),
-        bf16=bf16,
-        params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        params_dtype=torch.float32,  # trainer.precision: fp32 only for now (see config.py)
     )
 
 
