@@ -20,6 +20,7 @@ FLAVOURS = ("mone", "moe")
 PRECISIONS = ("fp32",)  # bf16 needs fp32 master weights in the optimizer: not yet
 SCHEDULES = ("cosine", "linear", "constant")
 WANDB_MODES = ("offline", "online", "disabled")
+BACKENDS = ("nccl", "gloo")
 
 
 class ConfigError(ValueError):
@@ -97,6 +98,10 @@ class TrainerConfig:
     seed: int = 1234
     run_dir: str = "runs/${now:%Y-%m-%d_%H-%M-%S}"
     expert_parallel_size: int = 1
+    tensor_parallel_size: int = 1  # only 1 is supported so far
+    pipeline_parallel_size: int = 1  # only 1 is supported so far
+    backend: Optional[str] = None  # torch.distributed backend; null: nccl with CUDA, else gloo
+    init_timeout_s: float = 600.0  # how long ranks wait for each other at start-up
     precision: str = "fp32"
     compile: Optional[bool] = None  # megatron jit_fuser (torch.compile); null: on with CUDA only
     num_threads: Optional[int] = None  # torch intra-op threads; null keeps torch's default
@@ -237,6 +242,20 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         _require(
             t.num_threads >= 1, "trainer.num_threads", t.num_threads, "null or an integer >= 1"
         )
+    for key, value in [
+        ("trainer.tensor_parallel_size", t.tensor_parallel_size),
+        ("trainer.pipeline_parallel_size", t.pipeline_parallel_size),
+    ]:
+        _require(
+            value == 1, key, value, "1 (tensor and pipeline parallelism are not supported yet)"
+        )
+    if t.backend is not None:
+        _require(
+            t.backend in BACKENDS, "trainer.backend", t.backend, f"null or one of {list(BACKENDS)}"
+        )
+    _require(
+        t.init_timeout_s > 0, "trainer.init_timeout_s", t.init_timeout_s, "a number of seconds > 0"
+    )
     ep = t.expert_parallel_size
     _require(
         m.num_experts % ep == 0,
@@ -249,7 +268,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             world_size % ep == 0,
             "trainer.expert_parallel_size",
             ep,
-            f"a divisor of the world size {world_size}",
+            f"a divisor of the world size {world_size} (world size = EP x expert data parallel)",
         )
         per_step = t.micro_batch_size * world_size
         _require(

@@ -17,6 +17,43 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from mone_train import cpu_compat
+from mone_train.config import ConfigError
+
+RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class LaunchError(ConfigError):
+    """The launch environment cannot form the job; the message names what is wrong."""
+
+
+def launch_environment(env: dict[str, str] | None = None) -> tuple[int, int] | None:
+    """(rank, world size) from the launcher's variables, or None for a single process.
+
+    Raises LaunchError naming the missing or malformed variables.
+    """
+    env = dict(os.environ if env is None else env)
+    present = [name for name in RENDEZVOUS_VARS if name in env]
+    if not present:
+        return None
+    missing = [name for name in RENDEZVOUS_VARS if name not in env]
+    if missing:
+        raise LaunchError(
+            f"launch environment: {', '.join(missing)} not set (found {', '.join(present)}); "
+            "torchrun, the deepspeed launcher and srun + torchrun set all of "
+            f"{', '.join(RENDEZVOUS_VARS)}"
+        )
+    try:
+        rank, world_size, port = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["MASTER_PORT"])
+    except ValueError as err:
+        raise LaunchError(
+            f"launch environment: RANK, WORLD_SIZE and MASTER_PORT must be integers ({err})"
+        ) from None
+    if not (world_size >= 1 and 0 <= rank < world_size and 0 < port < 65536):
+        raise LaunchError(
+            f"launch environment: RANK={rank}, WORLD_SIZE={world_size}, MASTER_PORT={port} "
+            "is invalid: expected 0 <= RANK < WORLD_SIZE and 0 < MASTER_PORT < 65536"
+        )
+    return rank, world_size
 
 
 @dataclass(frozen=True)
@@ -37,22 +74,39 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(expert_parallel_size: int = 1, timeout_s: float = 300.0) -> DistInfo:
-    """Start (or join) the process group and megatron-core's parallel state."""
+def init_distributed(
+    expert_parallel_size: int = 1, backend: str | None = None, timeout_s: float = 600.0
+) -> DistInfo:
+    """Start (or join) the process group and megatron-core's parallel state.
+
+    A rank that cannot reach the master within ``timeout_s`` raises LaunchError instead of
+    waiting for ever.
+    """
     cpu_compat.apply()
     use_cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    backend = "nccl" if use_cuda else "gloo"
+    backend = backend or ("nccl" if use_cuda else "gloo")
     if not dist.is_initialized():
         timeout = timedelta(seconds=timeout_s)
-        if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
-            dist.init_process_group(backend, init_method="env://", timeout=timeout)
-        else:
+        layout = launch_environment()
+        if layout is None:
             dist.init_process_group(
                 backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
             )
+        else:
+            try:
+                dist.init_process_group(backend, init_method="env://", timeout=timeout)
+            except (RuntimeError, TimeoutError) as err:  # DistNetworkError, DistStoreError
+                where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+                first_line = (
+                    str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                )
+                raise LaunchError(
+                    f"rank {layout[0]} of {layout[1]}: could not form the process group with the "
+                    f"master at {where} within {timeout_s:g} s ({first_line})"
+                ) from None
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=1,

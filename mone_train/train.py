@@ -11,8 +11,10 @@ written to ``<run_dir>/config.yaml`` beside ``metrics.jsonl``.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +62,7 @@ def prepare_run_dir(cfg: Config, is_main: bool) -> Path:
             f"trainer.run_dir={str(run_dir)!r} is invalid: expected a directory without a previous "
             f"run ({METRICS_FILE} exists there)"
         )
+    dist.barrier()  # every rank has looked before the main rank writes anything
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
@@ -78,17 +81,27 @@ def prepare_corpus(cfg: Config, is_main: bool):
     return corpus
 
 
-def build_model(cfg: Config, vocab_size: int):
+def build_model(cfg: Config, vocab_size: int, ep_rank: int = 0, ep_size: int = 1):
     """Seeded GPT model wrapped in megatron-core DDP; returns (ddp_model, param list)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from mone_train.model.builder import build_gpt_model
+    from mone_train.model.init import init_parameters_by_name
 
-    # Same seed on every rank, so replicated (dense) weights start identical.
+    # Same seed on every rank (dropout streams and megatron's own draws), then weights keyed by
+    # global parameter name, so they do not depend on the expert-parallel layout.
     torch.manual_seed(cfg.trainer.seed)
     model_parallel_cuda_manual_seed(cfg.trainer.seed)
     model = build_gpt_model(cfg, vocab_size)
+    init_parameters_by_name(
+        model,
+        cfg.trainer.seed,
+        cfg.model.init_method_std,
+        cfg.model.num_layers,
+        ep_rank,
+        cfg.model.num_experts // ep_size,
+    )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     ddp = DistributedDataParallel(
@@ -144,6 +157,7 @@ def run(cfg: Config) -> dict:
     )
     from tqdm import tqdm
 
+    from mone_train import comm_stats
     from mone_train.data.dataset import build_gpt_datasets, micro_batches
     from mone_train.data.tokenizer import ByteTokenizer
     from mone_train.distributed import init_distributed, shutdown_distributed
@@ -161,7 +175,7 @@ def run(cfg: Config) -> dict:
     validate(cfg)
     configure_torch(cfg)
     t, m = cfg.trainer, cfg.model
-    info = init_distributed(t.expert_parallel_size)
+    info = init_distributed(t.expert_parallel_size, t.backend, t.init_timeout_s)
     logger = None
     try:
         validate(cfg, world_size=info.world_size)
@@ -176,7 +190,7 @@ def run(cfg: Config) -> dict:
         tokenizer = ByteTokenizer()
         vocab_size = m.vocab_size or tokenizer.vocab_size
 
-        model, params = build_model(cfg, vocab_size)
+        model, params = build_model(cfg, vocab_size, info.ep_rank, info.ep_size)
         counts = count_parameters(model, m.router_topk, info.ep_size)
         say(f"model {m.name} ({cfg.moe.flavour}): {counts.summary()}")
 
@@ -205,6 +219,9 @@ def run(cfg: Config) -> dict:
         state = TrainState()
         batches = micro_batches(train_ds, 0, t.micro_batch_size, info.dp_rank, info.dp_size)
         expert_group = parallel_state.get_expert_model_parallel_group()
+        dp_group = parallel_state.get_data_parallel_group()
+        comm_stats.install()
+        comm_stats.take()
         MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / accum, device=info.device))
         get_moe_layer_wise_logging_tracker().clear()  # a global: start from nothing tracked
         num_moe = num_moe_layers(cfg)
@@ -219,12 +236,14 @@ def run(cfg: Config) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             model.zero_grad_buffer()
-            step_loss = torch.zeros(2, dtype=torch.float64)
+            step_loss = torch.zeros(2, dtype=torch.float64, device=info.device)
             for _ in range(accum):
                 loss_sum, count = lm_loss(model, next(batches), mask, info.device)
                 (loss_sum / count / accum).backward()
-                step_loss += torch.stack([loss_sum.detach().double().cpu(), count.double().cpu()])
+                step_loss += torch.stack([loss_sum.detach().double(), count.double()])
             model.finish_grad_sync()
+            if info.dp_size > 1:
+                dist.all_reduce(step_loss, group=dp_group)  # log the loss of the global batch
             grad_norm = global_grad_norm(params, expert_group)
             clip_grads_(params, cfg.optim.clip_grad, grad_norm)
             attach_main_grads(params)
@@ -234,6 +253,7 @@ def run(cfg: Config) -> dict:
 
             interval["loss"] += float(step_loss[0] / step_loss[1])
             interval["steps"] += 1
+            interval["a2a_sent"] = interval.get("a2a_sent", 0) + comm_stats.take()[0]
             progress.update(1)
             if state.step % t.log_interval == 0 or state.step == t.steps:
                 elapsed = time.perf_counter() - interval["start"]
@@ -250,6 +270,8 @@ def run(cfg: Config) -> dict:
                     "aux_loss": aux.get("load_balancing_loss"),
                     "ng_lbl": aux.get("ng_lbl"),
                     "consumed_samples": state.consumed_samples,
+                    # Expert-parallel token exchange of the whole job per step (0 at EP = 1).
+                    "a2a_bytes": _job_total(interval["a2a_sent"], info) / interval["steps"],
                 }
                 logger.log(record, echo=_format_train(record))
                 progress.set_postfix(loss=f"{record['loss']:.3f}")
@@ -258,6 +280,7 @@ def run(cfg: Config) -> dict:
                 eval_start = time.perf_counter()
                 val_loss = evaluate(model, valid_ds, cfg, info, mask)
                 clear_aux_losses_tracker()
+                comm_stats.take()  # evaluation's exchanges are not training traffic
                 record = {"step": state.step, "val_loss": val_loss}
                 state.history.append(record)
                 logger.log(
@@ -282,6 +305,15 @@ def run(cfg: Config) -> dict:
         if logger is not None:
             logger.close()
         shutdown_distributed()
+
+
+def _job_total(value: float, info) -> float:
+    """Sum of a per-rank number over all ranks."""
+    if info.world_size == 1:
+        return float(value)
+    total = torch.tensor([float(value)], dtype=torch.float64, device=info.device)
+    dist.all_reduce(total)
+    return float(total)
 
 
 def _read_aux_losses(tracker: dict, num_moe: int, num_forwards: int) -> dict[str, float]:
@@ -324,9 +356,14 @@ def hydra_main(dcfg: DictConfig) -> None:
             # Each job of a sweep trains in its own job folder.
             cfg.trainer.run_dir = HydraConfig.get().runtime.output_dir
         run(cfg)
-    except ConfigError as err:
+    except ConfigError as err:  # bad config value or launch environment: one line, exit 2
         print(f"mone-train: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Exception as err:
+        traceback.print_exc()
+        rank = os.environ.get("RANK", "0")
+        print(f"mone-train: rank {rank} failed: {type(err).__name__}: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 def main() -> None:
