@@ -147,7 +147,8 @@ def _require(ok: bool, key: str, value: Any, valid: str) -> None:
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Check the meaning of every value; raise ConfigError naming the first bad key.
 
-    ``world_size`` (when known) enables the checks that depend on the process layout.
+    ``world_size`` (when known) enables the batch check that depends on it; whether EP divides
+    the world size is checked when the process groups form (``mone_train.distributed``).
     """
     m, moe, d, o, t, lg = cfg.model, cfg.moe, cfg.data, cfg.optim, cfg.trainer, cfg.logging
     for key, value in [
@@ -264,12 +265,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         f"a multiple of trainer.expert_parallel_size={ep}",
     )
     if world_size is not None:
-        _require(
-            world_size % ep == 0,
-            "trainer.expert_parallel_size",
-            ep,
-            f"a divisor of the world size {world_size} (world size = EP x expert data parallel)",
-        )
         per_step = t.micro_batch_size * world_size
         _require(
             t.global_batch_size % per_step == 0,

@@ -9,6 +9,8 @@ data parallel = world size (dense parameters) / world size / EP (expert paramete
 from __future__ import annotations
 
 import os
+import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -96,6 +98,8 @@ def init_distributed(
                 backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
             )
         else:
+            if layout[0] != 0:
+                _wait_for_master(layout, timeout_s)
             try:
                 dist.init_process_group(backend, init_method="env://", timeout=timeout)
             except (RuntimeError, TimeoutError) as err:  # DistNetworkError, DistStoreError
@@ -107,6 +111,12 @@ def init_distributed(
                     f"rank {layout[0]} of {layout[1]}: could not form the process group with the "
                     f"master at {where} within {timeout_s:g} s ({first_line})"
                 ) from None
+    world_size = dist.get_world_size()
+    if world_size % expert_parallel_size:
+        raise ConfigError(
+            f"trainer.expert_parallel_size={expert_parallel_size} is invalid: expected a divisor "
+            f"of the world size {world_size} (world size = EP x expert data parallel)"
+        )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=1,
@@ -123,6 +133,27 @@ def init_distributed(
         ep_size=parallel_state.get_expert_model_parallel_world_size(),
         device=torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"),
     )
+
+
+def _wait_for_master(layout: tuple[int, int], timeout_s: float) -> None:
+    """Block until the master's rendezvous port accepts connections, or raise LaunchError.
+
+    Checked before torch.distributed connects, whose own time-out ends in C++ stack traces.
+    """
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((addr, port), timeout=min(2.0, timeout_s)):
+                return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise LaunchError(
+                    f"rank {layout[0]} of {layout[1]}: could not reach the master at "
+                    f"{addr}:{port} within {timeout_s:g} s ({err}); check MASTER_ADDR/MASTER_PORT "
+                    "and that rank 0 started (trainer.init_timeout_s sets the wait)"
+                ) from None
+            time.sleep(0.5)
 
 
 def shutdown_distributed() -> None:
