@@ -11,6 +11,7 @@ written to ``<run_dir>/config.yaml`` beside ``metrics.jsonl``.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -36,7 +37,16 @@ class TrainState:
 
     step: int = 0
     consumed_samples: int = 0
-    history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class IntervalStats:
+    """Sums over the steps since the last log line."""
+
+    loss: float = 0.0
+    steps: int = 0
+    a2a_bytes: int = 0
+    start: float = field(default_factory=time.perf_counter)
 
 
 def configure_torch(cfg: Config) -> None:
@@ -131,6 +141,42 @@ def lm_loss(
     return (per_token.float() * loss_mask).sum(), loss_mask.sum()
 
 
+def train_step(
+    model,
+    optimizer,
+    params,
+    batches,
+    mask,
+    info,
+    *,
+    accum: int,
+    clip_grad: float,
+    dp_group,
+    ep_group,
+) -> tuple[float, float]:
+    """One optimizer step over ``accum`` micro batches; returns (global-batch LM loss, grad norm).
+
+    Gradients accumulate in megatron-core's DDP buffers and are all-reduced there; the norm
+    covers every expert of every rank; clipping and AdamW then act on the buffers.
+    """
+    from mone_train.optim import attach_main_grads, clip_grads_, global_grad_norm
+
+    model.zero_grad_buffer()
+    step_loss = torch.zeros(2, dtype=torch.float64, device=info.device)
+    for _ in range(accum):
+        loss_sum, count = lm_loss(model, next(batches), mask, info.device)
+        (loss_sum / count / accum).backward()
+        step_loss += torch.stack([loss_sum.detach().double(), count.double()])
+    model.finish_grad_sync()
+    if info.dp_size > 1:
+        dist.all_reduce(step_loss, group=dp_group)  # the loss of the global batch
+    grad_norm = global_grad_norm(params, ep_group)
+    clip_grads_(params, clip_grad, grad_norm)
+    attach_main_grads(params)
+    optimizer.step()
+    return float(step_loss[0] / step_loss[1]), float(grad_norm)
+
+
 @torch.no_grad()
 def evaluate(model, dataset, cfg: Config, info, mask: torch.Tensor) -> float:
     """Mean LM loss (nats per token) on the first eval_iters batches of held-out data."""
@@ -163,13 +209,7 @@ def run(cfg: Config) -> dict:
     from mone_train.distributed import init_distributed, shutdown_distributed
     from mone_train.model.builder import num_moe_layers
     from mone_train.model.params import count_parameters
-    from mone_train.optim import (
-        attach_main_grads,
-        build_optimizer,
-        clip_grads_,
-        global_grad_norm,
-        lr_at,
-    )
+    from mone_train.optim import build_optimizer, lr_at
     from mone_train.tracking import MetricsLogger
 
     validate(cfg)
@@ -210,16 +250,17 @@ def run(cfg: Config) -> dict:
             run_dir, cfg.logging, OmegaConf.to_container(OmegaConf.structured(cfg)), info.is_main
         )
         if info.is_main:
-            with open(run_dir / "params.json", "w") as f:
-                import json
-
-                json.dump(counts.as_dict(), f, indent=2)
+            (run_dir / "params.json").write_text(json.dumps(counts.as_dict(), indent=2))
 
         mask = causal_mask(t.seq_length, info.device)
         state = TrainState()
         batches = micro_batches(train_ds, 0, t.micro_batch_size, info.dp_rank, info.dp_size)
-        expert_group = parallel_state.get_expert_model_parallel_group()
-        dp_group = parallel_state.get_data_parallel_group()
+        step_options = {
+            "accum": accum,
+            "clip_grad": cfg.optim.clip_grad,
+            "dp_group": parallel_state.get_data_parallel_group(),
+            "ep_group": parallel_state.get_expert_model_parallel_group(),
+        }
         comm_stats.install()
         comm_stats.take()
         MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / accum, device=info.device))
@@ -227,7 +268,7 @@ def run(cfg: Config) -> dict:
         num_moe = num_moe_layers(cfg)
         tokens_per_step = t.global_batch_size * t.seq_length
 
-        interval = {"loss": 0.0, "steps": 0, "start": time.perf_counter()}
+        interval = IntervalStats()
         progress = tqdm(total=t.steps, desc="training", unit="step", disable=not info.is_main)
         val_loss = None
         model.train()
@@ -235,58 +276,47 @@ def run(cfg: Config) -> dict:
             lr = lr_at(state.step, cfg.optim, t.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            model.zero_grad_buffer()
-            step_loss = torch.zeros(2, dtype=torch.float64, device=info.device)
-            for _ in range(accum):
-                loss_sum, count = lm_loss(model, next(batches), mask, info.device)
-                (loss_sum / count / accum).backward()
-                step_loss += torch.stack([loss_sum.detach().double(), count.double()])
-            model.finish_grad_sync()
-            if info.dp_size > 1:
-                dist.all_reduce(step_loss, group=dp_group)  # log the loss of the global batch
-            grad_norm = global_grad_norm(params, expert_group)
-            clip_grads_(params, cfg.optim.clip_grad, grad_norm)
-            attach_main_grads(params)
-            optimizer.step()
+            loss, grad_norm = train_step(
+                model, optimizer, params, batches, mask, info, **step_options
+            )
             state.step += 1
             state.consumed_samples += t.global_batch_size
-
-            interval["loss"] += float(step_loss[0] / step_loss[1])
-            interval["steps"] += 1
-            interval["a2a_sent"] = interval.get("a2a_sent", 0) + comm_stats.take()[0]
+            interval.loss += loss
+            interval.steps += 1
+            interval.a2a_bytes += comm_stats.take()[0]
             progress.update(1)
+
             if state.step % t.log_interval == 0 or state.step == t.steps:
-                elapsed = time.perf_counter() - interval["start"]
+                elapsed = time.perf_counter() - interval.start
                 aux = _read_aux_losses(
-                    get_moe_layer_wise_logging_tracker(), num_moe, interval["steps"] * accum
+                    get_moe_layer_wise_logging_tracker(), num_moe, interval.steps * accum
                 )
                 clear_aux_losses_tracker()
                 record = {
                     "step": state.step,
-                    "loss": interval["loss"] / interval["steps"],
+                    "loss": interval.loss / interval.steps,
                     "lr": lr,
-                    "grad_norm": float(grad_norm),
-                    "tokens_per_s": interval["steps"] * tokens_per_step / elapsed,
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": interval.steps * tokens_per_step / elapsed,
                     "aux_loss": aux.get("load_balancing_loss"),
                     "ng_lbl": aux.get("ng_lbl"),
                     "consumed_samples": state.consumed_samples,
                     # Expert-parallel token exchange of the whole job per step (0 at EP = 1).
-                    "a2a_bytes": _job_total(interval["a2a_sent"], info) / interval["steps"],
+                    "a2a_bytes": _job_total(interval.a2a_bytes, info) / interval.steps,
                 }
                 logger.log(record, echo=_format_train(record))
                 progress.set_postfix(loss=f"{record['loss']:.3f}")
-                interval = {"loss": 0.0, "steps": 0, "start": time.perf_counter()}
+                interval = IntervalStats()
             if state.step % t.eval_interval == 0 or state.step == t.steps:
                 eval_start = time.perf_counter()
                 val_loss = evaluate(model, valid_ds, cfg, info, mask)
                 clear_aux_losses_tracker()
                 comm_stats.take()  # evaluation's exchanges are not training traffic
-                record = {"step": state.step, "val_loss": val_loss}
-                state.history.append(record)
                 logger.log(
-                    record, echo=f"step {state.step:>6} | val_loss {val_loss:.4f} nats/token"
+                    {"step": state.step, "val_loss": val_loss},
+                    echo=f"step {state.step:>6} | val_loss {val_loss:.4f} nats/token",
                 )
-                interval["start"] += time.perf_counter() - eval_start
+                interval.start += time.perf_counter() - eval_start
         progress.close()
 
         summary = {
