@@ -103,6 +103,10 @@ class TrainerConfig:
     backend: Optional[str] = None  # torch.distributed backend; null: nccl with CUDA, else gloo
     init_timeout_s: float = 600.0  # how long ranks wait for each other at start-up
     precision: str = "fp32"
+    save_interval: int = 0  # steps between checkpoints; 0: none (SIGTERM/SIGUSR1 still save)
+    keep_last: int = 3  # complete checkpoints kept; older ones are deleted after a save
+    resume: str = "auto"  # auto: newest complete checkpoint in run_dir | none | <path>
+    force_resume: bool = False  # resume although run_dir's config.yaml has another model shape
     compile: Optional[bool] = None  # megatron jit_fuser (torch.compile); null: on with CUDA only
     num_threads: Optional[int] = None  # torch intra-op threads; null keeps torch's default
 

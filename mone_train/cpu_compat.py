@@ -13,8 +13,9 @@ code path which fails without it.
 2. ``current_device``: the router and rotary embeddings move tensors to
    ``torch.cuda.current_device()``; without CUDA that is the CPU.
 3. ``streams``: the alltoall token dispatcher creates a ``torch.cuda.Stream`` for its
-   device-to-host copies and records an event on it. On CPU those copies are synchronous, so
-   no-op streams and events keep the same control flow.
+   device-to-host copies and records an event on it, and dist_checkpointing's writer calls
+   ``torch.cuda.synchronize()`` after staging tensors to host memory. On CPU all of these are
+   already synchronous, so no-op streams, events and synchronize keep the same control flow.
 4. ``te_names``: ``moe_utils`` refers to ``te_general_gemm`` (and other TransformerEngine
    functions) that are only defined when TransformerEngine imports; we define them as ``None``,
    which is what megatron checks for when choosing its fallback.
@@ -179,6 +180,7 @@ def _install_streams() -> None:
     torch.cuda.Event = _CPUEvent
     torch.cuda.current_stream = lambda device=None: _CPU_STREAM
     torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+    torch.cuda.synchronize = lambda device=None: None
 
 
 # --- 4. TransformerEngine names ----------------------------------------------------------------

@@ -45,9 +45,19 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
 
 
 def attach_main_grads(params: list[torch.nn.Parameter]) -> None:
-    """Point ``param.grad`` at the DDP buffer so torch optimizers and norms read it."""
+    """Point ``param.grad`` at the DDP buffer so that a torch optimizer steps on it.
+
+    Call :func:`detach_main_grads` after the step: while ``param.grad`` is the buffer, autograd
+    would accumulate the next backward into it *and* DDP's hook would add it again (doubling).
+    """
     for p in params:
         p.grad = p.main_grad
+
+
+def detach_main_grads(params: list[torch.nn.Parameter]) -> None:
+    """Undo :func:`attach_main_grads` (the buffer keeps its values until zeroed)."""
+    for p in params:
+        p.grad = None
 
 
 def global_grad_norm(params: list[torch.nn.Parameter], expert_group=None) -> torch.Tensor:

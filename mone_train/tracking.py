@@ -27,6 +27,7 @@ class MetricsLogger:
         cfg: LoggingConfig,
         resolved_config: dict,
         enabled: bool,
+        wandb_id: str | None = None,
     ) -> None:
         self.enabled = enabled
         self._file = None
@@ -48,7 +49,15 @@ class MetricsLogger:
                 dir=str(run_dir),
                 mode=mode,
                 settings=wandb.Settings(quiet=True),
+                # A resumed run continues the same wandb run.
+                id=wandb_id,
+                resume="allow" if wandb_id else None,
             )
+
+    @property
+    def wandb_id(self) -> str | None:
+        """Id of the wandb run (saved in checkpoints so that a resume continues it)."""
+        return self._wandb_run.id if self._wandb_run is not None else None
 
     @property
     def wandb_dir(self) -> str | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -49,6 +50,26 @@ class IntervalStats:
     start: float = field(default_factory=time.perf_counter)
 
 
+class PreemptionFlag:
+    """Set by SIGTERM or SIGUSR1 (what SLURM sends before the end of a job's time)."""
+
+    def __init__(self) -> None:
+        self._set = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self._set = True
+
+    def requested(self, info) -> bool:
+        """Whether any rank was signalled (all ranks must agree to save together)."""
+        if info.world_size == 1:
+            return self._set
+        flag = torch.tensor([int(self._set)], device=info.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
 def configure_torch(cfg: Config) -> None:
     """Threads and megatron's jit_fuser (torch.compile), before any model code runs."""
     if cfg.trainer.num_threads is not None:
@@ -62,21 +83,44 @@ def configure_torch(cfg: Config) -> None:
     dynamo.config.disable = not compile_enabled
 
 
-def prepare_run_dir(cfg: Config, is_main: bool) -> Path:
-    """Create the run directory; refuse one that already holds a run (nothing is overwritten)."""
-    run_dir = Path(cfg.trainer.run_dir).expanduser().resolve()
+def prepare_run_dir(cfg: Config, is_main: bool) -> tuple[Path, Path | None]:
+    """Create the run directory and find the checkpoint to resume from, if any.
+
+    A directory that already holds a run is only accepted when resuming it, and only with the
+    same model shape unless ``trainer.force_resume``; nothing existing is overwritten.
+    """
+    from mone_train.checkpoint import find_checkpoint, model_signature, signature_mismatch
     from mone_train.tracking import METRICS_FILE
 
-    if (run_dir / METRICS_FILE).exists():
+    run_dir = Path(cfg.trainer.run_dir).expanduser().resolve()
+    checkpoint = find_checkpoint(run_dir, cfg.trainer.resume)
+    previous = run_dir / "config.yaml"
+    if (run_dir / METRICS_FILE).exists() and checkpoint is None:
         raise ConfigError(
             f"trainer.run_dir={str(run_dir)!r} is invalid: expected a directory without a previous "
-            f"run ({METRICS_FILE} exists there)"
+            f"run ({METRICS_FILE} exists there and no checkpoint to resume from)"
         )
+    if checkpoint is not None and previous.is_file() and not cfg.trainer.force_resume:
+        saved = OmegaConf.to_object(
+            OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(previous))
+        )
+        mismatched = signature_mismatch(model_signature(saved, None), model_signature(cfg, None))
+        if mismatched:
+            raise ConfigError(
+                f"trainer.run_dir={str(run_dir)!r} holds a run of another model shape "
+                f"({'; '.join(m.replace('(checkpoint)', '(run_dir)') for m in mismatched)}); "
+                "set trainer.force_resume=true to resume it anyway"
+            )
     dist.barrier()  # every rank has looked before the main rank writes anything
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    return run_dir
+        name = (
+            "config.yaml"
+            if not previous.exists()
+            else f"config-resumed-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
+        )
+        (run_dir / name).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    return run_dir, checkpoint
 
 
 def prepare_corpus(cfg: Config, is_main: bool):
@@ -159,7 +203,12 @@ def train_step(
     Gradients accumulate in megatron-core's DDP buffers and are all-reduced there; the norm
     covers every expert of every rank; clipping and AdamW then act on the buffers.
     """
-    from mone_train.optim import attach_main_grads, clip_grads_, global_grad_norm
+    from mone_train.optim import (
+        attach_main_grads,
+        clip_grads_,
+        detach_main_grads,
+        global_grad_norm,
+    )
 
     model.zero_grad_buffer()
     step_loss = torch.zeros(2, dtype=torch.float64, device=info.device)
@@ -174,6 +223,7 @@ def train_step(
     clip_grads_(params, clip_grad, grad_norm)
     attach_main_grads(params)
     optimizer.step()
+    detach_main_grads(params)
     return float(step_loss[0] / step_loss[1]), float(grad_norm)
 
 
@@ -204,6 +254,12 @@ def run(cfg: Config) -> dict:
     from tqdm import tqdm
 
     from mone_train import comm_stats
+    from mone_train.checkpoint import (
+        EXIT_PREEMPTED,
+        load_checkpoint,
+        model_signature,
+        save_checkpoint,
+    )
     from mone_train.data.dataset import build_gpt_datasets, micro_batches
     from mone_train.data.tokenizer import ByteTokenizer
     from mone_train.distributed import init_distributed, shutdown_distributed
@@ -219,7 +275,7 @@ def run(cfg: Config) -> dict:
     logger = None
     try:
         validate(cfg, world_size=info.world_size)
-        run_dir = prepare_run_dir(cfg, info.is_main)
+        run_dir, resume_from = prepare_run_dir(cfg, info.is_main)
         say = print if info.is_main else (lambda *a, **k: None)
         say(f"run directory: {run_dir}")
         say(
@@ -246,15 +302,38 @@ def run(cfg: Config) -> dict:
             cache_dir=Path(corpus.train_prefix).parent / "index-cache",
         )
         optimizer = build_optimizer(cfg.optim, params)
-        logger = MetricsLogger(
-            run_dir, cfg.logging, OmegaConf.to_container(OmegaConf.structured(cfg)), info.is_main
-        )
+        signature = model_signature(cfg, vocab_size)
+        state = TrainState()
+        wandb_id = None
+        if resume_from is not None:
+            point = load_checkpoint(resume_from, model, optimizer, signature)
+            state = TrainState(point.step, point.consumed_samples)
+            wandb_id = point.wandb_id
+            say(f"resumed from {resume_from} at step {state.step}")
+        resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
+        logger = MetricsLogger(run_dir, cfg.logging, resolved, info.is_main, wandb_id=wandb_id)
+
+        def save() -> Path:
+            return save_checkpoint(
+                run_dir,
+                model,
+                optimizer,
+                step=state.step,
+                consumed_samples=state.consumed_samples,
+                signature=signature,
+                resolved_config=resolved,
+                wandb_id=logger.wandb_id if info.is_main else None,
+                keep_last=t.keep_last,
+            )
+
         if info.is_main:
             (run_dir / "params.json").write_text(json.dumps(counts.as_dict(), indent=2))
 
         mask = causal_mask(t.seq_length, info.device)
-        state = TrainState()
-        batches = micro_batches(train_ds, 0, t.micro_batch_size, info.dp_rank, info.dp_size)
+        batches = micro_batches(
+            train_ds, state.consumed_samples, t.micro_batch_size, info.dp_rank, info.dp_size
+        )
+        preemption = PreemptionFlag()
         step_options = {
             "accum": accum,
             "clip_grad": cfg.optim.clip_grad,
@@ -269,7 +348,13 @@ def run(cfg: Config) -> dict:
         tokens_per_step = t.global_batch_size * t.seq_length
 
         interval = IntervalStats()
-        progress = tqdm(total=t.steps, desc="training", unit="step", disable=not info.is_main)
+        progress = tqdm(
+            total=t.steps,
+            initial=state.step,
+            desc="training",
+            unit="step",
+            disable=not info.is_main,
+        )
         val_loss = None
         model.train()
         while state.step < t.steps:
@@ -317,7 +402,20 @@ def run(cfg: Config) -> dict:
                     echo=f"step {state.step:>6} | val_loss {val_loss:.4f} nats/token",
                 )
                 interval.start += time.perf_counter() - eval_start
+            save_due = t.save_interval and (
+                state.step % t.save_interval == 0 or state.step == t.steps
+            )
+            preempted = preemption.requested(info)
+            if save_due or preempted:
+                say(f"saved {save()}")
+            if preempted:
+                say(f"preempted at step {state.step}: exiting with code {EXIT_PREEMPTED}")
+                progress.close()
+                raise SystemExit(EXIT_PREEMPTED)
         progress.close()
+        if val_loss is None:  # resumed at the last step: still end with an evaluation
+            val_loss = evaluate(model, valid_ds, cfg, info, mask)
+            logger.log({"step": state.step, "val_loss": val_loss})
 
         summary = {
             "run_dir": str(run_dir),

@@ -56,7 +56,9 @@ def probe_current_device() -> None:
 
 
 def probe_streams() -> None:
-    """The alltoall dispatcher creates a CUDA stream for its device-to-host copies."""
+    """The alltoall dispatcher creates a CUDA stream for its device-to-host copies; the
+    checkpoint writer synchronizes the device after staging tensors."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
@@ -68,6 +70,7 @@ def probe_streams() -> None:
     with torch.cuda.stream(stream):
         pass
     stream.record_event().synchronize()
+    assert FileSystemWriterAsync.preload_tensors([], non_blocking=True) == []
 
 
 def probe_te_names() -> None:

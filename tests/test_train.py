@@ -80,3 +80,35 @@ def test_lr_schedule_warms_up_then_decays_to_min():
     assert lr_at(100, cfg, 100) == pytest.approx(0.1)
     linear = OptimConfig(lr=1.0, min_lr_ratio=0.0, warmup_steps=0, schedule="linear")
     assert lr_at(50, linear, 100) == pytest.approx(0.5)
+
+
+def test_each_step_sees_only_its_own_gradient(megatron_single):
+    """Regression: the optimizer reads DDP's buffer through param.grad; left attached, the next
+    backward accumulated into it and DDP's hook added it again (gradients doubled)."""
+    import itertools
+
+    import torch
+
+    from mone_train.optim import build_optimizer
+    from mone_train.train import build_model, causal_mask, train_step
+
+    cfg = compose_config(
+        ["model=tiny", "optim.lr=0", "optim.warmup_steps=0", "optim.weight_decay=0"]
+    )
+    model, params = build_model(cfg, 258)
+    optimizer = build_optimizer(cfg.optim, params)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 256, (2, 16))
+    batch = {"tokens": tokens, "labels": tokens.roll(-1, 1), "loss_mask": torch.ones(2, 16),
+             "position_ids": torch.arange(16).expand(2, -1)}  # fmt: skip
+    options = {"accum": 1, "clip_grad": 0.0, "dp_group": None, "ep_group": None}
+    mask = causal_mask(16, torch.device("cpu"))
+    norms = [
+        train_step(
+            model, optimizer, params, itertools.repeat(batch), mask, megatron_single, **options
+        )[1]
+        for _ in range(3)
+    ]
+    assert norms[0] > 0 and norms[1] == pytest.approx(norms[0], rel=1e-6) == norms[2]

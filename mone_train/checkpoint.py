@@ -1,0 +1,253 @@
+"""Checkpoints with megatron-core dist_checkpointing (torch_dist): exact resume, resharding.
+
+Layout under ``<run_dir>/checkpoints/``:
+
+    step_00000100/          one complete checkpoint (megatron-core sharded format)
+        COMPLETE.json       completion marker, written last: step and model signature
+        rng/rank<r>.pt      each rank's RNG states
+    latest                  name of the newest complete checkpoint (updated after the rename)
+
+A save writes into ``.tmp-step_<N>``, makes the files durable (fsync), writes the marker, then
+renames the folder into place and updates ``latest``. A folder without the marker is never
+loaded: ``resume=auto`` skips it with a warning, an explicit path to it is an error.
+
+The model's sharded state dict is megatron-core's own (MoNE experts keep SequentialMLP's expert
+offsets), and AdamW's moments are saved as sharded tensors mirroring their parameters, so a
+checkpoint saved at one expert-parallel size loads at another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
+
+from mone_train.config import Config, ConfigError
+
+CHECKPOINTS = "checkpoints"
+MARKER = "COMPLETE.json"
+LATEST = "latest"
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved on SIGTERM/SIGUSR1, requeue and resume
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be used; the message names it and why."""
+
+
+@dataclass
+class ResumePoint:
+    """What a checkpoint restores besides tensors."""
+
+    path: Path
+    step: int
+    consumed_samples: int
+    wandb_id: str | None
+
+
+def model_signature(cfg: Config, vocab_size: int) -> dict:
+    """The shape-defining values; a checkpoint only loads into a model with the same ones."""
+    m = cfg.model
+    return {
+        "num_layers": m.num_layers,
+        "hidden_size": m.hidden_size,
+        "num_attention_heads": m.num_attention_heads,
+        "num_query_groups": m.num_query_groups,
+        "ffn_hidden_size": m.ffn_hidden_size,
+        "num_experts": m.num_experts,
+        "moe_ffn_hidden_size": m.moe_ffn_hidden_size,
+        "moe_layer_freq": m.moe_layer_freq,
+        "tie_embeddings": m.tie_embeddings,
+        "vocab_size": vocab_size,
+    }
+
+
+def signature_mismatch(saved: dict, current: dict) -> list[str]:
+    """``key: saved vs current`` for every differing shape value."""
+    return [
+        f"{key} {saved.get(key)!r} (checkpoint) vs {current.get(key)!r} (config)"
+        for key in sorted(set(saved) | set(current))
+        if saved.get(key) != current.get(key)
+    ]
+
+
+def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint ``trainer.resume`` asks for: ``none``, ``auto`` or an explicit path."""
+    if resume == "none":
+        return None
+    if resume != "auto":
+        path = Path(resume).expanduser()
+        if not path.is_dir():
+            raise CheckpointError(f"trainer.resume={resume!r}: no such checkpoint directory")
+        if not (path / MARKER).is_file():
+            raise CheckpointError(
+                f"trainer.resume={resume!r} is incomplete (no {MARKER}); a save was interrupted"
+            )
+        return path
+    folder = run_dir / CHECKPOINTS
+    for path in sorted(folder.glob("step_*"), reverse=True) if folder.is_dir() else []:
+        if (path / MARKER).is_file():
+            return path
+        warnings.warn(f"skipping incomplete checkpoint {path} (no {MARKER})", stacklevel=2)
+    return None
+
+
+def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create AdamW's (zero) moments so that the state has a shape to load into."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _sharded_state_dict(model, optimizer) -> dict:
+    from megatron.core.dist_checkpointing.optimizer import (
+        get_param_id_to_sharded_param_map,
+        optim_state_to_sharding_state,
+    )
+
+    model_sd = model.module.sharded_state_dict()
+    _init_optimizer_state(optimizer)
+    optim_sd = optimizer.state_dict()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    id_map = get_param_id_to_sharded_param_map(model_sd, params)
+    # AdamW's per-parameter step counts equal the global step: saved once, in "common".
+    optim_state_to_sharding_state(optim_sd, id_map, exclude_keys=("step",))
+    return {"model": model_sd, "optimizer": optim_sd}
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    model,
+    optimizer,
+    *,
+    step: int,
+    consumed_samples: int,
+    signature: dict,
+    resolved_config: dict,
+    wandb_id: str | None,
+    keep_last: int,
+) -> Path:
+    """Save atomically (all ranks call this); return the final checkpoint folder."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    rank = dist.get_rank()
+    folder = run_dir / CHECKPOINTS
+    final = folder / f"step_{step:08d}"
+    staging = folder / f".tmp-{final.name}"
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)  # left by a save that was killed
+        staging.mkdir()
+    dist.barrier()
+
+    state = _sharded_state_dict(model, optimizer)
+    state["common"] = {"step": step, "consumed_samples": consumed_samples, "wandb_id": wandb_id}
+    dist_checkpointing.save(state, str(staging))
+    if rank == 0:
+        (staging / "rng").mkdir()
+    dist.barrier()
+    rng = {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    torch.save(rng, staging / "rng" / f"rank{rank}.pt")
+    dist.barrier()
+
+    if rank == 0:
+        _fsync_tree(staging)
+        marker = {
+            "step": step,
+            "signature": signature,
+            "world_size": dist.get_world_size(),
+            "config": resolved_config,
+        }
+        with open(staging / MARKER, "w") as f:
+            json.dump(marker, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():  # the same step saved again (e.g. preemption right after a save)
+            shutil.rmtree(final)
+        staging.rename(final)
+        _fsync_dir(folder)
+        latest_tmp = folder / f".{LATEST}.tmp"
+        latest_tmp.write_text(final.name + "\n")
+        latest_tmp.rename(folder / LATEST)
+        _fsync_dir(folder)
+        complete = sorted(p for p in folder.glob("step_*") if (p / MARKER).is_file())
+        for old in complete[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, signature: dict) -> ResumePoint:
+    """Restore model, optimizer and this rank's RNG from ``path`` (all ranks call this)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    try:
+        marker = json.loads((path / MARKER).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path}: unreadable {MARKER} ({err})") from None
+    mismatched = signature_mismatch(marker.get("signature", {}), signature)
+    if mismatched:
+        raise CheckpointError(
+            f"checkpoint {path} was saved for a different model: {'; '.join(mismatched)}"
+        )
+    try:
+        loaded = dist_checkpointing.load(_sharded_state_dict(model, optimizer), str(path))
+        model.module.load_state_dict(loaded["model"], strict=False)
+        step = torch.tensor(float(loaded["common"]["step"]))
+        for param_state in loaded["optimizer"]["state"].values():
+            param_state["step"] = step.clone()
+        optimizer.load_state_dict(loaded["optimizer"])
+        # Fresh, aligned storage like a never-saved run's: loaded tensors may be views into
+        # read buffers, and CPU kernels round differently on unaligned vector tails.
+        for param_state in optimizer.state.values():
+            for key, value in param_state.items():
+                if torch.is_tensor(value):
+                    param_state[key] = value.clone(memory_format=torch.contiguous_format)
+    except CheckpointError:
+        raise
+    # Truncated or corrupted files surface as many exception types (torch's
+    # CheckpointException derives from BaseException, not Exception).
+    except (Exception, CheckpointException) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {first[:300]}") from None
+    common = loaded["common"]
+    rng_file = path / "rng" / f"rank{dist.get_rank()}.pt"
+    if rng_file.is_file():  # absent when resuming on more ranks than saved
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        get_cuda_rng_tracker().set_states(rng["tracker"])
+    return ResumePoint(path, common["step"], common["consumed_samples"], common.get("wandb_id"))

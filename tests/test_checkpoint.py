@@ -1,0 +1,183 @@
+"""Checkpoints: exact resume, atomicity, preemption, resharding, keep-last-N, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mone_train.checkpoint import CHECKPOINTS, EXIT_PREEMPTED, LATEST, MARKER, CheckpointError
+from mone_train.config import ConfigError
+from mone_train.preflight import compose_config
+from tests.distributed import metrics, run_processes
+
+REPO = Path(__file__).resolve().parent.parent
+BASE = [
+    "model=tiny",
+    "trainer=smoke",
+    "trainer.log_interval=1",
+    "trainer.eval_interval=10",
+    "trainer.eval_iters=2",
+    "trainer.seq_length=32",
+    "logging.wandb_mode=disabled",
+]
+
+
+def _run(run_dir, *extra):
+    from mone_train.train import run
+
+    return run(compose_config([*BASE, f"trainer.run_dir={run_dir}", *extra]))
+
+
+def _losses(run_dir):
+    return [r.get("loss", r.get("val_loss")) for r in metrics(run_dir)]
+
+
+@pytest.mark.parametrize("flavour", ["moe", "mone"])
+def test_resume_is_bit_exact(tmp_path, flavour):
+    _run(tmp_path / "straight", f"moe={flavour}", "trainer.steps=20")
+    _run(tmp_path / "resumed", f"moe={flavour}", "trainer.steps=10", "trainer.save_interval=10")
+    _run(tmp_path / "resumed", f"moe={flavour}", "trainer.steps=20", "trainer.save_interval=10")
+    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")
+    records = metrics(tmp_path / "resumed")
+    assert [r["consumed_samples"] for r in records if "loss" in r] == [8 * s for s in range(1, 21)]
+
+
+def test_keep_last_deletes_only_the_oldest_complete(tmp_path):
+    run_dir = tmp_path / "run"
+    _run(run_dir, "trainer.steps=20", "trainer.save_interval=5", "trainer.keep_last=2")
+    folder = run_dir / CHECKPOINTS
+    assert sorted(p.name for p in folder.glob("step_*")) == ["step_00000015", "step_00000020"]
+    assert (folder / LATEST).read_text().strip() == "step_00000020"
+    assert all((p / MARKER).is_file() for p in folder.glob("step_*"))
+
+
+def test_auto_resume_skips_an_incomplete_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    _run(run_dir, "trainer.steps=10", "trainer.save_interval=5")
+    (run_dir / CHECKPOINTS / "step_00000010" / MARKER).unlink()  # as if killed before the marker
+    with pytest.warns(UserWarning, match="skipping incomplete checkpoint"):
+        _run(run_dir, "trainer.steps=12", "trainer.save_interval=100")
+    steps = [r["step"] for r in metrics(run_dir) if "loss" in r]
+    assert steps[-7:] == [6, 7, 8, 9, 10, 11, 12]  # resumed from step 5
+
+
+def test_sigkill_while_saving_leaves_the_previous_checkpoint_usable(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "mone_train.train", *BASE, f"trainer.run_dir={run_dir}",
+        "trainer.steps=400", "trainer.save_interval=1", "trainer.keep_last=400",
+    ]  # fmt: skip
+    env = {**os.environ, "TORCHDYNAMO_DISABLE": "1"}
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    folder = run_dir / CHECKPOINTS
+
+    def wait_for(condition):
+        deadline = time.monotonic() + 120
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    wait_for(lambda: len(list(folder.glob("step_*"))) >= 2)
+    wait_for(lambda: any(folder.glob(".tmp-step_*")))
+    proc.send_signal(signal.SIGKILL)  # inside a save: it saves every step
+    proc.wait()
+    complete = sorted(p for p in folder.glob("step_*") if (p / MARKER).is_file())
+    assert complete
+    summary = _run(
+        run_dir, f"trainer.steps={int(complete[-1].name[5:]) + 2}", "trainer.save_interval=100"
+    )
+    assert summary["steps"] == int(complete[-1].name[5:]) + 2
+
+
+def test_sigterm_saves_and_exits_with_the_requeue_code(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "mone_train.train",
+        *BASE,
+        f"trainer.run_dir={run_dir}",
+        "trainer.steps=100000",
+    ]
+    env = {**os.environ, "TORCHDYNAMO_DISABLE": "1"}
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (run_dir / "metrics.jsonl").exists():
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, out[-2000:]
+    complete = [p for p in (run_dir / CHECKPOINTS).glob("step_*") if (p / MARKER).is_file()]
+    assert len(complete) == 1
+    assert f"exiting with code {EXIT_PREEMPTED}" in out
+
+
+def _eval_at(run_dir, world_size, ep, *extra):
+    overrides = [*BASE, f"trainer.run_dir={run_dir}", "trainer.micro_batch_size=4", "trainer.global_batch_size=8",
+                 f"trainer.expert_parallel_size={ep}", *extra]  # fmt: skip
+    run_processes(world_size, overrides)
+
+
+@pytest.mark.parametrize("save_ep,load_ep", [(2, 1), (1, 2)])
+def test_resharding_between_expert_parallel_sizes(tmp_path, save_ep, load_ep):
+    source = tmp_path / "source"
+    _eval_at(source, 2, save_ep, "trainer.steps=10", "trainer.save_interval=10")
+    saved_val = [r["val_loss"] for r in metrics(source) if "val_loss" in r][-1]
+    target = tmp_path / "target"
+    checkpoint = source / CHECKPOINTS / "step_00000010"
+    # Resume with no further training steps beyond one evaluation: steps == saved step.
+    _eval_at(
+        target,
+        2,
+        load_ep,
+        "trainer.steps=10",
+        f"trainer.resume={checkpoint}",
+        "trainer.eval_interval=1",
+    )
+    loaded_val = [r["val_loss"] for r in metrics(target) if "val_loss" in r]
+    assert loaded_val and abs(loaded_val[-1] - saved_val) <= 1e-6
+
+
+def test_bad_checkpoints_end_in_one_clear_error(tmp_path):
+    run_dir = tmp_path / "run"
+    _run(run_dir, "trainer.steps=5", "trainer.save_interval=5")
+    checkpoint = run_dir / CHECKPOINTS / "step_00000005"
+
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        _run(tmp_path / "a", f"trainer.resume={tmp_path / 'missing'}")
+
+    with pytest.raises(
+        CheckpointError, match=r"different model: hidden_size 64 \(checkpoint\) vs 32"
+    ):
+        _run(tmp_path / "b", f"trainer.resume={checkpoint}", "model.hidden_size=32")
+
+    with pytest.raises(ConfigError, match="another model shape.*force_resume"):
+        _run(run_dir, "trainer.steps=6", "model.num_layers=3")
+
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(checkpoint, broken)
+    for data in broken.glob("*.distcp"):
+        data.write_bytes(data.read_bytes()[:64])  # truncated
+    with pytest.raises(CheckpointError, match="cannot be loaded"):
+        _run(tmp_path / "c", f"trainer.resume={broken}")
+
+    (broken / MARKER).unlink()
+    with pytest.raises(CheckpointError, match="incomplete"):
+        _run(tmp_path / "d", f"trainer.resume={broken}")
+
+    # Nothing of the original run was touched by the failed starts.
+    assert json.loads((checkpoint / MARKER).read_text())["step"] == 5
+    assert not (tmp_path / "a" / "metrics.jsonl").exists()
