@@ -407,7 +407,9 @@ def run(cfg: Config) -> dict:
             )
             preempted = preemption.requested(info)
             if save_due or preempted:
+                save_start = time.perf_counter()
                 say(f"saved {save()}")
+                interval.start += time.perf_counter() - save_start  # not training throughput
             if preempted:
                 say(f"preempted at step {state.step}: exiting with code {EXIT_PREEMPTED}")
                 progress.close()
