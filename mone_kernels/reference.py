@@ -10,7 +10,7 @@ Legend: T rows (tokens routed to one expert, or any stack of rows), F neurons, K
 The mask is a constant for autograd, like expert routing: gradients reach the gate through the
 kept g only, and only the kept columns of ``up``. Arithmetic is fp32 whatever the input dtype.
 
-Optionally the same pass returns the expert's neuron-granular balance loss (DESIGN.md section 1)
+Optionally the same pass returns the expert's neuron-granular balance loss (docs/method.md)
 for the rows given, which must all belong to one expert:
 
     L = F sum_j f_j p_j,  f_j = (1/(T K)) sum_t m_tj,  p_j = (1/T) sum_t |g_tj| / sum_i |g_ti|

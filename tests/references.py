@@ -1,4 +1,4 @@
-"""Independent references the tests compare against: literal transcriptions of DESIGN.md."""
+"""Independent references the tests compare against: literal transcriptions of docs/method.md."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def mone_activation_explicit(fc1_T2F: torch.Tensor, k: int) -> tuple[torch.Tenso
 
 
 def ng_lbl_literal(g_abs_TF: torch.Tensor, mask_TF: torch.Tensor) -> torch.Tensor:
-    """L_e = F * sum_j f_j p_j for one expert, with f and p exactly as DESIGN.md writes them."""
+    """L_e = F * sum_j f_j p_j for one expert, with f and p exactly as docs/method.md writes them."""
     num_tokens, num_neurons = g_abs_TF.shape
     num_kept = int(mask_TF[0].sum())
     f_F = mask_TF.float().sum(dim=0).detach() / (num_tokens * num_kept)
