@@ -55,8 +55,14 @@ class PreemptionFlag:
 
     def __init__(self) -> None:
         self._set = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self._previous = {
+            sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1)
+        }
+
+    def restore(self) -> None:
+        """Put back the handlers that were installed before."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
         self._set = True
@@ -272,6 +278,7 @@ def run(cfg: Config) -> dict:
     configure_torch(cfg)
     t, m = cfg.trainer, cfg.model
     info = init_distributed(t.expert_parallel_size, t.backend, t.init_timeout_s)
+    preemption = PreemptionFlag()  # before anything is written: a signal then always saves
     logger = None
     try:
         validate(cfg, world_size=info.world_size)
@@ -333,7 +340,6 @@ def run(cfg: Config) -> dict:
         batches = micro_batches(
             train_ds, state.consumed_samples, t.micro_batch_size, info.dp_rank, info.dp_size
         )
-        preemption = PreemptionFlag()
         step_options = {
             "accum": accum,
             "clip_grad": cfg.optim.clip_grad,
@@ -432,6 +438,7 @@ def run(cfg: Config) -> dict:
         say(f"run directory: {run_dir}")
         return summary
     finally:
+        preemption.restore()
         if logger is not None:
             logger.close()
         shutdown_distributed()
