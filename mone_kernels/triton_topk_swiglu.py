@@ -37,7 +37,7 @@ try:
 except ImportError:  # the CPU reference still works without triton
     HAVE_TRITON = False
 
-MAX_NEURONS = 16384  # one tile spans a whole row; 16k fp32 columns still fit a thread block
+MAX_NEURONS = 16384  # one tile spans a whole row (register spills grow with F; untested on GPU)
 _TILE_ELEMENTS = 4096  # rows per tile = 4096 / BLOCK_F: small F gets several rows per program
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
