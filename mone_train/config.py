@@ -60,12 +60,32 @@ class MoEConfig:
 
 
 @dataclass
+class TokenizerConfig:
+    """``byte`` (built in), ``hf`` (a tokenizer.json) or ``sentencepiece`` (a .model file)."""
+
+    type: str = "byte"
+    path: Optional[str] = None  # a local file (or, for hf, its folder); never downloaded
+    eod_token: Optional[str] = None  # hf only: the end-of-document token when not a usual name
+
+
+@dataclass
 class DataConfig:
-    """Training data. ``stdlib``: the running Python's standard-library sources, byte-level."""
+    """Training data: the built-in ``stdlib`` corpus, or a weighted blend of ``indexed`` datasets.
+
+    ``stdlib``: the running Python's standard-library sources, tokenized with ``tokenizer`` and
+    cached; every ``valid_every``-th document is the validation split. ``indexed``: ``paths`` are
+    megatron-core indexed dataset prefixes (``<prefix>.bin/.idx``, as ``mone-preprocess``
+    writes them), blended by ``weights`` (null: equal) and split train/valid/test by ``split``.
+    """
 
     name: str = "stdlib"
     cache_dir: str = "${oc.env:MONE_TRAIN_CACHE,'~/.cache/mone-train'}"
-    valid_every: int = 50  # every n-th document (in sorted order) is held out for validation
+    valid_every: int = 50  # stdlib: every n-th document (in sorted order) is held out
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    paths: list[str] = field(default_factory=list)  # indexed: dataset prefixes
+    weights: Optional[list[float]] = None  # indexed: one per path (null: by dataset size)
+    split: list[float] = field(default_factory=lambda: [98.0, 2.0, 0.0])  # train, valid, test
+    index_cache_dir: Optional[str] = None  # megatron's sample-index cache; null: <cache_dir>/index
 
 
 @dataclass
@@ -148,6 +168,42 @@ def _require(ok: bool, key: str, value: Any, valid: str) -> None:
         raise ConfigError(f"{key}={value!r} is invalid: expected {valid}")
 
 
+DATA_SOURCES = ("stdlib", "indexed")
+
+
+def _validate_data(d: DataConfig) -> None:
+    from mone_train.data.tokenizer import KINDS
+
+    _require(d.name in DATA_SOURCES, "data.name", d.name, f"one of {list(DATA_SOURCES)}")
+    tok = d.tokenizer
+    _require(tok.type in KINDS, "data.tokenizer.type", tok.type, f"one of {list(KINDS)}")
+    if tok.type != "byte":
+        _require(bool(tok.path), "data.tokenizer.path", tok.path, "a local tokenizer file")
+    if d.name == "stdlib":
+        return
+    _require(len(d.paths) >= 1, "data.paths", list(d.paths), "a list of dataset prefixes")
+    if d.weights is not None:
+        _require(
+            len(d.weights) == len(d.paths),
+            "data.weights",
+            list(d.weights),
+            f"null or one weight per path ({len(d.paths)} paths)",
+        )
+        _require(
+            all(w > 0 and math.isfinite(w) for w in d.weights),
+            "data.weights",
+            list(d.weights),
+            "finite numbers > 0",
+        )
+    numbers = list(d.split)
+    _require(
+        len(numbers) == 3 and all(n >= 0 for n in numbers) and numbers[0] > 0 and numbers[1] > 0,
+        "data.split",
+        numbers,
+        "three shares [train, valid, test] with train and valid > 0, e.g. [98,2,0]",
+    )
+
+
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Check the meaning of every value; raise ConfigError naming the first bad key.
 
@@ -215,7 +271,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _require(moe.ng_lbl_coeff >= 0, "moe.ng_lbl_coeff", moe.ng_lbl_coeff, "a number >= 0")
     _require(moe.kernel_impl in IMPLS, "moe.kernel_impl", moe.kernel_impl, f"one of {list(IMPLS)}")
 
-    _require(d.name == "stdlib", "data.name", d.name, "'stdlib' (the byte-level default corpus)")
+    _validate_data(d)
 
     _require(o.name == "adamw", "optim.name", o.name, "'adamw'")
     _require(o.lr > 0 and math.isfinite(o.lr), "optim.lr", o.lr, "a finite number > 0")

@@ -17,7 +17,6 @@ import signal
 import sys
 import time
 import traceback
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from mone_train import silence_megatron_notices
 from mone_train.config import Config, ConfigError, register_configs, validate
 from mone_train.preflight import CONFIG_DIR, check_overrides
 
@@ -129,16 +129,47 @@ def prepare_run_dir(cfg: Config, is_main: bool) -> tuple[Path, Path | None]:
     return run_dir, checkpoint
 
 
-def prepare_corpus(cfg: Config, is_main: bool):
-    """Build (main rank) or wait for the default corpus; every rank gets its paths."""
-    from mone_train.data.corpus import prepare_stdlib_corpus
+def prepare_data(cfg: Config, info, num_samples: tuple[int, int, int]):
+    """Tokenizer and (train, valid, test) datasets; test is None when there is no test split.
 
-    if is_main:
-        corpus = prepare_stdlib_corpus(cfg.data.cache_dir, cfg.data.valid_every)
-    dist.barrier()
-    if not is_main:
-        corpus = prepare_stdlib_corpus(cfg.data.cache_dir, cfg.data.valid_every)
-    return corpus
+    The main rank builds what has to be built (the default corpus, megatron's sample indices)
+    before the other ranks read it.
+    """
+    from mone_train.data.corpus import prepare_stdlib_corpus
+    from mone_train.data.dataset import build_blended_datasets, build_gpt_datasets
+    from mone_train.data.tokenizer import tokenizer_from_config
+
+    d, t = cfg.data, cfg.trainer
+    tokenizer = tokenizer_from_config(d.tokenizer)
+    if d.name == "stdlib":
+        if info.is_main:
+            corpus = prepare_stdlib_corpus(d.cache_dir, d.valid_every, tokenizer)
+        dist.barrier()
+        if not info.is_main:
+            corpus = prepare_stdlib_corpus(d.cache_dir, d.valid_every, tokenizer)
+        train, valid = build_gpt_datasets(
+            corpus.train_prefix,
+            corpus.valid_prefix,
+            tokenizer,
+            t.seq_length,
+            t.seed,
+            num_train_samples=num_samples[0],
+            num_valid_samples=num_samples[1],
+            cache_dir=Path(d.index_cache_dir or Path(corpus.train_prefix).parent / "index-cache"),
+        )
+        return tokenizer, train, valid, None
+    cache = Path(d.index_cache_dir or Path(d.cache_dir) / "index-cache").expanduser()
+    train, valid, test = build_blended_datasets(
+        list(d.paths),
+        None if d.weights is None else list(d.weights),
+        d.split,
+        tokenizer,
+        t.seq_length,
+        t.seed,
+        num_samples,
+        cache,
+    )
+    return tokenizer, train, valid, test
 
 
 def build_model(cfg: Config, vocab_size: int, ep_rank: int = 0, ep_size: int = 1):
@@ -266,8 +297,7 @@ def run(cfg: Config) -> dict:
         model_signature,
         save_checkpoint,
     )
-    from mone_train.data.dataset import build_gpt_datasets, micro_batches
-    from mone_train.data.tokenizer import ByteTokenizer
+    from mone_train.data.dataset import micro_batches
     from mone_train.distributed import init_distributed, shutdown_distributed
     from mone_train.model.builder import num_moe_layers
     from mone_train.model.params import count_parameters
@@ -289,25 +319,24 @@ def run(cfg: Config) -> dict:
             f"world size {info.world_size}: expert parallel {info.ep_size}, data parallel "
             f"{info.dp_size}, device {info.device.type}"
         )
-        corpus = prepare_corpus(cfg, info.is_main)
-        tokenizer = ByteTokenizer()
+        eval_samples = t.eval_iters * t.micro_batch_size * info.dp_size
+        num_samples = (t.steps * t.global_batch_size, eval_samples, eval_samples)
+        tokenizer, train_ds, valid_ds, test_ds = prepare_data(cfg, info, num_samples)
         vocab_size = m.vocab_size or tokenizer.vocab_size
+        if vocab_size < tokenizer.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={vocab_size} is smaller than the tokenizer's vocabulary "
+                f"({tokenizer.vocab_size}); use null to take the tokenizer's"
+            )
 
         model, params = build_model(cfg, vocab_size, info.ep_rank, info.ep_size)
         counts = count_parameters(model, m.router_topk, info.ep_size)
         say(f"model {m.name} ({cfg.moe.flavour}): {counts.summary()}")
+        say(
+            f"tokenizer {tokenizer.kind}: vocabulary {tokenizer.vocab_size:,} (model {vocab_size:,})"
+        )
 
         accum = t.global_batch_size // (t.micro_batch_size * info.dp_size)
-        train_ds, valid_ds = build_gpt_datasets(
-            corpus.train_prefix,
-            corpus.valid_prefix,
-            tokenizer,
-            t.seq_length,
-            t.seed,
-            num_train_samples=t.steps * t.global_batch_size,
-            num_valid_samples=t.eval_iters * t.micro_batch_size * info.dp_size,
-            cache_dir=Path(corpus.train_prefix).parent / "index-cache",
-        )
         optimizer = build_optimizer(cfg.optim, params)
         signature = model_signature(cfg, vocab_size)
         state = TrainState()
@@ -424,11 +453,21 @@ def run(cfg: Config) -> dict:
         if val_loss is None:  # resumed at the last step: still end with an evaluation
             val_loss = evaluate(model, valid_ds, cfg, info, mask)
             logger.log({"step": state.step, "val_loss": val_loss})
+        test_loss = None
+        if test_ds is not None:  # the blend's held-out test split, once at the end
+            test_loss = evaluate(model, test_ds, cfg, info, mask)
+            clear_aux_losses_tracker()
+            logger.log(
+                {"step": state.step, "test_loss": test_loss},
+                echo=f"step {state.step:>6} | test_loss {test_loss:.4f} nats/token",
+            )
 
         summary = {
             "run_dir": str(run_dir),
             "steps": state.step,
             "val_loss": val_loss,
+            "test_loss": test_loss,
+            "vocab_size": vocab_size,
             "params": counts.as_dict(),
             "wandb_dir": logger.wandb_dir,
         }
@@ -505,9 +544,7 @@ def hydra_main(dcfg: DictConfig) -> None:
 
 def main() -> None:
     """Console entry point: one-line errors for bad overrides, then Hydra."""
-    # megatron-core announces its CPU fallbacks (no TransformerEngine / Apex) on every import.
-    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (is|are) not installed")
-    warnings.filterwarnings("ignore", message=r"full scope is deprecated")
+    silence_megatron_notices()
     check_overrides(sys.argv[1:])
     hydra_main()
 

@@ -23,7 +23,8 @@ def _options(group: str) -> list[str]:
     "override", [f"{group}={option}" for group in GROUPS for option in _options(group)]
 )
 def test_every_shipped_config_composes_and_validates(override):
-    cfg = compose_config([override])
+    required = {"data=indexed": ["data.paths=[/data/web]"]}  # no default for where data lives
+    cfg = compose_config([override, *required.get(override, [])])
     assert isinstance(cfg, Config)
     validate(cfg)
 

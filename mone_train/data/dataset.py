@@ -15,6 +15,86 @@ import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
+from mone_train.config import ConfigError
+
+
+class DataError(ConfigError):
+    """A dataset that cannot be used as configured; the message names the key and file."""
+
+
+def check_prefixes(paths: list[str], tokenizer) -> list[str]:
+    """Expanded ``data.paths``; each must have .bin and .idx, made with this tokenizer."""
+    from mone_train.data.preprocess import output_paths, read_meta
+
+    checked = []
+    for i, raw in enumerate(paths):
+        prefix = str(Path(raw).expanduser())
+        files = output_paths(prefix)
+        for key in ("bin", "idx"):
+            if not files[key].is_file():
+                raise DataError(
+                    f"data.paths[{i}]={raw!r}: {files[key]} does not exist "
+                    "(expected a prefix written by mone-preprocess: PREFIX.bin and PREFIX.idx)"
+                )
+        meta = read_meta(prefix)
+        if meta is not None:
+            made_with, ours = meta.get("tokenizer", {}), tokenizer.describe()
+            if made_with != ours:
+                raise DataError(
+                    f"data.paths[{i}]={raw!r} was tokenized with {_describe(made_with)}, "
+                    f"but data.tokenizer is {_describe(ours)}"
+                )
+        checked.append(prefix)
+    return checked
+
+
+def _describe(tok: dict) -> str:
+    digest = f", sha256 {tok['sha256']}" if "sha256" in tok else ""
+    return f"{tok.get('kind')} (vocabulary {tok.get('vocab_size')}{digest})"
+
+
+def _dataset_config(tokenizer, seq_length: int, seed: int, cache_dir, **source) -> GPTDatasetConfig:
+    return GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        path_to_cache=str(cache_dir),
+        **source,
+    )
+
+
+def build_blended_datasets(
+    paths: list[str],
+    weights: list[float] | None,
+    split: list[float],
+    tokenizer,
+    seq_length: int,
+    seed: int,
+    sizes: tuple[int, int, int],
+    cache_dir: str | Path,
+):
+    """Train, validation and test datasets (test None when its split share is 0) of a blend.
+
+    ``weights`` None blends in proportion to the datasets' sizes (megatron-core's rule).
+    """
+    prefixes = check_prefixes(paths, tokenizer)
+    config = _dataset_config(
+        tokenizer,
+        seq_length,
+        seed,
+        cache_dir,
+        blend=(prefixes, None if weights is None else [float(w) for w in weights]),
+        split=",".join(f"{float(share):g}" for share in split),
+    )
+    train, valid, test = BlendedMegatronDatasetBuilder(
+        GPTDataset, list(sizes), lambda: True, config
+    ).build()
+    return train, valid, test
+
 
 def build_gpt_datasets(
     train_prefix: str,
@@ -27,16 +107,12 @@ def build_gpt_datasets(
     cache_dir: str | Path,
 ) -> tuple[GPTDataset, GPTDataset]:
     """Train and validation GPTDatasets (all ranks call this; torch.distributed must be up)."""
-    config = GPTDatasetConfig(
-        random_seed=seed,
-        sequence_length=seq_length,
+    config = _dataset_config(
+        tokenizer,
+        seq_length,
+        seed,
+        cache_dir,
         blend_per_split=[([train_prefix], None), ([valid_prefix], None), None],
-        tokenizer=tokenizer,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
-        path_to_cache=str(cache_dir),
     )
     train, valid, _ = BlendedMegatronDatasetBuilder(
         GPTDataset, [num_train_samples, num_valid_samples, None], lambda: True, config
