@@ -345,3 +345,21 @@ def test_tokenizer_cli_refuses_bad_vocab_and_overwrite(tmp_path, capsys, bpe_fil
     before = bpe_file.read_bytes()
     assert tokenizer_main([*argv, "--vocab-size", "300"]) == 2
     assert "already exists" in capsys.readouterr().err and bpe_file.read_bytes() == before
+
+
+def test_default_corpus_with_a_bpe_tokenizer_is_cached_apart(tmp_path, monkeypatch, bpe_file):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from mone_train.data import corpus as corpus_mod
+
+    sources = [p for p in corpus_mod.stdlib_sources() if p.stat().st_size > 0][:6]
+    monkeypatch.setattr(corpus_mod, "stdlib_sources", lambda: sources)
+    bpe = build_tokenizer("hf", str(bpe_file))
+    built = corpus_mod.prepare_stdlib_corpus(tmp_path, valid_every=3, tokenizer=bpe)
+    as_bytes = corpus_mod.prepare_stdlib_corpus(tmp_path, valid_every=3)
+    assert f"-hf-{bpe.fingerprint}-" in built.train_prefix
+    assert built.train_prefix != as_bytes.train_prefix
+    train = IndexedDataset(built.train_prefix)
+    expected = np.append(bpe.tokenize(sources[0].read_text()), bpe.eod)
+    np.testing.assert_array_equal(train[0], expected)
+    assert built.manifest["tokenizer"] == bpe.describe()
