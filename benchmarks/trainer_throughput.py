@@ -5,8 +5,10 @@ Three contenders, run in turn within each round (in a rotating order) over sever
     bare       megatron-core GPTModel (its own SequentialMLP experts) + torch AdamW, nothing else
     trainer    mone-train's full step loop (DDP buffers, clipping, logging) with moe=moe
     trainer    the same with moe=mone (rho = 0.5, NG-LBL on): the default `make train` model
+    trainer    moe=mone with logging.health_metrics=false (the cost of the health metrics)
 
-Targets (issue: walking skeleton): trainer/moe >= 90% and trainer/mone >= 85% of bare.
+Targets (issue: walking skeleton): trainer/moe >= 90% and trainer/mone >= 85% of bare; the
+health metrics (expert load, neuron utilisation, |SiLU(gate)| quantiles) cost a few % at most.
 On a shared machine the speed drifts by 10-20% over minutes, so the ratio to bare is taken
 within each round (paired) and the median over rounds is reported beside the median tokens/s.
 Prints a table and writes benchmarks/results/trainer_throughput_<device>.json.
@@ -123,6 +125,13 @@ def main() -> None:
         "bare/moe": lambda: bare_loop(args.steps, args.warmup, args.overrides),
         "trainer/moe": lambda: trainer("moe", args.steps, args.warmup, workdir, args.overrides),
         "trainer/mone": lambda: trainer("mone", args.steps, args.warmup, workdir, args.overrides),
+        "trainer/mone-no-health": lambda: trainer(
+            "mone",
+            args.steps,
+            args.warmup,
+            workdir,
+            [*args.overrides, "logging.health_metrics=false"],
+        ),
     }
     names = list(contenders)
     results: dict[str, list[float]] = {name: [] for name in names}
@@ -145,20 +154,33 @@ def main() -> None:
                 "rounds_ratio_to_bare": ratios,
             }
         )
+    paired = [
+        off / on for on, off in zip(results["trainer/mone"], results["trainer/mone-no-health"])
+    ]
+    health_cost = statistics.median(paired) - 1.0
     machine = machine_info()
     where = machine["gpu"] or f"{machine['cpu']} ({machine['cpu_cores']} cores)"
     print(f"\nTrainer throughput, `small` model {' '.join(args.overrides)}, {where}")
     print(
-        f"{'contender':<14} {'tokens/s':>10} {'vs bare':>8}   (medians over {args.rounds} rounds)"
+        f"{'contender':<24} {'tokens/s':>10} {'vs bare':>8}   (medians over {args.rounds} rounds)"
     )
     for row in rows:
-        print(f"{row['contender']:<14} {row['tokens_per_s']:>10,.0f} {row['ratio_to_bare']:>8.1%}")
+        print(f"{row['contender']:<24} {row['tokens_per_s']:>10,.0f} {row['ratio_to_bare']:>8.1%}")
+    print(
+        f"health metrics cost {health_cost:+.1%} of step time (median of paired rounds: "
+        f"{', '.join(f'{p - 1:+.1%}' for p in paired)})"
+    )
     device = "gpu" if torch.cuda.is_available() else "cpu"
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"trainer_throughput_{device}.json"
     out.write_text(
         json.dumps(
-            {"machine": machine, "args": {**vars(args), "out": str(args.out)}, "results": rows},
+            {
+                "machine": machine,
+                "args": {**vars(args), "out": str(args.out)},
+                "results": rows,
+                "health_metrics_cost": {"median": health_cost, "rounds": [p - 1 for p in paired]},
+            },
             indent=2,
         )
     )

@@ -74,6 +74,8 @@ def check_overrides(argv: list[str]) -> None:
     if any(arg.startswith("-") for arg in argv):
         return
     overrides = [a for a in argv if not a.lstrip("+~").startswith("hydra.")]
+    if _has_sweep(overrides):
+        return  # a sweep (e.g. over an experiment's multirun): each job validates itself
     try:
         cfg = compose_config(overrides)
         validate(cfg)
@@ -81,6 +83,16 @@ def check_overrides(argv: list[str]) -> None:
         _fail(str(err))
     except Exception as err:  # Hydra / OmegaConf composition errors
         _fail(describe_error(err))
+
+
+def _has_sweep(overrides: list[str]) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:
+        return False  # a malformed override: composing reports it in one line
+    return any(o.is_sweep_override() for o in parsed)
 
 
 def _fail(message: str) -> None:

@@ -39,6 +39,8 @@ class MetricsLogger:
         if mode != "disabled":
             import wandb
 
+            where = cfg.wandb_dir or os.environ.get("WANDB_DIR") or run_dir
+            Path(where).expanduser().mkdir(parents=True, exist_ok=True)
             self._wandb_run = wandb.init(
                 project=cfg.wandb_project,
                 entity=cfg.wandb_entity,
@@ -46,7 +48,7 @@ class MetricsLogger:
                 group=cfg.wandb_group,
                 tags=list(cfg.wandb_tags),
                 config=resolved_config,
-                dir=str(run_dir),
+                dir=str(Path(where).expanduser()),
                 mode=mode,
                 settings=wandb.Settings(quiet=True),
                 # A resumed run continues the same wandb run.
@@ -70,9 +72,13 @@ class MetricsLogger:
             return
         self._file.write(json.dumps(record) + "\n")
         if self._wandb_run is not None:
-            self._wandb_run.log(
-                {k: v for k, v in record.items() if k != "step"}, step=record["step"]
-            )
+            # Scalars only: per-expert lists stay in metrics.jsonl.
+            scalars = {
+                k: v
+                for k, v in record.items()
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+            self._wandb_run.log(scalars, step=record["step"])
         if echo:
             tqdm.write(echo)
 

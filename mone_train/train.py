@@ -299,6 +299,7 @@ def run(cfg: Config) -> dict:
     )
     from mone_train.data.dataset import micro_batches
     from mone_train.distributed import init_distributed, shutdown_distributed
+    from mone_train.health import HealthMonitor, model_flops_per_token, peak_tflops
     from mone_train.model.builder import num_moe_layers
     from mone_train.model.params import count_parameters
     from mone_train.optim import build_optimizer, lr_at
@@ -306,7 +307,7 @@ def run(cfg: Config) -> dict:
 
     validate(cfg)
     configure_torch(cfg)
-    t, m = cfg.trainer, cfg.model
+    t, m, lg = cfg.trainer, cfg.model, cfg.logging
     info = init_distributed(t.expert_parallel_size, t.backend, t.init_timeout_s)
     preemption = PreemptionFlag()  # before anything is written: a signal then always saves
     logger = None
@@ -382,6 +383,16 @@ def run(cfg: Config) -> dict:
         num_moe = num_moe_layers(cfg)
         tokens_per_step = t.global_batch_size * t.seq_length
 
+        monitor = HealthMonitor(model, info.ep_rank, info.device) if lg.health_metrics else None
+        gpu_flops = None
+        if info.device.type == "cuda":
+            peak = lg.peak_tflops or peak_tflops(torch.cuda.get_device_name(), t.precision)
+            per_token = model_flops_per_token(
+                counts.activated_moe, m.num_layers, m.hidden_size, t.seq_length
+            )
+            gpu_flops = (peak, per_token)
+            torch.cuda.reset_peak_memory_stats()
+
         interval = IntervalStats()
         progress = tqdm(
             total=t.steps,
@@ -423,7 +434,19 @@ def run(cfg: Config) -> dict:
                     "consumed_samples": state.consumed_samples,
                     # Expert-parallel token exchange of the whole job per step (0 at EP = 1).
                     "a2a_bytes": _job_total(interval.a2a_bytes, info) / interval.steps,
+                    # Activated parameters per token, both ways (DESIGN §1): MoE routing
+                    # alone, and with the neuron top-k.
+                    "params/activated_moe": counts.activated_moe,
+                    "params/activated": counts.activated,
                 }
+                if monitor is not None:
+                    record.update(monitor.collect())
+                if gpu_flops is not None:
+                    peak, per_token = gpu_flops
+                    per_gpu = record["tokens_per_s"] * per_token / info.world_size
+                    record["mfu"] = per_gpu / (peak * 1e12) if peak else None
+                    record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                    torch.cuda.reset_peak_memory_stats()
                 logger.log(record, echo=_format_train(record))
                 progress.set_postfix(loss=f"{record['loss']:.3f}")
                 interval = IntervalStats()
@@ -517,6 +540,16 @@ def _format_train(record: dict) -> str:
         parts.append(f"aux {record['aux_loss']:.4f}")
     if record.get("ng_lbl") is not None:
         parts.append(f"ng_lbl {record['ng_lbl']:.4f}")
+    if record.get("load/imbalance") is not None:
+        parts.append(f"load max/mean {record['load/imbalance']:.2f}")
+    if record.get("neurons/utilisation") is not None:
+        parts.append(f"neuron util {record['neurons/utilisation']:.3f}")
+    if record.get("gate_abs/q50") is not None:
+        parts.append(f"|g| median {record['gate_abs/q50']:.3g}")
+    if record.get("mfu") is not None:
+        parts.append(f"MFU {record['mfu']:.1%}")
+    if record.get("peak_memory_gib") is not None:
+        parts.append(f"mem {record['peak_memory_gib']:.1f} GiB")
     return " | ".join(parts)
 
 

@@ -68,5 +68,7 @@ def test_trainer_throughput_benchmark_runs(tmp_path):
         "bare/moe",
         "trainer/moe",
         "trainer/mone",
+        "trainer/mone-no-health",
     ]
+    assert "health metrics cost" in out and "median" in data["health_metrics_cost"]
     assert data["machine"]["cpu_cores"] >= 1

@@ -52,6 +52,19 @@ def test_expert_parallel_matches_data_parallel(tmp_path, flavour):
         assert abs(a - b) <= 1e-5, (_losses(ep1), _losses(ep2))
     assert all(r["a2a_bytes"] == 0 for r in ep1 if "a2a_bytes" in r)
     assert all(r["a2a_bytes"] > 0 for r in ep2 if "a2a_bytes" in r)
+    # Health metrics are job-wide: expert load and neuron use do not depend on the layout.
+    pairs = 8 * 32 * 2  # global batch x sequence x top-k, per step (log interval 1)
+    for a, b in zip(ep1, ep2):
+        if "loss" not in a:
+            continue
+        for layer in (1, 2):
+            assert a[f"load/{layer}/tokens"] == b[f"load/{layer}/tokens"]
+            assert sum(b[f"load/{layer}/tokens"]) == pairs
+            if flavour == "mone":
+                assert a[f"neurons/{layer}/per_expert"] == b[f"neurons/{layer}/per_expert"]
+                assert len(b[f"neurons/{layer}/per_expert"]) == 4
+            else:
+                assert f"neurons/{layer}/per_expert" not in b
 
 
 def test_two_data_parallel_ranks_match_one_process_with_twice_the_batch(tmp_path):

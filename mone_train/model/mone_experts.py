@@ -64,6 +64,8 @@ class MoNEExperts(SequentialMLP):
         # Set by the model builder from the enclosing MoE layer; used for per-layer logging.
         self.layer_number: int | None = None
         self.num_layers = config.num_layers
+        # Set by mone_train.health.HealthMonitor: called with the local experts' neuron masks.
+        self.monitor = None
 
     def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
         """[N, D] dispatched tokens, tokens per local expert, [N] router probs -> ([N, D], None)."""
@@ -79,6 +81,8 @@ class MoNEExperts(SequentialMLP):
         activations = neuron_topk_swiglu_grouped(
             fc1_chunks, self.num_kept, impl=self.kernel_impl, with_balance=with_balance
         )
+        if self.monitor is not None and self.training:
+            self.monitor([act.mask for act in activations])
         out_chunks = [
             expert.linear_fc2((act.h * probs.unsqueeze(-1)).to(act.h.dtype))[0]
             for expert, act, probs in zip(self.local_experts, activations, probs_chunks)

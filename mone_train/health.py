@@ -1,0 +1,223 @@
+"""MoE / MoNE health metrics, gathered by hooks during training steps and reduced at log time.
+
+Per MoE layer ``L`` (megatron's 1-based layer number) and log interval:
+
+    load/L/imbalance        max over experts of routed tokens / mean over experts (1 = even)
+    load/L/tokens           routed (token, expert) pairs per expert, whole job   [JSONL only]
+    neurons/L/utilisation   mean over experts of the fraction of neurons selected at least once
+    neurons/L/never_selected  neurons (summed over experts) never selected in the interval
+    neurons/L/per_expert    fraction per expert                                   [JSONL only]
+    gate_abs/q10 .. q99     quantiles of |SiLU(gate)| over sampled expert rows, all layers
+    gate_abs/frac_below_0.01, frac_below_0.1
+
+Neuron utilisation exists for MoNE experts with K < F (for plain MoE every neuron of an
+activated expert is used). ``load/imbalance`` and ``neurons/utilisation`` (no layer) are the
+worst layer's imbalance and the mean utilisation over layers, for the terminal line.
+
+Costs are kept off the step's critical path: the router hook adds one column sum per layer,
+the MoNE hook one ``any`` over each expert's mask, and |SiLU(gate)| is histogrammed on at most
+``GATE_ROWS`` sampled rows per expert call (fixed log-spaced bins, so memory is bounded).
+Everything is summed (or OR-ed) across ranks only at log time, with one all-reduce per kind.
+Only training-mode forwards are observed; evaluation does not count.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+GATE_ROWS = 16  # rows of fc1 output sampled per expert call for the |SiLU(gate)| histogram
+BINS_PER_DECADE = 20
+LOG10_MIN, LOG10_MAX = -8.0, 3.0  # |g| below 1e-8 lands in the first bin, above 1e3 in the last
+QUANTILES = (0.1, 0.5, 0.9, 0.99)
+THRESHOLDS = (0.01, 0.1)
+
+# Dense bf16 / tf32 / fp32 peak TFLOP/s of common accelerators, for the MFU estimate.
+PEAK_TFLOPS = {
+    "H200": {"bf16": 989.0, "tf32": 494.5, "fp32": 66.9},
+    "H100": {"bf16": 989.0, "tf32": 494.5, "fp32": 66.9},
+    "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},
+    "L40S": {"bf16": 362.0, "tf32": 183.0, "fp32": 91.6},
+}
+
+
+class HealthMonitor:
+    """Hooks on every MoE layer of ``model``; ``collect()`` returns the interval's metrics."""
+
+    def __init__(self, model: torch.nn.Module, ep_rank: int = 0, device=None) -> None:
+        from megatron.core.transformer.moe.moe_layer import MoELayer
+
+        from mone_train.model.mone_experts import MoNEExperts
+
+        self._handles = []
+        self._device = device or torch.device("cpu")
+        self.layers: list[int] = []
+        self.num_bins = int((LOG10_MAX - LOG10_MIN) * BINS_PER_DECADE)
+        self._tokens: dict[int, torch.Tensor] = {}
+        self._used: dict[int, torch.Tensor] = {}
+        self._hist = torch.zeros(self.num_bins, dtype=torch.float64)
+        self.num_experts = 0
+        self.num_neurons = 0
+        for module in model.modules():
+            if not isinstance(module, MoELayer):
+                continue
+            layer = int(module.layer_number)
+            experts = module.experts
+            self.layers.append(layer)
+            self.num_experts = module.config.num_moe_experts
+            local = len(experts.local_experts)
+            offset = ep_rank * local
+            self.num_neurons = experts.local_experts[0].linear_fc2.weight.shape[1]
+            self._tokens[layer] = torch.zeros(self.num_experts, dtype=torch.float64)
+            self._handles.append(module.router.register_forward_hook(self._router_hook(layer)))
+            for expert in experts.local_experts:
+                self._handles.append(expert.linear_fc1.register_forward_hook(self._fc1_hook))
+            if isinstance(experts, MoNEExperts) and experts.num_kept < experts.num_neurons:
+                self._used[layer] = torch.zeros(
+                    self.num_experts, self.num_neurons, dtype=torch.bool
+                )
+                experts.monitor = self._neuron_observer(layer, offset)
+
+    # ----------------------------------------------------------------------------- hooks
+
+    def _router_hook(self, layer: int):
+        def hook(module, args, output):
+            if module.training:
+                routing_map = output[1]
+                self.observe_routing(layer, routing_map)
+
+        return hook
+
+    def _fc1_hook(self, module, args, output):
+        if module.training:
+            self.observe_gate(output[0] if isinstance(output, tuple) else output)
+
+    def _neuron_observer(self, layer: int, offset: int):
+        def observe(masks: list[torch.Tensor | None]) -> None:
+            self.observe_masks(layer, offset, masks)
+
+        return observe
+
+    # ------------------------------------------------------------------- observations
+
+    def observe_routing(self, layer: int, routing_map: torch.Tensor) -> None:
+        """``routing_map [tokens, experts]`` (bool): which experts each token was sent to."""
+        self._tokens[layer] += routing_map.sum(dim=0).to("cpu", torch.float64)
+
+    def observe_masks(self, layer: int, offset: int, masks: list[torch.Tensor | None]) -> None:
+        """Neuron masks ``[T_e, F]`` (bool) of local experts ``offset, offset + 1, ...``."""
+        used = self._used[layer]
+        for i, mask in enumerate(masks):
+            if mask is not None and mask.shape[0] > 0:
+                used[offset + i] |= mask.any(dim=0).cpu()
+
+    def observe_gate(self, fc1: torch.Tensor) -> None:
+        """Histogram |SiLU(gate)| of up to GATE_ROWS rows of one expert's ``fc1 [T, 2F]``."""
+        rows = fc1.shape[0]
+        if rows == 0:
+            return
+        stride = max(1, rows // GATE_ROWS)
+        with torch.no_grad():
+            gate = fc1[::stride][:GATE_ROWS, : fc1.shape[1] // 2].float()
+            magnitude = F.silu(gate).abs().clamp_min(10**LOG10_MIN).log10()
+            hist = torch.histc(magnitude, bins=self.num_bins, min=LOG10_MIN, max=LOG10_MAX)
+        self._hist += hist.to("cpu", torch.float64)
+
+    # ------------------------------------------------------------------------- reduce
+
+    def collect(self) -> dict:
+        """The interval's metrics (identical on every rank), then start a new interval."""
+        layers = self.layers
+        tokens = torch.stack([self._tokens[layer] for layer in layers]) if layers else None
+        used = torch.stack([self._used[layer] for layer in self._used]) if self._used else None
+        hist = self._hist.clone()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            if tokens is not None:
+                tokens = _all_reduce(tokens, dist.ReduceOp.SUM, self._device)
+            hist = _all_reduce(hist, dist.ReduceOp.SUM, self._device)
+            if used is not None:
+                used = _all_reduce(used.float(), dist.ReduceOp.MAX, self._device) > 0
+        self.reset()
+
+        metrics: dict = {}
+        imbalances = []
+        for i, layer in enumerate(layers):
+            counts = tokens[i]
+            mean = float(counts.mean())
+            imbalance = float(counts.max()) / mean if mean > 0 else float("nan")
+            imbalances.append(imbalance)
+            metrics[f"load/{layer}/imbalance"] = imbalance
+            metrics[f"load/{layer}/tokens"] = [int(c) for c in counts.tolist()]
+        if imbalances:
+            metrics["load/imbalance"] = max(imbalances)
+        if used is not None:
+            utilisations = []
+            for i, layer in enumerate(self._used):
+                per_expert = used[i].float().mean(dim=1)
+                utilisations.append(float(per_expert.mean()))
+                metrics[f"neurons/{layer}/utilisation"] = utilisations[-1]
+                metrics[f"neurons/{layer}/never_selected"] = int((~used[i]).sum())
+                metrics[f"neurons/{layer}/per_expert"] = [round(float(u), 4) for u in per_expert]
+            metrics["neurons/utilisation"] = sum(utilisations) / len(utilisations)
+        metrics.update(histogram_summary(hist))
+        return metrics
+
+    def reset(self) -> None:
+        for counts in self._tokens.values():
+            counts.zero_()
+        for used in self._used.values():
+            used.zero_()
+        self._hist.zero_()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def _all_reduce(tensor: torch.Tensor, op, device) -> torch.Tensor:
+    moved = tensor.to(device)
+    dist.all_reduce(moved, op=op)
+    return moved.cpu()
+
+
+def histogram_summary(hist: torch.Tensor) -> dict:
+    """Quantiles and threshold fractions of |g| from the log10-binned histogram."""
+    total = float(hist.sum())
+    if total == 0:
+        return {}
+    width = 1.0 / BINS_PER_DECADE
+    cdf = torch.cumsum(hist, 0) / total
+    out = {}
+    for q in QUANTILES:
+        i = int(torch.searchsorted(cdf, torch.tensor(q, dtype=cdf.dtype)).clamp(max=len(hist) - 1))
+        before = float(cdf[i - 1]) if i > 0 else 0.0
+        inside = (q - before) / max(float(cdf[i]) - before, 1e-12)  # linear in log10 in the bin
+        out[f"gate_abs/q{round(q * 100):02d}"] = 10 ** (LOG10_MIN + (i + inside) * width)
+    for threshold in THRESHOLDS:
+        edge = (math.log10(threshold) - LOG10_MIN) * BINS_PER_DECADE
+        whole = int(edge)
+        below = float(hist[:whole].sum()) + float(hist[whole]) * (edge - whole)
+        out[f"gate_abs/frac_below_{threshold:g}"] = below / total
+    return out
+
+
+def peak_tflops(device_name: str, precision: str) -> float | None:
+    """Dense peak TFLOP/s of a known accelerator (fp32 matmuls count at the tf32 peak when
+    TF32 is allowed), or None."""
+    if precision == "fp32" and torch.backends.cuda.matmul.allow_tf32:
+        precision = "tf32"
+    for name, peaks in PEAK_TFLOPS.items():
+        if name in device_name:
+            return peaks.get(precision)
+    return None
+
+
+def model_flops_per_token(
+    activated_params: int, num_layers: int, hidden: int, seq_length: int
+) -> float:
+    """Training FLOPs per token: 6 x activated weights + attention scores (12 L h s)."""
+    return 6.0 * activated_params + 12.0 * num_layers * hidden * seq_length

@@ -1,0 +1,285 @@
+"""``mone-report``: compare finished runs (a rho sweep, its MoE baselines) in a table and plots.
+
+    mone-report runs/sweeps                          # every run directory found below
+    mone-report runs/sweeps/rho/2026-11-30_10-00-00 runs/my-moe-run --out reports/rho
+
+A run directory is one ``mone-train`` wrote: ``config.yaml`` (the resolved config),
+``params.json`` (parameter counts) and ``metrics.jsonl``. Folders are searched recursively. A
+run counts when its last validation loss was logged at its final step (``trainer.steps``);
+every other run found is listed as skipped, with the reason.
+
+Writes into ``--out`` (default ``<first input>/report``):
+
+    report.md                  the table: final and best validation loss, activated parameters
+                               per token both ways (DESIGN section 1), total parameters,
+                               median tokens/s, steps
+    report.json                the same rows, and the skipped runs with reasons
+    val_loss.png               validation loss against steps, one line per run
+    loss_vs_activated.png      final validation loss against activated parameters per token,
+                               counted with the neuron top-k (left) and with routing alone
+                               (right); MoE and MoNE marked apart
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+RUN_FILES = ("metrics.jsonl", "config.yaml", "params.json")
+NOT_RUNS = {".hydra", "wandb", "checkpoints"}  # folders inside a run that hold similar files
+
+
+@dataclass
+class RunRow:
+    """One finished run, as reported."""
+
+    run_dir: str
+    label: str
+    flavour: str
+    neuron_keep_ratio: float
+    moe_ffn_hidden_size: int
+    model: str
+    steps: int
+    final_val_loss: float
+    best_val_loss: float
+    test_loss: float | None
+    activated: int | None  # per token, with the neuron top-k (MoNE count)
+    activated_moe: int | None  # per token, routing alone (MoE count)
+    total: int | None
+    tokens_per_s: float | None
+    val_curve: list[tuple[int, float]]
+
+
+def find_run_dirs(inputs: list[Path]) -> list[Path]:
+    """Folders holding any run file (or Hydra's ``.hydra``), in sorted order."""
+    found: set[Path] = set()
+    for root in inputs:
+        if not root.is_dir():
+            raise ReportError(f"{root} is not a directory")
+        candidates = [root, *(p for p in root.rglob("*") if p.is_dir())]
+        for folder in candidates:
+            if set(folder.relative_to(root).parts) & NOT_RUNS:
+                continue
+            if any((folder / name).is_file() for name in RUN_FILES) or (folder / ".hydra").is_dir():
+                found.add(folder)
+    return sorted(found)
+
+
+class ReportError(ValueError):
+    """Bad input to mone-report; the message names the path."""
+
+
+def read_run(folder: Path) -> RunRow | str:
+    """The run's row, or the reason it is skipped."""
+    metrics_file, config_file = folder / "metrics.jsonl", folder / "config.yaml"
+    if not config_file.is_file():
+        return "no config.yaml (not started by mone-train?)"
+    if not metrics_file.is_file():
+        return "no metrics.jsonl (failed before its first log?)"
+    try:
+        cfg = yaml.safe_load(config_file.read_text())
+        steps_planned = int(cfg["trainer"]["steps"])
+    except (yaml.YAMLError, KeyError, TypeError, ValueError) as err:
+        return f"unreadable config.yaml ({err})"
+    records = []
+    for number, line in enumerate(metrics_file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            # A line cut off by a crash can only be the last one.
+            return f"metrics.jsonl line {number} is not JSON"
+    curve = [(int(r["step"]), float(r["val_loss"])) for r in records if "val_loss" in r]
+    if not curve:
+        return "unfinished: no validation loss logged"
+    last_step = max(int(r.get("step", 0)) for r in records)
+    if curve[-1][0] < steps_planned:
+        return f"unfinished: last logged step {last_step} of {steps_planned}"
+    rates = [float(r["tokens_per_s"]) for r in records if "tokens_per_s" in r]
+    tests = [float(r["test_loss"]) for r in records if "test_loss" in r]
+    params = {}
+    if (folder / "params.json").is_file():
+        params = json.loads((folder / "params.json").read_text())
+    flavour = cfg.get("moe", {}).get("flavour", "?")
+    rho = float(cfg.get("moe", {}).get("neuron_keep_ratio", 1.0)) if flavour == "mone" else 1.0
+    return RunRow(
+        run_dir=str(folder),
+        label="",
+        flavour=flavour,
+        neuron_keep_ratio=rho,
+        moe_ffn_hidden_size=int(cfg.get("model", {}).get("moe_ffn_hidden_size", 0)),
+        model=str(cfg.get("model", {}).get("name", "?")),
+        steps=curve[-1][0],
+        final_val_loss=curve[-1][1],
+        best_val_loss=min(v for _, v in curve),
+        test_loss=tests[-1] if tests else None,
+        activated=params.get("activated"),
+        activated_moe=params.get("activated_moe"),
+        total=params.get("total"),
+        tokens_per_s=statistics.median(rates) if rates else None,
+        val_curve=curve,
+    )
+
+
+def _label(rows: list[RunRow]) -> None:
+    for row in rows:
+        if row.flavour == "mone":
+            row.label = f"MoNE rho={row.neuron_keep_ratio:g}"
+        else:
+            row.label = f"MoE F={row.moe_ffn_hidden_size}"
+    seen: dict[str, int] = {}
+    for row in rows:
+        seen[row.label] = seen.get(row.label, 0) + 1
+    for row in rows:  # the same setting twice (seeds, lengths): name the folder too
+        if seen[row.label] > 1:
+            row.label += f" ({Path(row.run_dir).name})"
+
+
+def _millions(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.3f}M"
+
+
+def markdown_table(rows: list[RunRow], skipped: list[tuple[str, str]]) -> str:
+    lines = [
+        "| run | flavour | rho | F | steps | final val loss | best val loss | "
+        "activated/token (neuron top-k) | activated/token (routing) | total params | tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        rate = "-" if r.tokens_per_s is None else f"{r.tokens_per_s:,.0f}"
+        lines.append(
+            f"| {r.label} | {r.flavour} | {r.neuron_keep_ratio:g} | {r.moe_ffn_hidden_size} | "
+            f"{r.steps} | {r.final_val_loss:.4f} | {r.best_val_loss:.4f} | "
+            f"{_millions(r.activated)} | {_millions(r.activated_moe)} | {_millions(r.total)} | "
+            f"{rate} |"
+        )
+    out = "\n".join(lines) + "\n"
+    if skipped:
+        out += "\nSkipped:\n\n" + "".join(f"- `{d}`: {why}\n" for d, why in skipped)
+    return out
+
+
+def plot_curves(rows: list[RunRow], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        steps, losses = zip(*r.val_curve)
+        style = "-" if r.flavour == "mone" else "--"
+        ax.plot(steps, losses, style, marker=".", label=r.label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("Validation loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_loss_vs_activated(rows: list[RunRow], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    kinds = [("activated", "with the neuron top-k"), ("activated_moe", "routing alone")]
+    for ax, (key, how) in zip(axes, kinds):
+        for flavour, marker, colour, name in [
+            ("mone", "^", "tab:blue", "MoNE"),
+            ("moe", "o", "tab:red", "MoE"),
+        ]:
+            points = [
+                (getattr(r, key) / 1e6, r.final_val_loss, r)
+                for r in rows
+                if r.flavour == flavour and getattr(r, key) is not None
+            ]
+            if not points:
+                continue
+            points.sort(key=lambda p: p[0])
+            xs, ys, which = zip(*points)
+            ax.plot(xs, ys, marker=marker, color=colour, linestyle=":", label=name, ms=8)
+            for x, y, r in zip(xs, ys, which):
+                text = (
+                    f"rho={r.neuron_keep_ratio:g}"
+                    if flavour == "mone"
+                    else f"F={r.moe_ffn_hidden_size}"
+                )
+                ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xlabel(f"activated parameters per token, {how} (M)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0].set_ylabel("final validation loss (nats/token)")
+    fig.suptitle("Final validation loss against activated parameters")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_report(inputs: list[Path], out: Path) -> dict:
+    """Read runs below ``inputs``, write the report into ``out``; return what was written."""
+    folders = find_run_dirs(inputs)
+    out = out.resolve()
+    rows, skipped = [], []
+    for folder in folders:
+        if folder.resolve() == out:
+            continue
+        result = read_run(folder)
+        if isinstance(result, str):
+            skipped.append((str(folder), result))
+        else:
+            rows.append(result)
+    if not rows:
+        found = (
+            f"{len(folders)} run directories, none finished" if folders else "no run directories"
+        )
+        raise ReportError(f"nothing to report in {', '.join(map(str, inputs))}: {found}")
+    rows.sort(key=lambda r: (r.flavour != "moe", r.neuron_keep_ratio, r.moe_ffn_hidden_size))
+    _label(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text("# Run comparison\n\n" + markdown_table(rows, skipped))
+    (out / "report.json").write_text(
+        json.dumps(
+            {
+                "runs": [asdict(r) for r in rows],
+                "skipped": [{"run_dir": d, "reason": why} for d, why in skipped],
+            },
+            indent=2,
+        )
+    )
+    plot_curves(rows, out / "val_loss.png")
+    plot_loss_vs_activated(rows, out / "loss_vs_activated.png")
+    return {"out": out, "rows": rows, "skipped": skipped}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mone-report", description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories or folders of them")
+    parser.add_argument("--out", type=Path, help="output folder (default: <first input>/report)")
+    args = parser.parse_args(argv)
+    out = args.out or args.runs[0] / "report"
+    try:
+        result = build_report(args.runs, out)
+    except ReportError as err:
+        print(f"mone-report: {err}", file=sys.stderr)
+        return 2
+    print(markdown_table(result["rows"], []), end="")
+    for folder, why in result["skipped"]:
+        print(f"skipped {folder}: {why}")
+    print(f"wrote {result['out']}/report.md, report.json, val_loss.png, loss_vs_activated.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,117 @@
+"""Health metrics: constructed cases with known answers, and what a training run logs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from mone_train.health import HealthMonitor, histogram_summary
+from mone_train.preflight import compose_config
+
+
+@pytest.fixture
+def tiny_mone(megatron_single):
+    from mone_train.train import build_model
+
+    cfg = compose_config(["model=tiny", "moe.neuron_keep_ratio=0.25"])
+    model, _ = build_model(cfg, vocab_size=258)
+    return model, cfg
+
+
+def test_router_sending_everything_to_one_expert_pair(tiny_mone):
+    model, cfg = tiny_mone
+    monitor = HealthMonitor(model)
+    layers = monitor.layers
+    assert layers == [1, 2]
+    tokens = 100
+    routing = torch.zeros(tokens, cfg.model.num_experts, dtype=torch.bool)
+    routing[:, 0] = routing[:, 1] = True  # top-2: every token to experts 0 and 1
+    monitor.observe_routing(1, routing)
+    even = torch.zeros_like(routing)
+    even[torch.arange(tokens), torch.arange(tokens) % 4] = True
+    even[torch.arange(tokens), (torch.arange(tokens) + 1) % 4] = True
+    monitor.observe_routing(2, even)
+    metrics = monitor.collect()
+    assert metrics["load/1/tokens"] == [100, 100, 0, 0]
+    assert metrics["load/1/imbalance"] == pytest.approx(2.0)  # max 100 / mean 50
+    assert metrics["load/2/imbalance"] == pytest.approx(1.0)
+    assert metrics["load/imbalance"] == pytest.approx(2.0)
+    # collect() starts a new interval
+    assert monitor.collect()["load/1/tokens"] == [0, 0, 0, 0]
+
+
+def test_mask_that_never_picks_some_neurons(tiny_mone):
+    model, cfg = tiny_mone
+    monitor = HealthMonitor(model)
+    F = cfg.model.moe_ffn_hidden_size
+    mask = torch.zeros(7, F, dtype=torch.bool)
+    mask[:, :3] = True  # only neurons 0..2 are ever selected
+    # expert 0: 3 neurons used; expert 1: all; experts 2, 3: no tokens (nothing used)
+    monitor.observe_masks(1, 0, [mask, torch.ones(5, F, dtype=torch.bool), None, mask[:0]])
+    metrics = monitor.collect()
+    per_expert = metrics["neurons/1/per_expert"]
+    assert per_expert == [pytest.approx(3 / F, abs=1e-4), 1.0, 0.0, 0.0]
+    assert metrics["neurons/1/never_selected"] == (F - 3) + 0 + F + F
+    assert metrics["neurons/1/utilisation"] == pytest.approx((3 / F + 1) / 4, abs=1e-4)
+    assert metrics["neurons/2/never_selected"] == 4 * F  # layer 2 saw nothing
+
+
+def test_gate_quantiles_from_the_histogram():
+    # |SiLU(g)| for g = silu^-1 of known magnitudes: take gates with silu(g) = 10^u,
+    # u uniform in [-4, 0]: the median is 10^-2 and 10 % lie below 10^-3.6.
+    u = torch.linspace(-4, 0, 20001)
+    target = 10**u
+    g = target.clone()
+    for _ in range(60):  # Newton on silu(g) = target, g > 0
+        s = torch.sigmoid(g)
+        g = g - (g * s - target) / (s + g * s * (1 - s))
+    monitor_hist = torch.zeros(220, dtype=torch.float64)
+    from mone_train import health
+
+    magnitude = torch.nn.functional.silu(g).abs().log10()
+    monitor_hist += torch.histc(magnitude, bins=220, min=health.LOG10_MIN, max=health.LOG10_MAX)
+    out = histogram_summary(monitor_hist)
+    assert math.log10(out["gate_abs/q50"]) == pytest.approx(-2.0, abs=0.03)
+    assert math.log10(out["gate_abs/q10"]) == pytest.approx(-3.6, abs=0.03)
+    assert out["gate_abs/frac_below_0.01"] == pytest.approx(0.5, abs=0.01)
+    assert out["gate_abs/frac_below_0.1"] == pytest.approx(0.75, abs=0.01)
+
+
+def test_training_run_logs_consistent_health_metrics(tmp_path):
+    from mone_train.train import run
+
+    cfg = compose_config(
+        [
+            "model=tiny",
+            "trainer=smoke",
+            "trainer.steps=6",
+            "trainer.log_interval=3",
+            "moe.neuron_keep_ratio=0.25",
+            f"trainer.run_dir={tmp_path}",
+            "logging.wandb_mode=disabled",
+        ]
+    )
+    run(cfg)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [3, 6]
+    t = cfg.trainer
+    pairs = 3 * t.global_batch_size * t.seq_length * cfg.model.router_topk
+    for r in train:
+        for layer in (1, 2):
+            assert sum(r[f"load/{layer}/tokens"]) == pairs  # evaluation is not counted
+            assert 0 < r[f"neurons/{layer}/utilisation"] <= 1
+        assert r["gate_abs/q10"] <= r["gate_abs/q50"] <= r["gate_abs/q90"] <= r["gate_abs/q99"]
+        assert r["params/activated"] < r["params/activated_moe"]
+        assert r["ng_lbl"] > 0 and r["aux_loss"] > 0 and r["tokens_per_s"] > 0
+
+
+def test_flops_and_peak_lookup():
+    from mone_train.health import model_flops_per_token, peak_tflops
+
+    assert model_flops_per_token(1_000_000, 4, 128, 256) == 6e6 + 12 * 4 * 128 * 256
+    assert peak_tflops("NVIDIA H200", "bf16") == 989.0
+    assert peak_tflops("Some Unknown GPU", "bf16") is None
