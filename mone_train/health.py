@@ -1,6 +1,7 @@
 """MoE / MoNE health metrics, gathered by hooks during training steps and reduced at log time.
 
-Per MoE layer ``L`` (megatron's 1-based layer number) and log interval:
+Per MoE layer ``L`` (0-based decoder layer index, as in ``mone-analyze`` and Hugging Face
+module names; megatron-core's ``layer_number`` minus one) and log interval:
 
     load/L/imbalance        max over experts of routed tokens / mean over experts (1 = even)
     load/L/tokens           routed (token, expert) pairs per expert, whole job   [JSONL only]
@@ -64,7 +65,7 @@ class HealthMonitor:
         for module in model.modules():
             if not isinstance(module, MoELayer):
                 continue
-            layer = int(module.layer_number)
+            layer = int(module.layer_number) - 1
             experts = module.experts
             self.layers.append(layer)
             self.num_experts = module.config.num_moe_experts

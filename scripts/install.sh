@@ -38,7 +38,7 @@ echo "[install] $TORCH_PIN"
 "${PIP[@]}" install "$TORCH_PIN"
 
 echo "[install] mone-train and its pinned dependencies (deepspeed builds against torch)"
-"${PIP[@]}" install --no-build-isolation -e ".[dev,deepspeed]"
+"${PIP[@]}" install --no-build-isolation -e ".[dev,deepspeed,slurm]"
 
 echo "$FINGERPRINT" > "$STAMP"
 echo "[install] done: $VENV"

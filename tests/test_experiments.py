@@ -172,3 +172,20 @@ def test_wandb_mode_from_config(tmp_path, monkeypatch, mode):
     logger = MetricsLogger(tmp_path, cfg.logging, {}, enabled=True)
     assert (logger.wandb_id is not None) == (mode == "offline")
     logger.close()
+
+
+def test_sweep_through_the_submitit_launcher(tmp_path):
+    """The Hydra launcher the SLURM instructions use, in its local mode (no cluster here)."""
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [sys.executable, "-m", "mone_train.train", "+experiment=sweep_rho",
+         "moe.neuron_keep_ratio=0.25,1.0", "model=tiny", "trainer=smoke", "trainer.steps=2",
+         "trainer.eval_interval=2", "trainer.eval_iters=1", "logging.wandb_mode=disabled",
+         "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}"],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+        env={**os.environ, "TORCHDYNAMO_DISABLE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    for job in ("0", "1"):
+        records = (sweep / job / "metrics.jsonl").read_text().splitlines()
+        assert any('"val_loss"' in line for line in records)

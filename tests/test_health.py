@@ -25,22 +25,22 @@ def test_router_sending_everything_to_one_expert_pair(tiny_mone):
     model, cfg = tiny_mone
     monitor = HealthMonitor(model)
     layers = monitor.layers
-    assert layers == [1, 2]
+    assert layers == [0, 1]
     tokens = 100
     routing = torch.zeros(tokens, cfg.model.num_experts, dtype=torch.bool)
     routing[:, 0] = routing[:, 1] = True  # top-2: every token to experts 0 and 1
-    monitor.observe_routing(1, routing)
+    monitor.observe_routing(0, routing)
     even = torch.zeros_like(routing)
     even[torch.arange(tokens), torch.arange(tokens) % 4] = True
     even[torch.arange(tokens), (torch.arange(tokens) + 1) % 4] = True
-    monitor.observe_routing(2, even)
+    monitor.observe_routing(1, even)
     metrics = monitor.collect()
-    assert metrics["load/1/tokens"] == [100, 100, 0, 0]
-    assert metrics["load/1/imbalance"] == pytest.approx(2.0)  # max 100 / mean 50
-    assert metrics["load/2/imbalance"] == pytest.approx(1.0)
+    assert metrics["load/0/tokens"] == [100, 100, 0, 0]
+    assert metrics["load/0/imbalance"] == pytest.approx(2.0)  # max 100 / mean 50
+    assert metrics["load/1/imbalance"] == pytest.approx(1.0)
     assert metrics["load/imbalance"] == pytest.approx(2.0)
     # collect() starts a new interval
-    assert monitor.collect()["load/1/tokens"] == [0, 0, 0, 0]
+    assert monitor.collect()["load/0/tokens"] == [0, 0, 0, 0]
 
 
 def test_mask_that_never_picks_some_neurons(tiny_mone):
@@ -50,13 +50,13 @@ def test_mask_that_never_picks_some_neurons(tiny_mone):
     mask = torch.zeros(7, F, dtype=torch.bool)
     mask[:, :3] = True  # only neurons 0..2 are ever selected
     # expert 0: 3 neurons used; expert 1: all; experts 2, 3: no tokens (nothing used)
-    monitor.observe_masks(1, 0, [mask, torch.ones(5, F, dtype=torch.bool), None, mask[:0]])
+    monitor.observe_masks(0, 0, [mask, torch.ones(5, F, dtype=torch.bool), None, mask[:0]])
     metrics = monitor.collect()
-    per_expert = metrics["neurons/1/per_expert"]
+    per_expert = metrics["neurons/0/per_expert"]
     assert per_expert == [pytest.approx(3 / F, abs=1e-4), 1.0, 0.0, 0.0]
-    assert metrics["neurons/1/never_selected"] == (F - 3) + 0 + F + F
-    assert metrics["neurons/1/utilisation"] == pytest.approx((3 / F + 1) / 4, abs=1e-4)
-    assert metrics["neurons/2/never_selected"] == 4 * F  # layer 2 saw nothing
+    assert metrics["neurons/0/never_selected"] == (F - 3) + 0 + F + F
+    assert metrics["neurons/0/utilisation"] == pytest.approx((3 / F + 1) / 4, abs=1e-4)
+    assert metrics["neurons/1/never_selected"] == 4 * F  # layer 1 saw nothing
 
 
 def test_gate_quantiles_from_the_histogram():
@@ -101,7 +101,7 @@ def test_training_run_logs_consistent_health_metrics(tmp_path):
     t = cfg.trainer
     pairs = 3 * t.global_batch_size * t.seq_length * cfg.model.router_topk
     for r in train:
-        for layer in (1, 2):
+        for layer in (0, 1):
             assert sum(r[f"load/{layer}/tokens"]) == pairs  # evaluation is not counted
             assert 0 < r[f"neurons/{layer}/utilisation"] <= 1
         assert r["gate_abs/q10"] <= r["gate_abs/q50"] <= r["gate_abs/q90"] <= r["gate_abs/q99"]

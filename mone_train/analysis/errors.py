@@ -1,0 +1,10 @@
+"""The one error type of the analysis tools: bad input, reported as one line and exit code 2."""
+
+from __future__ import annotations
+
+
+class AnalysisError(ValueError):
+    """A model path, data file, option value or output folder that cannot be used.
+
+    The message is one line naming the option or file and what would be valid.
+    """
