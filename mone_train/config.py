@@ -141,7 +141,9 @@ class LoggingConfig:
     wandb_run_name: Optional[str] = None
     wandb_group: Optional[str] = None
     wandb_tags: list[str] = field(default_factory=list)
-    wandb_dir: Optional[str] = None  # wandb writes <wandb_dir>/wandb/; null: WANDB_DIR, else run dir
+    wandb_dir: Optional[str] = (
+        None  # wandb writes <wandb_dir>/wandb/; null: WANDB_DIR, else run dir
+    )
     health_metrics: bool = True  # expert load, neuron utilisation, |SiLU(gate)| quantiles
     peak_tflops: Optional[float] = None  # for the GPU MFU estimate; null: known devices only
 
