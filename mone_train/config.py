@@ -75,7 +75,7 @@ class DataConfig:
     ``stdlib``: the running Python's standard-library sources, tokenized with ``tokenizer`` and
     cached; every ``valid_every``-th document is the validation split. ``indexed``: ``paths`` are
     megatron-core indexed dataset prefixes (``<prefix>.bin/.idx``, as ``mone-preprocess``
-    writes them), blended by ``weights`` (null: equal) and split train/valid/test by ``split``.
+    writes them), blended by ``weights`` (null: in proportion to their sizes) and split train/valid/test by ``split``.
     """
 
     name: str = "stdlib"
@@ -184,6 +184,13 @@ def _validate_data(d: DataConfig) -> None:
     _require(tok.type in KINDS, "data.tokenizer.type", tok.type, f"one of {list(KINDS)}")
     if tok.type != "byte":
         _require(bool(tok.path), "data.tokenizer.path", tok.path, "a local tokenizer file")
+    if tok.eod_token is not None:
+        _require(
+            tok.type == "hf",
+            "data.tokenizer.eod_token",
+            tok.eod_token,
+            "null unless data.tokenizer.type=hf (byte and sentencepiece fix their own)",
+        )
     if d.name == "stdlib":
         return
     _require(len(d.paths) >= 1, "data.paths", list(d.paths), "a list of dataset prefixes")

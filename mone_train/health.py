@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 GATE_ROWS = 16  # rows of fc1 output sampled per expert call for the |SiLU(gate)| histogram
 BINS_PER_DECADE = 20
-LOG10_MIN, LOG10_MAX = -8.0, 3.0  # |g| below 1e-8 lands in the first bin, above 1e3 in the last
+LOG10_MIN, LOG10_MAX = -8.0, 3.0  # |g| below 1e-8 counts in the first bin, above 1e3 the last
 QUANTILES = (0.1, 0.5, 0.9, 0.99)
 THRESHOLDS = (0.01, 0.1)
 
@@ -59,7 +59,8 @@ class HealthMonitor:
         self.num_bins = int((LOG10_MAX - LOG10_MIN) * BINS_PER_DECADE)
         self._tokens: dict[int, torch.Tensor] = {}
         self._used: dict[int, torch.Tensor] = {}
-        self._hist = torch.zeros(self.num_bins, dtype=torch.float64)
+        # Counters live on the compute device (no host sync per hook); collect() moves them.
+        self._hist = torch.zeros(self.num_bins, dtype=torch.float64, device=self._device)
         self.num_experts = 0
         self.num_neurons = 0
         for module in model.modules():
@@ -72,13 +73,15 @@ class HealthMonitor:
             local = len(experts.local_experts)
             offset = ep_rank * local
             self.num_neurons = experts.local_experts[0].linear_fc2.weight.shape[1]
-            self._tokens[layer] = torch.zeros(self.num_experts, dtype=torch.float64)
+            self._tokens[layer] = torch.zeros(
+                self.num_experts, dtype=torch.float64, device=self._device
+            )
             self._handles.append(module.router.register_forward_hook(self._router_hook(layer)))
             for expert in experts.local_experts:
                 self._handles.append(expert.linear_fc1.register_forward_hook(self._fc1_hook))
             if isinstance(experts, MoNEExperts) and experts.num_kept < experts.num_neurons:
                 self._used[layer] = torch.zeros(
-                    self.num_experts, self.num_neurons, dtype=torch.bool
+                    self.num_experts, self.num_neurons, dtype=torch.bool, device=self._device
                 )
                 experts.monitor = self._neuron_observer(layer, offset)
 
@@ -106,14 +109,14 @@ class HealthMonitor:
 
     def observe_routing(self, layer: int, routing_map: torch.Tensor) -> None:
         """``routing_map [tokens, experts]`` (bool): which experts each token was sent to."""
-        self._tokens[layer] += routing_map.sum(dim=0).to("cpu", torch.float64)
+        self._tokens[layer] += routing_map.sum(dim=0).to(torch.float64)
 
     def observe_masks(self, layer: int, offset: int, masks: list[torch.Tensor | None]) -> None:
         """Neuron masks ``[T_e, F]`` (bool) of local experts ``offset, offset + 1, ...``."""
         used = self._used[layer]
         for i, mask in enumerate(masks):
             if mask is not None and mask.shape[0] > 0:
-                used[offset + i] |= mask.any(dim=0).cpu()
+                used[offset + i] |= mask.any(dim=0)
 
     def observe_gate(self, fc1: torch.Tensor) -> None:
         """Histogram |SiLU(gate)| of up to GATE_ROWS rows of one expert's ``fc1 [T, 2F]``."""
@@ -123,9 +126,11 @@ class HealthMonitor:
         stride = max(1, rows // GATE_ROWS)
         with torch.no_grad():
             gate = fc1[::stride][:GATE_ROWS, : fc1.shape[1] // 2].float()
-            magnitude = F.silu(gate).abs().clamp_min(10**LOG10_MIN).log10()
+            magnitude = F.silu(gate).abs().log10()
+            # Out-of-range values land in the end bins (histc would drop them); NaN counts high.
+            magnitude = magnitude.nan_to_num(nan=LOG10_MAX).clamp(LOG10_MIN, LOG10_MAX)
             hist = torch.histc(magnitude, bins=self.num_bins, min=LOG10_MIN, max=LOG10_MAX)
-        self._hist += hist.to("cpu", torch.float64)
+        self._hist += hist.to(torch.float64)
 
     # ------------------------------------------------------------------------- reduce
 
@@ -137,10 +142,15 @@ class HealthMonitor:
         hist = self._hist.clone()
         if dist.is_initialized() and dist.get_world_size() > 1:
             if tokens is not None:
-                tokens = _all_reduce(tokens, dist.ReduceOp.SUM, self._device)
-            hist = _all_reduce(hist, dist.ReduceOp.SUM, self._device)
+                dist.all_reduce(tokens, op=dist.ReduceOp.SUM)
+            dist.all_reduce(hist, op=dist.ReduceOp.SUM)
             if used is not None:
-                used = _all_reduce(used.float(), dist.ReduceOp.MAX, self._device) > 0
+                used = used.float()
+                dist.all_reduce(used, op=dist.ReduceOp.MAX)
+                used = used > 0
+        tokens = tokens.cpu() if tokens is not None else None
+        used = used.cpu() if used is not None else None
+        hist = hist.cpu()
         self.reset()
 
         metrics: dict = {}
@@ -177,12 +187,6 @@ class HealthMonitor:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-
-
-def _all_reduce(tensor: torch.Tensor, op, device) -> torch.Tensor:
-    moved = tensor.to(device)
-    dist.all_reduce(moved, op=op)
-    return moved.cpu()
 
 
 def histogram_summary(hist: torch.Tensor) -> dict:

@@ -106,7 +106,10 @@ def read_run(folder: Path) -> RunRow | str:
     tests = [float(r["test_loss"]) for r in records if "test_loss" in r]
     params = {}
     if (folder / "params.json").is_file():
-        params = json.loads((folder / "params.json").read_text())
+        try:
+            params = json.loads((folder / "params.json").read_text())
+        except ValueError:
+            return "params.json is not JSON"
     flavour = cfg.get("moe", {}).get("flavour", "?")
     rho = float(cfg.get("moe", {}).get("neuron_keep_ratio", 1.0)) if flavour == "mone" else 1.0
     return RunRow(
@@ -216,7 +219,9 @@ def plot_loss_vs_activated(rows: list[RunRow], path: Path) -> None:
                     if flavour == "mone"
                     else f"F={r.moe_ffn_hidden_size}"
                 )
-                ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                # MoNE labels above the point, MoE below: rho = 1 and MoE coincide
+                offset = (4, 5) if flavour == "mone" else (4, -11)
+                ax.annotate(text, (x, y), textcoords="offset points", xytext=offset, fontsize=7)
         ax.set_xlabel(f"activated parameters per token, {how} (M)")
         ax.grid(alpha=0.3)
         ax.legend()

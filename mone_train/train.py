@@ -155,7 +155,9 @@ def prepare_data(cfg: Config, info, num_samples: tuple[int, int, int]):
             t.seed,
             num_train_samples=num_samples[0],
             num_valid_samples=num_samples[1],
-            cache_dir=Path(d.index_cache_dir or Path(corpus.train_prefix).parent / "index-cache"),
+            cache_dir=Path(
+                d.index_cache_dir or Path(corpus.train_prefix).parent / "index-cache"
+            ).expanduser(),
         )
         return tokenizer, train, valid, None
     cache = Path(d.index_cache_dir or Path(d.cache_dir) / "index-cache").expanduser()
@@ -559,20 +561,29 @@ def hydra_main(dcfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         cfg: Config = OmegaConf.to_object(dcfg)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        if sweep:
             # Each job of a sweep trains in its own job folder.
             cfg.trainer.run_dir = HydraConfig.get().runtime.output_dir
         run(cfg)
     except ConfigError as err:  # bad config value or launch environment: one line, exit 2
         print(f"mone-train: error: {err}", file=sys.stderr)
+        if sweep:  # Hydra records the job as failed and goes on with the next one
+            raise JobFailed(str(err)) from None
         sys.exit(2)
     except Exception as err:
         traceback.print_exc()
         rank = os.environ.get("RANK", "0")
         print(f"mone-train: rank {rank} failed: {type(err).__name__}: {err}", file=sys.stderr)
+        if sweep:
+            raise JobFailed(f"{type(err).__name__}: {err}") from None
         sys.exit(1)
+
+
+class JobFailed(RuntimeError):
+    """One job of a sweep failed (its message is already printed); the sweep goes on."""
 
 
 def main() -> None:

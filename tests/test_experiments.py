@@ -189,3 +189,18 @@ def test_sweep_through_the_submitit_launcher(tmp_path):
     for job in ("0", "1"):
         records = (sweep / job / "metrics.jsonl").read_text().splitlines()
         assert any('"val_loss"' in line for line in records)
+
+
+def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [sys.executable, "-m", "mone_train.train", "--multirun", "model=tiny", "trainer=smoke",
+         "trainer.steps=2", "trainer.eval_interval=2", "trainer.eval_iters=1",
+         "logging.wandb_mode=disabled", "trainer.global_batch_size=7,8",
+         f"hydra.sweep.dir={sweep}"],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+        env={**os.environ, "TORCHDYNAMO_DISABLE": "1"},
+    )  # fmt: skip
+    assert result.returncode != 0  # the sweep reports its failure ...
+    assert "trainer.global_batch_size=7 is invalid" in result.stderr
+    assert (sweep / "1" / "metrics.jsonl").exists()  # ... after running the next job

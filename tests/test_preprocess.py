@@ -363,3 +363,31 @@ def test_default_corpus_with_a_bpe_tokenizer_is_cached_apart(tmp_path, monkeypat
     expected = np.append(bpe.tokenize(sources[0].read_text()), bpe.eod)
     np.testing.assert_array_equal(train[0], expected)
     assert built.manifest["tokenizer"] == bpe.describe()
+
+
+def test_split_that_leaves_a_share_empty_is_refused(tmp_path, megatron_single):
+    from mone_train.data.dataset import DataError, build_blended_datasets
+
+    source = _write_jsonl(tmp_path / "few.jsonl", DOCS[:10])
+    pp.preprocess([str(source)], str(tmp_path / "few"), progress=False)
+    byte = build_tokenizer("byte")
+    # 10 documents: a 2 % valid share rounds to none (megatron would loop forever on it).
+    with pytest.raises(DataError, match=r"has 10 documents, too few for .*valid share gets none"):
+        build_blended_datasets([str(tmp_path / "few")], None, [98, 2, 0], byte, 8, 1,
+                               (10, 2, 2), tmp_path / "cache")  # fmt: skip
+    train, valid, test = build_blended_datasets(
+        [str(tmp_path / "few")], None, [80, 20, 0], byte, 8, 1, (10, 2, 2), tmp_path / "cache"
+    )
+    assert test is None and len(valid) > 0
+
+
+def test_unsupported_input_suffix_and_eod_token_for_sentencepiece(tmp_path, capsys, spm_file):
+    (tmp_path / "data.csv").write_text("a,b\n")
+    line = _fails(
+        capsys, ["--input", str(tmp_path / "data.csv"), "--output-prefix", str(tmp_path / "o")]
+    )
+    assert "data.csv is not one of .txt, .jsonl, .jsonl.gz" in line
+    with pytest.raises(TokenizerError, match="only be named for hf"):
+        build_tokenizer("sentencepiece", str(spm_file), "</s>")
+    with pytest.raises(ConfigError, match="data.tokenizer.eod_token"):
+        validate(compose_config(["data.tokenizer.eod_token='</s>'"]))

@@ -22,8 +22,56 @@ class DataError(ConfigError):
     """A dataset that cannot be used as configured; the message names the key and file."""
 
 
-def check_prefixes(paths: list[str], tokenizer) -> list[str]:
-    """Expanded ``data.paths``; each must have .bin and .idx, made with this tokenizer."""
+def _split_bounds(split: list[float], num_documents: int) -> list[tuple[int, int]]:
+    """Document ranges of train/valid/test, as megatron-core cuts them (rounded bounds)."""
+    total = float(sum(split))
+    edges = [0.0]
+    for share in split:
+        edges.append(edges[-1] + share / total)
+    return [
+        (int(round(a * num_documents)), int(round(b * num_documents)))
+        for a, b in zip(edges, edges[1:])
+    ]
+
+
+def check_split(prefix: str, index: int, raw: str, split: list[float]) -> None:
+    """Every split with a share must get at least one document of every dataset.
+
+    (megatron-core loops forever building a GPTDataset over zero tokens.)
+    """
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(prefix)
+    num_documents = len(dataset)
+    del dataset
+    for name, share, (begin, end) in zip(
+        ("train", "valid", "test"), split, _split_bounds(split, num_documents)
+    ):
+        if share > 0 and end <= begin:
+            raise DataError(
+                f"data.paths[{index}]={raw!r} has {num_documents} documents, too few for "
+                f"data.split={list(split)}: its {name} share gets none (add documents or "
+                "raise that share)"
+            )
+
+
+def index_cache_for(base: Path, prefixes: list[str]) -> Path:
+    """megatron-core keys its sample-index cache by path, not content: a dataset rewritten in
+    place (``mone-preprocess --overwrite``) gets a fresh cache folder from its files' stamps."""
+    import hashlib
+
+    stamps = []
+    for prefix in prefixes:
+        for suffix in (".bin", ".idx"):
+            stat = Path(prefix + suffix).stat()
+            stamps.append(f"{prefix}{suffix}:{stat.st_size}:{stat.st_mtime_ns}")
+    digest = hashlib.sha256("\n".join(stamps).encode()).hexdigest()[:16]
+    return Path(base).expanduser() / digest
+
+
+def check_prefixes(paths: list[str], tokenizer, split: list[float] | None = None) -> list[str]:
+    """Expanded ``data.paths``; each must have .bin and .idx, made with this tokenizer, and
+    enough documents for every split share."""
     from mone_train.data.preprocess import output_paths, read_meta
 
     checked = []
@@ -44,6 +92,8 @@ def check_prefixes(paths: list[str], tokenizer) -> list[str]:
                     f"data.paths[{i}]={raw!r} was tokenized with {_describe(made_with)}, "
                     f"but data.tokenizer is {_describe(ours)}"
                 )
+        if split is not None:
+            check_split(prefix, i, raw, split)
         checked.append(prefix)
     return checked
 
@@ -81,12 +131,12 @@ def build_blended_datasets(
 
     ``weights`` None blends in proportion to the datasets' sizes (megatron-core's rule).
     """
-    prefixes = check_prefixes(paths, tokenizer)
+    prefixes = check_prefixes(paths, tokenizer, list(split))
     config = _dataset_config(
         tokenizer,
         seq_length,
         seed,
-        cache_dir,
+        index_cache_for(Path(cache_dir), prefixes),
         blend=(prefixes, None if weights is None else [float(w) for w in weights]),
         split=",".join(f"{float(share):g}" for share in split),
     )

@@ -81,6 +81,11 @@ def find_inputs(inputs: list[str]) -> list[Path]:
                 )
             files.extend(found)
         elif path.is_file():
+            if not path.name.endswith(SUFFIXES):
+                raise PreprocessError(
+                    f"input file {path} is not one of {', '.join(SUFFIXES)} "
+                    "(plain text: rename it .txt)"
+                )
             files.append(path)
         else:
             raise PreprocessError(f"input {path} does not exist")
@@ -99,7 +104,10 @@ def read_records(files: list[Path], stats: Stats) -> Iterator[tuple[str, int, by
     for path in files:
         stats.files += 1
         if not _is_jsonl(path):
-            raw = path.read_bytes()
+            try:
+                raw = path.read_bytes()
+            except OSError as err:
+                raise PreprocessError(f"input file {path} cannot be read ({err})") from None
             stats.input_bytes += len(raw)
             yield str(path), 0, raw, False
             continue

@@ -106,8 +106,11 @@ class HFTokenizer(_Tokenizer):
                 f"tokenizer file {file} is not a Hugging Face tokenizer.json ({str(err)[:200]})"
             ) from None
         self.path = file
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         vocab = self._tok.get_vocab(with_added_tokens=True)
+        # The largest id + 1, not the count: ids may have gaps (the embedding must cover them).
+        self.vocab_size = max(
+            self._tok.get_vocab_size(with_added_tokens=True), max(vocab.values()) + 1
+        )
         self.eod = _special_id(vocab, eod_token, EOD_CANDIDATES, file, "end-of-document")
         pad = _special_id(vocab, None, PAD_CANDIDATES, file, "padding", required=False)
         self.pad = self.eod if pad is None else pad
@@ -200,6 +203,11 @@ def build_tokenizer(kind: str = "byte", path: str | None = None, eod_token: str 
         raise TokenizerError(f"data.tokenizer.type={kind} needs data.tokenizer.path (a local file)")
     if kind == "hf":
         return HFTokenizer(path, eod_token)
+    if eod_token is not None:
+        raise TokenizerError(
+            f"an end-of-document token ({eod_token!r}) can only be named for hf tokenizers; "
+            "a SentencePiece model ends documents with its eos piece"
+        )
     return SentencePieceTokenizer(path)
 
 

@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
 
             # The training split only: the held-out documents stay unseen by the vocabulary too.
             every = args.valid_every
+            if every < 1:
+                raise PreprocessError(f"--valid-every={every}: expected an integer >= 1")
             files = [p for i, p in enumerate(stdlib_sources()) if i % every != every - 1]
         else:
             files = find_inputs(args.input)
