@@ -47,7 +47,13 @@ def main(argv: list[str] | None = None) -> dict:
     from mone_train.distributed import init_distributed, shutdown_distributed
     from mone_train.health import HealthMonitor
     from mone_train.optim import build_optimizer
-    from mone_train.train import build_model, causal_mask, configure_torch, prepare_data
+    from mone_train.train import (
+        build_model,
+        causal_mask,
+        configure_torch,
+        prepare_data,
+        train_step,
+    )
 
     cfg = compose_config(args.overrides)
     t = cfg.trainer
@@ -67,12 +73,14 @@ def main(argv: list[str] | None = None) -> dict:
             "dp_group": parallel_state.get_data_parallel_group(),
             "ep_group": parallel_state.get_expert_model_parallel_group(),
         }
-        from mone_train.train import train_step
 
-        def block(steps: int) -> float:
+        def block(steps: int, monitor: HealthMonitor | None = None) -> float:
+            """Seconds per step over ``steps`` steps (plus one log-time collect if monitored)."""
             start = time.perf_counter()
             for _ in range(steps):
                 train_step(model, optimizer, params, batches, mask, info, **options)
+            if monitor is not None:
+                monitor.collect()
             return (time.perf_counter() - start) / steps
 
         block(args.warmup)
@@ -81,15 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
             for with_monitor in (False, True) if i % 2 == 0 else (True, False):
                 if with_monitor:
                     monitor = HealthMonitor(model, info.ep_rank, info.device)
-                    start = time.perf_counter()
-                    for _ in range(args.steps):
-                        train_step(model, optimizer, params, batches, mask, info, **options)
-                    monitor.collect()
-                    monitored.append((time.perf_counter() - start) / args.steps)
+                    monitored.append(block(args.steps, monitor))
                     monitor.remove()
-                    for module in model.modules():  # detach the MoNE callback too
-                        if hasattr(module, "monitor"):
-                            module.monitor = None
                 else:
                     plain.append(block(args.steps))
     finally:

@@ -15,10 +15,11 @@ Neuron utilisation exists for MoNE experts with K < F (for plain MoE every neuro
 activated expert is used). ``load/imbalance`` and ``neurons/utilisation`` (no layer) are the
 worst layer's imbalance and the mean utilisation over layers, for the terminal line.
 
-Costs are kept off the step's critical path: the router hook adds one column sum per layer,
-the MoNE hook one ``any`` over each expert's mask, and |SiLU(gate)| is histogrammed on at most
-``GATE_ROWS`` sampled rows per expert call (fixed log-spaced bins, so memory is bounded).
-Everything is summed (or OR-ed) across ranks only at log time, with one all-reduce per kind.
+Costs are small by construction (measured on CPU: benchmarks/health_overhead.py): the router
+hook adds one column sum per layer, the MoNE hook one ``any`` over each expert's mask, and
+|SiLU(gate)| is histogrammed on at most ``GATE_ROWS`` sampled rows per expert call (fixed
+log-spaced bins, so memory is bounded). Counters stay on the compute device; they are summed
+(or OR-ed) across ranks and copied to the host only at log time, one all-reduce per kind.
 Only training-mode forwards are observed; evaluation does not count.
 """
 
@@ -54,6 +55,7 @@ class HealthMonitor:
         from mone_train.model.mone_experts import MoNEExperts
 
         self._handles = []
+        self._observed_experts = []  # MoNE experts whose ``monitor`` callback is ours
         self._device = device or torch.device("cpu")
         self.layers: list[int] = []
         self.num_bins = int((LOG10_MAX - LOG10_MIN) * BINS_PER_DECADE)
@@ -84,6 +86,7 @@ class HealthMonitor:
                     self.num_experts, self.num_neurons, dtype=torch.bool, device=self._device
                 )
                 experts.monitor = self._neuron_observer(layer, offset)
+                self._observed_experts.append(experts)
 
     # ----------------------------------------------------------------------------- hooks
 
@@ -184,9 +187,13 @@ class HealthMonitor:
         self._hist.zero_()
 
     def remove(self) -> None:
+        """Undo everything the constructor installed (hooks and MoNE callbacks)."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for experts in self._observed_experts:
+            experts.monitor = None
+        self._observed_experts = []
 
 
 def histogram_summary(hist: torch.Tensor) -> dict:

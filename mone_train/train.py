@@ -568,18 +568,18 @@ def hydra_main(dcfg: DictConfig) -> None:
             # Each job of a sweep trains in its own job folder.
             cfg.trainer.run_dir = HydraConfig.get().runtime.output_dir
         run(cfg)
-    except ConfigError as err:  # bad config value or launch environment: one line, exit 2
-        print(f"mone-train: error: {err}", file=sys.stderr)
-        if sweep:  # Hydra records the job as failed and goes on with the next one
-            raise JobFailed(str(err)) from None
-        sys.exit(2)
     except Exception as err:
-        traceback.print_exc()
-        rank = os.environ.get("RANK", "0")
-        print(f"mone-train: rank {rank} failed: {type(err).__name__}: {err}", file=sys.stderr)
-        if sweep:
-            raise JobFailed(f"{type(err).__name__}: {err}") from None
-        sys.exit(1)
+        if isinstance(err, ConfigError):  # bad config value or launch environment: one line
+            message, code = str(err), 2
+            print(f"mone-train: error: {message}", file=sys.stderr)
+        else:
+            traceback.print_exc()
+            message, code = f"{type(err).__name__}: {err}", 1
+            rank = os.environ.get("RANK", "0")
+            print(f"mone-train: rank {rank} failed: {message}", file=sys.stderr)
+        if sweep:  # Hydra records the job as failed and goes on with the next one
+            raise JobFailed(message) from None
+        sys.exit(code)
 
 
 class JobFailed(RuntimeError):

@@ -72,3 +72,15 @@ def test_trainer_throughput_benchmark_runs(tmp_path):
     ]
     assert "health metrics cost" in out and "median" in data["health_metrics_cost"]
     assert data["machine"]["cpu_cores"] >= 1
+
+
+def test_health_overhead_benchmark_runs(tmp_path):
+    out = _run(
+        ["benchmarks/health_overhead.py", "--blocks", "2", "--steps", "1", "--warmup", "1",
+         "--overrides", "model=tiny", "trainer.seq_length=32", "trainer.micro_batch_size=2",
+         "trainer.global_batch_size=2"],
+        tmp_path,
+    )  # fmt: skip
+    assert "cost" in out
+    data = json.loads((tmp_path / "health_overhead_cpu.json").read_text())
+    assert len(data["cost_per_block_pair"]) == 2 and data["seconds_per_step_plain"] > 0

@@ -18,6 +18,15 @@ from mone_train.report import main as report_main
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _mone_train(*args: str) -> subprocess.CompletedProcess:
+    """``mone-train ARGS`` in a subprocess (Hydra sweeps own their process)."""
+    return subprocess.run(
+        [sys.executable, "-m", "mone_train.train", *args],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+        env={**os.environ, "TORCHDYNAMO_DISABLE": "1"},
+    )  # fmt: skip
+
+
 def _compose_experiment(name: str, *extra: str):
     from hydra import compose, initialize_config_dir
 
@@ -65,13 +74,11 @@ def test_matched_moe_has_the_activated_parameters_of_mone_at_half(megatron_singl
 
 def test_two_run_sweep_then_report(tmp_path):
     sweep = tmp_path / "sweep"
-    result = subprocess.run(
-        [sys.executable, "-m", "mone_train.train", "+experiment=sweep_rho",
-         "moe.neuron_keep_ratio=0.25,1.0", "model=tiny", "trainer=smoke", "trainer.steps=6",
-         "trainer.eval_interval=3", "trainer.log_interval=3", "logging.wandb_mode=disabled",
-         f"hydra.sweep.dir={sweep}"],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
-        env={**os.environ, "TORCHDYNAMO_DISABLE": "1"},
+    result = _mone_train(
+        "+experiment=sweep_rho",
+        "moe.neuron_keep_ratio=0.25,1.0", "model=tiny", "trainer=smoke", "trainer.steps=6",
+        "trainer.eval_interval=3", "trainer.log_interval=3", "logging.wandb_mode=disabled",
+        f"hydra.sweep.dir={sweep}"
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     for job, ratio in [("0", 0.25), ("1", 1.0)]:
@@ -142,7 +149,7 @@ def test_wandb_run_settings_come_from_config(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     cfg = compose_config(
         ["logging.wandb_project=proj", "logging.wandb_run_name=name", "logging.wandb_group=grp",
-         "logging.wandb_tags=[x,y]"]
+        "logging.wandb_tags=[x,y]"]
     )  # fmt: skip
     logger = MetricsLogger(tmp_path, cfg.logging, {"k": 1}, enabled=True)
     try:
@@ -177,13 +184,11 @@ def test_wandb_mode_from_config(tmp_path, monkeypatch, mode):
 def test_sweep_through_the_submitit_launcher(tmp_path):
     """The Hydra launcher the SLURM instructions use, in its local mode (no cluster here)."""
     sweep = tmp_path / "sweep"
-    result = subprocess.run(
-        [sys.executable, "-m", "mone_train.train", "+experiment=sweep_rho",
-         "moe.neuron_keep_ratio=0.25,1.0", "model=tiny", "trainer=smoke", "trainer.steps=2",
-         "trainer.eval_interval=2", "trainer.eval_iters=1", "logging.wandb_mode=disabled",
-         "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}"],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
-        env={**os.environ, "TORCHDYNAMO_DISABLE": "1"},
+    result = _mone_train(
+        "+experiment=sweep_rho",
+        "moe.neuron_keep_ratio=0.25,1.0", "model=tiny", "trainer=smoke", "trainer.steps=2",
+        "trainer.eval_interval=2", "trainer.eval_iters=1", "logging.wandb_mode=disabled",
+        "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}"
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     for job in ("0", "1"):
@@ -193,13 +198,11 @@ def test_sweep_through_the_submitit_launcher(tmp_path):
 
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
     sweep = tmp_path / "sweep"
-    result = subprocess.run(
-        [sys.executable, "-m", "mone_train.train", "--multirun", "model=tiny", "trainer=smoke",
-         "trainer.steps=2", "trainer.eval_interval=2", "trainer.eval_iters=1",
-         "logging.wandb_mode=disabled", "trainer.global_batch_size=7,8",
-         f"hydra.sweep.dir={sweep}"],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
-        env={**os.environ, "TORCHDYNAMO_DISABLE": "1"},
+    result = _mone_train(
+        "--multirun", "model=tiny", "trainer=smoke",
+        "trainer.steps=2", "trainer.eval_interval=2", "trainer.eval_iters=1",
+        "logging.wandb_mode=disabled", "trainer.global_batch_size=7,8",
+        f"hydra.sweep.dir={sweep}"
     )  # fmt: skip
     assert result.returncode != 0  # the sweep reports its failure ...
     assert "trainer.global_batch_size=7 is invalid" in result.stderr

@@ -57,6 +57,8 @@ def test_mask_that_never_picks_some_neurons(tiny_mone):
     assert metrics["neurons/0/never_selected"] == (F - 3) + 0 + F + F
     assert metrics["neurons/0/utilisation"] == pytest.approx((3 / F + 1) / 4, abs=1e-4)
     assert metrics["neurons/1/never_selected"] == 4 * F  # layer 1 saw nothing
+    monitor.remove()  # undoes the hooks and the MoNE callbacks
+    assert all(getattr(m, "monitor", None) is None for m in model.modules())
 
 
 def test_gate_quantiles_from_the_histogram():

@@ -136,7 +136,9 @@ def _init_worker(kind: str, path: str | None, eod_token: str | None, options: di
     _worker_options = options
 
 
-def _decode(record: tuple[str, int, bytes, bool], json_key: str) -> tuple[str | None, str, bool]:
+def decode_record(
+    record: tuple[str, int, bytes, bool], json_key: str
+) -> tuple[str | None, str, bool]:
     """``(text or None, problem, had replaced bytes)`` of one record."""
     source, number, raw, is_json = record
     try:
@@ -164,7 +166,7 @@ def _decode(record: tuple[str, int, bytes, bool], json_key: str) -> tuple[str | 
 def _tokenize_batch(records: list[tuple[str, int, bytes, bool]]) -> list[tuple]:
     """Per record: ``("ok", tokens, replaced)``, ``("empty", None, replaced)`` or ``("bad", msg)``."""
     tokenizer, options = _worker_tokenizer, _worker_options
-    decoded = [_decode(r, options["json_key"]) for r in records]
+    decoded = [decode_record(r, options["json_key"]) for r in records]
     texts = [text for text, _, _ in decoded if text]
     encoded = iter(tokenizer.tokenize_batch(texts)) if texts else iter(())
     out = []

@@ -22,7 +22,13 @@ import time
 from pathlib import Path
 
 from mone_train import silence_megatron_notices
-from mone_train.data.preprocess import PreprocessError, Stats, _decode, find_inputs, read_records
+from mone_train.data.preprocess import (
+    PreprocessError,
+    Stats,
+    decode_record,
+    find_inputs,
+    read_records,
+)
 from mone_train.data.tokenizer import KINDS, TokenizerError, build_tokenizer
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<pad>")
@@ -31,7 +37,7 @@ MIN_VOCAB = 256 + len(SPECIAL_TOKENS) + 1  # the byte alphabet, the specials, on
 
 def _texts(files: list[Path], json_key: str, skip_bad_lines: bool, stats: Stats):
     for record in read_records(files, stats):
-        text, problem, _ = _decode(record, json_key)
+        text, problem, _ = decode_record(record, json_key)
         if text is None:
             if not skip_bad_lines:
                 raise PreprocessError(f"{problem} (--skip-bad-lines skips such lines)")
