@@ -25,7 +25,6 @@ COPY pyproject.toml README.md ./
 COPY scripts/ scripts/
 COPY mone_kernels/ mone_kernels/
 COPY mone_train/ mone_train/
-COPY configs/ configs/
 COPY launch/ launch/
 COPY benchmarks/ benchmarks/
 RUN PYTHON=python3 bash scripts/install.sh /opt/mone-train/.venv

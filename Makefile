@@ -1,13 +1,14 @@
 # mone-train: the two commands the README starts with, and a few helpers.
 #   make train   set up .venv (once), build the default corpus (once), train the default model
-#   make test    set up .venv (once), run the test suite
+#   make test    set up .venv (once), run the whole test suite (what CI runs, after make lint)
+#   make test-fast   the unit tests only (no training runs, no subprocesses): about a minute
 VENV ?= .venv
 STAMP := $(VENV)/.installed
 PY := $(VENV)/bin/python
 # Extra Hydra overrides for `make train`, e.g. make train ARGS="moe=moe trainer.steps=100"
 ARGS ?=
 
-.PHONY: install train test lint format bench clean
+.PHONY: install train test test-fast lint format bench clean
 
 install: $(STAMP)
 
@@ -19,6 +20,9 @@ train: install
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

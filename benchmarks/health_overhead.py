@@ -41,19 +41,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
-    from megatron.core import parallel_state
 
     from mone_train.data.dataset import micro_batches
+    from mone_train.data.run_data import build_run_data
     from mone_train.distributed import init_distributed, shutdown_distributed
     from mone_train.health import HealthMonitor
+    from mone_train.model.builder import build_model
+    from mone_train.model.lm import causal_mask
     from mone_train.optim import build_optimizer
-    from mone_train.train import (
-        build_model,
-        causal_mask,
-        configure_torch,
-        prepare_data,
-        train_step,
-    )
+    from mone_train.runtime import configure_torch
+    from mone_train.train_step import TrainStep
 
     cfg = compose_config(args.overrides)
     t = cfg.trainer
@@ -62,23 +59,26 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         total_steps = args.warmup + 2 * args.blocks * args.steps
         samples = (total_steps * t.global_batch_size, t.micro_batch_size, t.micro_batch_size)
-        tokenizer, train_ds, _, _ = prepare_data(cfg, info, samples)
-        model, params = build_model(cfg, tokenizer.vocab_size)
+        data = build_run_data(cfg, info, samples)
+        model, params = build_model(cfg, data.tokenizer.vocab_size)
         optimizer = build_optimizer(cfg.optim, params)
-        batches = micro_batches(train_ds, 0, t.micro_batch_size, 0, 1)
+        batches = micro_batches(data.train, 0, t.micro_batch_size, 0, 1)
         mask = causal_mask(t.seq_length, info.device)
-        options = {
-            "accum": t.global_batch_size // t.micro_batch_size,
-            "clip_grad": cfg.optim.clip_grad,
-            "dp_group": parallel_state.get_data_parallel_group(),
-            "ep_group": parallel_state.get_expert_model_parallel_group(),
-        }
+        train_step = TrainStep(
+            model,
+            optimizer,
+            params,
+            mask,
+            info,
+            accum=t.global_batch_size // t.micro_batch_size,
+            clip_grad=cfg.optim.clip_grad,
+        )
 
         def block(steps: int, monitor: HealthMonitor | None = None) -> float:
             """Seconds per step over ``steps`` steps (plus one log-time collect if monitored)."""
             start = time.perf_counter()
             for _ in range(steps):
-                train_step(model, optimizer, params, batches, mask, info, **options)
+                train_step(batches, cfg.optim.lr)
             if monitor is not None:
                 monitor.collect()
             return (time.perf_counter() - start) / steps

@@ -45,7 +45,8 @@ def bare_loop(steps: int, warmup: int, overrides: list[str]) -> float:
     from mone_train.data.tokenizer import ByteTokenizer
     from mone_train.distributed import init_distributed, shutdown_distributed
     from mone_train.model.builder import build_gpt_model
-    from mone_train.train import causal_mask, configure_torch
+    from mone_train.model.lm import causal_mask
+    from mone_train.runtime import configure_torch
 
     cfg = compose_config(["moe=moe", *overrides])
     t = cfg.trainer
@@ -89,7 +90,7 @@ def bare_loop(steps: int, warmup: int, overrides: list[str]) -> float:
 
 def trainer(flavour: str, steps: int, warmup: int, workdir: Path, overrides: list[str]) -> float:
     """Tokens/s that mone-train's own log reports after the first interval."""
-    from mone_train.train import run
+    from mone_train.trainer import run
 
     run_dir = workdir / f"{flavour}-{time.monotonic_ns()}"
     cfg = compose_config(

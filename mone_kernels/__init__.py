@@ -6,26 +6,28 @@ It depends on torch only (Triton joins it for the GPU path), so an inference eng
 alone.
 """
 
-from mone_kernels.dispatch import (
-    IMPLS,
-    MoNEActivation,
-    neuron_topk_swiglu,
-    neuron_topk_swiglu_grouped,
-    resolve_impl,
-)
-from mone_kernels.reference import (
-    neuron_topk_mask,
-    neuron_topk_swiglu_reference,
-    num_kept_neurons,
-)
+from __future__ import annotations
 
-__all__ = [
-    "IMPLS",
-    "MoNEActivation",
-    "neuron_topk_mask",
-    "neuron_topk_swiglu",
-    "neuron_topk_swiglu_grouped",
-    "neuron_topk_swiglu_reference",
-    "num_kept_neurons",
-    "resolve_impl",
-]
+import importlib
+from typing import Any
+
+from mone_kernels.rules import IMPLS, num_kept_neurons
+
+# torch (and triton) load on first use of these names, so that ``mone_kernels.rules`` (all
+# that configuration code needs) imports without them.
+_LAZY = {
+    "MoNEActivation": "mone_kernels.dispatch",
+    "neuron_topk_swiglu": "mone_kernels.dispatch",
+    "neuron_topk_swiglu_grouped": "mone_kernels.dispatch",
+    "resolve_impl": "mone_kernels.dispatch",
+    "neuron_topk_mask": "mone_kernels.reference",
+    "neuron_topk_swiglu_reference": "mone_kernels.reference",
+}
+
+__all__ = ["IMPLS", "num_kept_neurons", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'mone_kernels' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)

@@ -16,13 +16,12 @@ from typing import NamedTuple
 import torch
 
 from mone_kernels.reference import expert_balance_loss, neuron_topk_swiglu_reference
+from mone_kernels.rules import IMPLS
 from mone_kernels.triton_topk_swiglu import (
     neuron_topk_swiglu_triton,
     triton_runnable,
     unpack_mask,
 )
-
-IMPLS = ("auto", "reference", "triton")
 
 
 class MoNEActivation(NamedTuple):

@@ -23,20 +23,11 @@ costs two reductions in forward and one extra term in backward instead of a seco
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 _TINY = torch.finfo(torch.float32).tiny
-
-
-def num_kept_neurons(neuron_keep_ratio: float, num_neurons: int) -> int:
-    """K = max(1, round(rho * F)), rounding halves up, so that every row keeps at least one."""
-    if not 0.0 < neuron_keep_ratio <= 1.0:
-        raise ValueError(f"neuron_keep_ratio={neuron_keep_ratio} is outside (0, 1]")
-    return max(1, min(num_neurons, math.floor(neuron_keep_ratio * num_neurons + 0.5)))
 
 
 def _kth_largest(score_TF: torch.Tensor, k: int) -> torch.Tensor:

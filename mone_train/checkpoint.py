@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from mone_train.config import Config, ConfigError
+from mone_train.config import Config
+from mone_train.errors import ConfigError, first_line
 
 CHECKPOINTS = "checkpoints"
 MARKER = "COMPLETE.json"
@@ -77,25 +78,120 @@ def signature_mismatch(saved: dict, current: dict) -> list[str]:
     ]
 
 
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoints (those with a marker), oldest first."""
+    folder = run_dir / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob("step_*") if (p / MARKER).is_file())
+
+
+def newest_checkpoint(run_dir: Path, warn: bool = True) -> Path | None:
+    """The newest complete checkpoint of a run directory, or None.
+
+    ``latest`` names it when the last save finished; a folder without the marker (a save that
+    was killed) is never chosen, and with ``warn`` each one skipped is reported.
+    """
+    folder = run_dir / CHECKPOINTS
+    latest = folder / LATEST
+    if latest.is_file():
+        named = folder / latest.read_text().strip()
+        newer = [p for p in folder.glob("step_*") if p.name > named.name]
+        if (named / MARKER).is_file() and not any((p / MARKER).is_file() for p in newer):
+            return named
+    for path in sorted(folder.glob("step_*"), reverse=True) if folder.is_dir() else []:
+        if (path / MARKER).is_file():
+            return path
+        if warn:
+            warnings.warn(f"skipping incomplete checkpoint {path} (no {MARKER})", stacklevel=2)
+    return None
+
+
+def resolve_checkpoint(path: Path, key: str = "checkpoint") -> Path:
+    """``path`` itself when it is a complete checkpoint, else a run directory's newest one.
+
+    Raises CheckpointError (prefixed with ``key``, the option or config key that named
+    ``path``) for a missing path, an interrupted save or a run without a complete checkpoint.
+    """
+    path = Path(path).expanduser()
+    if (path / MARKER).is_file():
+        return path
+    if not path.is_dir():
+        raise CheckpointError(f"{key}={str(path)!r}: no such checkpoint directory")
+    if not (path / CHECKPOINTS).is_dir():
+        raise CheckpointError(
+            f"{key}={str(path)!r} is incomplete (no {MARKER}); a save was interrupted "
+            "(expected a complete checkpoint or a run directory)"
+        )
+    newest = newest_checkpoint(path, warn=False)
+    if newest is None:
+        raise CheckpointError(
+            f"{key}={str(path)!r}: run directory without a complete checkpoint (no "
+            f"{CHECKPOINTS}/step_*/{MARKER}; train with trainer.save_interval > 0)"
+        )
+    return newest
+
+
 def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
     """The checkpoint ``trainer.resume`` asks for: ``none``, ``auto`` or an explicit path."""
     if resume == "none":
         return None
-    if resume != "auto":
-        path = Path(resume).expanduser()
-        if not path.is_dir():
-            raise CheckpointError(f"trainer.resume={resume!r}: no such checkpoint directory")
-        if not (path / MARKER).is_file():
-            raise CheckpointError(
-                f"trainer.resume={resume!r} is incomplete (no {MARKER}); a save was interrupted"
-            )
-        return path
-    folder = run_dir / CHECKPOINTS
-    for path in sorted(folder.glob("step_*"), reverse=True) if folder.is_dir() else []:
-        if (path / MARKER).is_file():
-            return path
-        warnings.warn(f"skipping incomplete checkpoint {path} (no {MARKER})", stacklevel=2)
-    return None
+    if resume == "auto":
+        return newest_checkpoint(run_dir)
+    return resolve_checkpoint(Path(resume), key="trainer.resume")
+
+
+def read_marker(path: Path) -> dict:
+    """The completion marker of checkpoint ``path`` (step, signature, resolved config)."""
+    try:
+        return json.loads((path / MARKER).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path}: unreadable {MARKER} ({err})") from None
+
+
+def config_from_marker(path: Path, marker: dict) -> Config:
+    """The run's Config as saved in the marker, for code that rebuilds the model.
+
+    Only the sections that define the model and its evaluation are taken (model, moe, trainer,
+    data.tokenizer), so a checkpoint stays readable when other parts of the schema change.
+    """
+    from omegaconf import OmegaConf
+
+    try:
+        saved = marker["config"]
+        wanted = {key: saved[key] for key in ("model", "moe", "trainer") if key in saved}
+        tokenizer = (saved.get("data") or {}).get("tokenizer")
+        if tokenizer is not None:
+            wanted["data"] = {"tokenizer": tokenizer}
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), wanted))
+    except Exception as err:
+        raise CheckpointError(
+            f"checkpoint {path}: the config in {MARKER} does not fit this version's schema "
+            f"({first_line(err)})"
+        ) from None
+
+
+def load_model_weights(path: Path, model: torch.nn.Module, key: str = "checkpoint") -> None:
+    """Read only the model's weights from checkpoint ``path`` (any expert-parallel size).
+
+    ``model`` is the bare GPTModel (not DDP-wrapped); the optimizer moments stay on disk.
+    Errors name ``key`` (the option that named the checkpoint) and ``path``.
+    """
+    from megatron.core import dist_checkpointing
+
+    try:
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+        missing, _ = model.load_state_dict(loaded["model"], strict=False)
+    except (Exception, CheckpointException) as err:  # truncated files fail in many ways
+        raise CheckpointError(
+            f"{key} {path}: the weights cannot be loaded ({first_line(err)})"
+        ) from None
+    missing = [key for key in missing if not key.endswith("_extra_state")]
+    if missing:
+        raise CheckpointError(
+            f"{key} {path}: the checkpoint lacks weights of this model ({missing[0]} and "
+            f"{len(missing) - 1} more)"
+        )
 
 
 def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
@@ -213,10 +309,7 @@ def load_checkpoint(path: Path, model, optimizer, signature: dict) -> ResumePoin
     from megatron.core import dist_checkpointing
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-    try:
-        marker = json.loads((path / MARKER).read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path}: unreadable {MARKER} ({err})") from None
+    marker = read_marker(path)
     mismatched = signature_mismatch(marker.get("signature", {}), signature)
     if mismatched:
         raise CheckpointError(
@@ -240,8 +333,7 @@ def load_checkpoint(path: Path, model, optimizer, signature: dict) -> ResumePoin
     # Truncated or corrupted files surface as many exception types (torch's
     # CheckpointException derives from BaseException, not Exception).
     except (Exception, CheckpointException) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"checkpoint {path} cannot be loaded: {first[:300]}") from None
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: {first_line(err)}") from None
     common = loaded["common"]
     rng_file = path / "rng" / f"rank{dist.get_rank()}.pt"
     if rng_file.is_file():  # absent when resuming on more ranks than saved

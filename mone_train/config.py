@@ -2,8 +2,9 @@
 
 The dataclasses are registered in Hydra's ConfigStore as the schema of ``configs/config.yaml``,
 so an unknown key or a wrongly typed value fails while composing. :func:`validate` then checks
-meaning (ranges and cross-field rules) and raises :class:`ConfigError` naming the key, the value
-and what would be valid.
+meaning: each section's ``validate()`` checks its own ranges, :meth:`Config.validate` the rules
+that span sections, and each raises :class:`ConfigError` naming the key, the value and what would
+be valid. This module needs neither torch nor megatron-core.
 """
 
 from __future__ import annotations
@@ -12,19 +13,27 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
-
-from mone_kernels import IMPLS, num_kept_neurons
+from mone_kernels.rules import IMPLS
+from mone_train.errors import ConfigError
 
 FLAVOURS = ("mone", "moe")
 PRECISIONS = ("fp32",)  # bf16 needs fp32 master weights in the optimizer: not yet
 SCHEDULES = ("cosine", "linear", "constant")
 WANDB_MODES = ("offline", "online", "disabled")
 BACKENDS = ("nccl", "gloo")
+DATA_SOURCES = ("stdlib", "indexed")
+TOKENIZER_KINDS = ("byte", "hf", "sentencepiece")
 
 
-class ConfigError(ValueError):
-    """A configuration value outside its valid range; the message names the key."""
+def _require(ok: bool, key: str, value: Any, valid: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: expected {valid}")
+
+
+def _require_positive(section: str, obj: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(value >= 1, f"{section}.{name}", value, "an integer >= 1")
 
 
 @dataclass
@@ -48,6 +57,59 @@ class ModelConfig:
     tie_embeddings: bool = False
     dropout: float = 0.0
 
+    def validate(self) -> None:
+        """Shape rules of the transformer and its MoE layers."""
+        _require_positive(
+            "model",
+            self,
+            (
+                "num_layers",
+                "hidden_size",
+                "num_attention_heads",
+                "ffn_hidden_size",
+                "num_experts",
+                "moe_ffn_hidden_size",
+                "max_position_embeddings",
+            ),
+        )
+        _require(
+            self.hidden_size % self.num_attention_heads == 0,
+            "model.num_attention_heads",
+            self.num_attention_heads,
+            f"a divisor of model.hidden_size={self.hidden_size}",
+        )
+        if self.num_query_groups is not None:
+            _require(
+                self.num_query_groups >= 1
+                and self.num_attention_heads % self.num_query_groups == 0,
+                "model.num_query_groups",
+                self.num_query_groups,
+                f"null or a divisor of model.num_attention_heads={self.num_attention_heads}",
+            )
+        _require(
+            1 <= self.router_topk <= self.num_experts,
+            "model.router_topk",
+            self.router_topk,
+            f"an integer in [1, model.num_experts={self.num_experts}]",
+        )
+        _require(
+            1 <= self.moe_layer_freq <= self.num_layers,
+            "model.moe_layer_freq",
+            self.moe_layer_freq,
+            f"an integer in [1, model.num_layers={self.num_layers}]",
+        )
+        _require(
+            self.aux_loss_coeff >= 0, "model.aux_loss_coeff", self.aux_loss_coeff, "a number >= 0"
+        )
+        _require(0 <= self.dropout < 1, "model.dropout", self.dropout, "a number in [0, 1)")
+        _require(
+            self.init_method_std > 0, "model.init_method_std", self.init_method_std, "a number > 0"
+        )
+        if self.vocab_size is not None:
+            _require(
+                self.vocab_size >= 2, "model.vocab_size", self.vocab_size, "null or an integer >= 2"
+            )
+
 
 @dataclass
 class MoEConfig:
@@ -58,6 +120,20 @@ class MoEConfig:
     ng_lbl_coeff: float = 1e-2  # beta of the neuron-granular load-balance loss; 0 disables it
     kernel_impl: str = "auto"
 
+    def validate(self) -> None:
+        """Flavour, keep ratio (any ratio in (0, 1] gives a valid K), NG-LBL weight, kernel."""
+        _require(self.flavour in FLAVOURS, "moe.flavour", self.flavour, f"one of {list(FLAVOURS)}")
+        _require(
+            0.0 < self.neuron_keep_ratio <= 1.0,
+            "moe.neuron_keep_ratio",
+            self.neuron_keep_ratio,
+            "a ratio in (0, 1]",
+        )
+        _require(self.ng_lbl_coeff >= 0, "moe.ng_lbl_coeff", self.ng_lbl_coeff, "a number >= 0")
+        _require(
+            self.kernel_impl in IMPLS, "moe.kernel_impl", self.kernel_impl, f"one of {list(IMPLS)}"
+        )
+
 
 @dataclass
 class TokenizerConfig:
@@ -66,6 +142,24 @@ class TokenizerConfig:
     type: str = "byte"
     path: Optional[str] = None  # a local file (or, for hf, its folder); never downloaded
     eod_token: Optional[str] = None  # hf only: the end-of-document token when not a usual name
+
+    def validate(self) -> None:
+        """A known kind, a file for the kinds that read one, eod_token only for hf."""
+        _require(
+            self.type in TOKENIZER_KINDS,
+            "data.tokenizer.type",
+            self.type,
+            f"one of {list(TOKENIZER_KINDS)}",
+        )
+        if self.type != "byte":
+            _require(bool(self.path), "data.tokenizer.path", self.path, "a local tokenizer file")
+        if self.eod_token is not None:
+            _require(
+                self.type == "hf",
+                "data.tokenizer.eod_token",
+                self.eod_token,
+                "null unless data.tokenizer.type=hf (byte and sentencepiece fix their own)",
+            )
 
 
 @dataclass
@@ -87,6 +181,35 @@ class DataConfig:
     split: list[float] = field(default_factory=lambda: [98.0, 2.0, 0.0])  # train, valid, test
     index_cache_dir: Optional[str] = None  # megatron's sample-index cache; null: <cache_dir>/index
 
+    def validate(self) -> None:
+        """Source, tokenizer, and for ``indexed`` the paths, weights and split."""
+        _require(self.name in DATA_SOURCES, "data.name", self.name, f"one of {list(DATA_SOURCES)}")
+        _require(self.valid_every >= 1, "data.valid_every", self.valid_every, "an integer >= 1")
+        self.tokenizer.validate()
+        if self.name == "stdlib":
+            return
+        _require(len(self.paths) >= 1, "data.paths", list(self.paths), "a list of dataset prefixes")
+        if self.weights is not None:
+            _require(
+                len(self.weights) == len(self.paths),
+                "data.weights",
+                list(self.weights),
+                f"null or one weight per path ({len(self.paths)} paths)",
+            )
+            _require(
+                all(w > 0 and math.isfinite(w) for w in self.weights),
+                "data.weights",
+                list(self.weights),
+                "finite numbers > 0",
+            )
+        shares = list(self.split)
+        _require(
+            len(shares) == 3 and all(n >= 0 for n in shares) and shares[0] > 0 and shares[1] > 0,
+            "data.split",
+            shares,
+            "three shares [train, valid, test] with train and valid > 0, e.g. [98,2,0]",
+        )
+
 
 @dataclass
 class OptimConfig:
@@ -102,6 +225,28 @@ class OptimConfig:
     clip_grad: float = 1.0
     warmup_steps: int = 50
     schedule: str = "cosine"
+
+    def validate(self) -> None:
+        """AdamW hyper-parameters and the schedule."""
+        _require(self.name == "adamw", "optim.name", self.name, "'adamw'")
+        _require(self.lr > 0 and math.isfinite(self.lr), "optim.lr", self.lr, "a finite number > 0")
+        _require(
+            0 <= self.min_lr_ratio <= 1,
+            "optim.min_lr_ratio",
+            self.min_lr_ratio,
+            "a ratio in [0, 1]",
+        )
+        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "a number >= 0")
+        _require(0 <= self.beta1 < 1, "optim.beta1", self.beta1, "a number in [0, 1)")
+        _require(0 <= self.beta2 < 1, "optim.beta2", self.beta2, "a number in [0, 1)")
+        _require(self.eps > 0, "optim.eps", self.eps, "a number > 0")
+        _require(
+            self.clip_grad >= 0, "optim.clip_grad", self.clip_grad, "a number >= 0 (0 disables)"
+        )
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "an integer >= 0")
+        _require(
+            self.schedule in SCHEDULES, "optim.schedule", self.schedule, f"one of {list(SCHEDULES)}"
+        )
 
 
 @dataclass
@@ -130,6 +275,62 @@ class TrainerConfig:
     compile: Optional[bool] = None  # megatron jit_fuser (torch.compile); null: on with CUDA only
     num_threads: Optional[int] = None  # torch intra-op threads; null keeps torch's default
 
+    def validate(self) -> None:
+        """Loop lengths, batch arithmetic, layout and run-control values."""
+        _require_positive(
+            "trainer",
+            self,
+            (
+                "steps",
+                "micro_batch_size",
+                "global_batch_size",
+                "seq_length",
+                "eval_interval",
+                "eval_iters",
+                "log_interval",
+                "expert_parallel_size",
+            ),
+        )
+        _require(
+            self.global_batch_size % self.micro_batch_size == 0,
+            "trainer.global_batch_size",
+            self.global_batch_size,
+            f"a multiple of trainer.micro_batch_size={self.micro_batch_size}",
+        )
+        _require(
+            self.precision in PRECISIONS,
+            "trainer.precision",
+            self.precision,
+            f"one of {list(PRECISIONS)}",
+        )
+        if self.num_threads is not None:
+            _require(
+                self.num_threads >= 1,
+                "trainer.num_threads",
+                self.num_threads,
+                "null or an integer >= 1",
+            )
+        for key, value in [
+            ("trainer.tensor_parallel_size", self.tensor_parallel_size),
+            ("trainer.pipeline_parallel_size", self.pipeline_parallel_size),
+        ]:
+            _require(
+                value == 1, key, value, "1 (tensor and pipeline parallelism are not supported yet)"
+            )
+        if self.backend is not None:
+            _require(
+                self.backend in BACKENDS,
+                "trainer.backend",
+                self.backend,
+                f"null or one of {list(BACKENDS)}",
+            )
+        _require(
+            self.init_timeout_s > 0,
+            "trainer.init_timeout_s",
+            self.init_timeout_s,
+            "a number of seconds > 0",
+        )
+
 
 @dataclass
 class LoggingConfig:
@@ -147,6 +348,15 @@ class LoggingConfig:
     health_metrics: bool = True  # expert load, neuron utilisation, |SiLU(gate)| quantiles
     peak_tflops: Optional[float] = None  # for the GPU MFU estimate; null: known devices only
 
+    def validate(self) -> None:
+        """The wandb mode."""
+        _require(
+            self.wandb_mode in WANDB_MODES,
+            "logging.wandb_mode",
+            self.wandb_mode,
+            f"one of {list(WANDB_MODES)}",
+        )
+
 
 @dataclass
 class Config:
@@ -159,196 +369,47 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def validate(self, world_size: int | None = None) -> None:
+        """Every section, then the rules that span sections; raise ConfigError on the first.
+
+        ``world_size`` (when known) enables the batch check that depends on it; whether EP
+        divides the world size is checked when the process groups form.
+        """
+        for section in (self.model, self.moe, self.data, self.optim, self.trainer, self.logging):
+            section.validate()
+        m, t = self.model, self.trainer
+        _require(
+            t.seq_length <= m.max_position_embeddings,
+            "trainer.seq_length",
+            t.seq_length,
+            f"at most model.max_position_embeddings={m.max_position_embeddings}",
+        )
+        _require(
+            m.num_experts % t.expert_parallel_size == 0,
+            "model.num_experts",
+            m.num_experts,
+            f"a multiple of trainer.expert_parallel_size={t.expert_parallel_size}",
+        )
+        if world_size is not None:
+            per_step = t.micro_batch_size * world_size
+            _require(
+                t.global_batch_size % per_step == 0,
+                "trainer.global_batch_size",
+                t.global_batch_size,
+                f"a multiple of micro_batch_size x world size = {per_step}",
+            )
+
 
 SCHEMA_NAME = "mone_train_schema"
 
 
 def register_configs() -> None:
     """Register the schema that ``configs/config.yaml`` lists first in its defaults."""
+    from hydra.core.config_store import ConfigStore
+
     ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
 
 
-def _require(ok: bool, key: str, value: Any, valid: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is invalid: expected {valid}")
-
-
-DATA_SOURCES = ("stdlib", "indexed")
-
-
-def _validate_data(d: DataConfig) -> None:
-    from mone_train.data.tokenizer import KINDS
-
-    _require(d.name in DATA_SOURCES, "data.name", d.name, f"one of {list(DATA_SOURCES)}")
-    tok = d.tokenizer
-    _require(tok.type in KINDS, "data.tokenizer.type", tok.type, f"one of {list(KINDS)}")
-    if tok.type != "byte":
-        _require(bool(tok.path), "data.tokenizer.path", tok.path, "a local tokenizer file")
-    if tok.eod_token is not None:
-        _require(
-            tok.type == "hf",
-            "data.tokenizer.eod_token",
-            tok.eod_token,
-            "null unless data.tokenizer.type=hf (byte and sentencepiece fix their own)",
-        )
-    if d.name == "stdlib":
-        return
-    _require(len(d.paths) >= 1, "data.paths", list(d.paths), "a list of dataset prefixes")
-    if d.weights is not None:
-        _require(
-            len(d.weights) == len(d.paths),
-            "data.weights",
-            list(d.weights),
-            f"null or one weight per path ({len(d.paths)} paths)",
-        )
-        _require(
-            all(w > 0 and math.isfinite(w) for w in d.weights),
-            "data.weights",
-            list(d.weights),
-            "finite numbers > 0",
-        )
-    numbers = list(d.split)
-    _require(
-        len(numbers) == 3 and all(n >= 0 for n in numbers) and numbers[0] > 0 and numbers[1] > 0,
-        "data.split",
-        numbers,
-        "three shares [train, valid, test] with train and valid > 0, e.g. [98,2,0]",
-    )
-
-
 def validate(cfg: Config, world_size: int | None = None) -> None:
-    """Check the meaning of every value; raise ConfigError naming the first bad key.
-
-    ``world_size`` (when known) enables the batch check that depends on it; whether EP divides
-    the world size is checked when the process groups form (``mone_train.distributed``).
-    """
-    m, moe, d, o, t, lg = cfg.model, cfg.moe, cfg.data, cfg.optim, cfg.trainer, cfg.logging
-    for key, value in [
-        ("model.num_layers", m.num_layers),
-        ("model.hidden_size", m.hidden_size),
-        ("model.num_attention_heads", m.num_attention_heads),
-        ("model.ffn_hidden_size", m.ffn_hidden_size),
-        ("model.num_experts", m.num_experts),
-        ("model.moe_ffn_hidden_size", m.moe_ffn_hidden_size),
-        ("model.max_position_embeddings", m.max_position_embeddings),
-        ("trainer.steps", t.steps),
-        ("trainer.micro_batch_size", t.micro_batch_size),
-        ("trainer.global_batch_size", t.global_batch_size),
-        ("trainer.seq_length", t.seq_length),
-        ("trainer.eval_interval", t.eval_interval),
-        ("trainer.eval_iters", t.eval_iters),
-        ("trainer.log_interval", t.log_interval),
-        ("trainer.expert_parallel_size", t.expert_parallel_size),
-        ("data.valid_every", d.valid_every),
-    ]:
-        _require(value >= 1, key, value, "an integer >= 1")
-    _require(
-        m.hidden_size % m.num_attention_heads == 0,
-        "model.num_attention_heads",
-        m.num_attention_heads,
-        f"a divisor of model.hidden_size={m.hidden_size}",
-    )
-    if m.num_query_groups is not None:
-        _require(
-            m.num_query_groups >= 1 and m.num_attention_heads % m.num_query_groups == 0,
-            "model.num_query_groups",
-            m.num_query_groups,
-            f"null or a divisor of model.num_attention_heads={m.num_attention_heads}",
-        )
-    _require(
-        1 <= m.router_topk <= m.num_experts,
-        "model.router_topk",
-        m.router_topk,
-        f"an integer in [1, model.num_experts={m.num_experts}]",
-    )
-    _require(
-        1 <= m.moe_layer_freq <= m.num_layers,
-        "model.moe_layer_freq",
-        m.moe_layer_freq,
-        f"an integer in [1, model.num_layers={m.num_layers}]",
-    )
-    _require(m.aux_loss_coeff >= 0, "model.aux_loss_coeff", m.aux_loss_coeff, "a number >= 0")
-    _require(0 <= m.dropout < 1, "model.dropout", m.dropout, "a number in [0, 1)")
-    _require(m.init_method_std > 0, "model.init_method_std", m.init_method_std, "a number > 0")
-    if m.vocab_size is not None:
-        _require(m.vocab_size >= 2, "model.vocab_size", m.vocab_size, "null or an integer >= 2")
-
-    _require(moe.flavour in FLAVOURS, "moe.flavour", moe.flavour, f"one of {list(FLAVOURS)}")
-    _require(
-        0.0 < moe.neuron_keep_ratio <= 1.0,
-        "moe.neuron_keep_ratio",
-        moe.neuron_keep_ratio,
-        "a ratio in (0, 1]",
-    )
-    _require(moe.ng_lbl_coeff >= 0, "moe.ng_lbl_coeff", moe.ng_lbl_coeff, "a number >= 0")
-    _require(moe.kernel_impl in IMPLS, "moe.kernel_impl", moe.kernel_impl, f"one of {list(IMPLS)}")
-
-    _validate_data(d)
-
-    _require(o.name == "adamw", "optim.name", o.name, "'adamw'")
-    _require(o.lr > 0 and math.isfinite(o.lr), "optim.lr", o.lr, "a finite number > 0")
-    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "a ratio in [0, 1]")
-    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")
-    _require(0 <= o.beta1 < 1, "optim.beta1", o.beta1, "a number in [0, 1)")
-    _require(0 <= o.beta2 < 1, "optim.beta2", o.beta2, "a number in [0, 1)")
-    _require(o.eps > 0, "optim.eps", o.eps, "a number > 0")
-    _require(o.clip_grad >= 0, "optim.clip_grad", o.clip_grad, "a number >= 0 (0 disables)")
-    _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "an integer >= 0")
-    _require(o.schedule in SCHEDULES, "optim.schedule", o.schedule, f"one of {list(SCHEDULES)}")
-
-    _require(
-        t.seq_length <= m.max_position_embeddings,
-        "trainer.seq_length",
-        t.seq_length,
-        f"at most model.max_position_embeddings={m.max_position_embeddings}",
-    )
-    _require(
-        t.global_batch_size % t.micro_batch_size == 0,
-        "trainer.global_batch_size",
-        t.global_batch_size,
-        f"a multiple of trainer.micro_batch_size={t.micro_batch_size}",
-    )
-    _require(
-        t.precision in PRECISIONS, "trainer.precision", t.precision, f"one of {list(PRECISIONS)}"
-    )
-    if t.num_threads is not None:
-        _require(
-            t.num_threads >= 1, "trainer.num_threads", t.num_threads, "null or an integer >= 1"
-        )
-    for key, value in [
-        ("trainer.tensor_parallel_size", t.tensor_parallel_size),
-        ("trainer.pipeline_parallel_size", t.pipeline_parallel_size),
-    ]:
-        _require(
-            value == 1, key, value, "1 (tensor and pipeline parallelism are not supported yet)"
-        )
-    if t.backend is not None:
-        _require(
-            t.backend in BACKENDS, "trainer.backend", t.backend, f"null or one of {list(BACKENDS)}"
-        )
-    _require(
-        t.init_timeout_s > 0, "trainer.init_timeout_s", t.init_timeout_s, "a number of seconds > 0"
-    )
-    ep = t.expert_parallel_size
-    _require(
-        m.num_experts % ep == 0,
-        "model.num_experts",
-        m.num_experts,
-        f"a multiple of trainer.expert_parallel_size={ep}",
-    )
-    if world_size is not None:
-        per_step = t.micro_batch_size * world_size
-        _require(
-            t.global_batch_size % per_step == 0,
-            "trainer.global_batch_size",
-            t.global_batch_size,
-            f"a multiple of micro_batch_size x world size = {per_step}",
-        )
-    _require(
-        lg.wandb_mode in WANDB_MODES,
-        "logging.wandb_mode",
-        lg.wandb_mode,
-        f"one of {list(WANDB_MODES)}",
-    )
-    # K must be a valid neuron count for this F (always true once rho is in (0, 1]).
-    num_kept_neurons(moe.neuron_keep_ratio, m.moe_ffn_hidden_size)
+    """Check the meaning of every value (see :meth:`Config.validate`)."""
+    cfg.validate(world_size)

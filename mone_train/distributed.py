@@ -19,7 +19,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from mone_train import cpu_compat
-from mone_train.config import ConfigError
+from mone_train.errors import ConfigError, first_line
 
 RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -104,12 +104,9 @@ def init_distributed(
                 dist.init_process_group(backend, init_method="env://", timeout=timeout)
             except (RuntimeError, TimeoutError) as err:  # DistNetworkError, DistStoreError
                 where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-                first_line = (
-                    str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                )
                 raise LaunchError(
                     f"rank {layout[0]} of {layout[1]}: could not form the process group with the "
-                    f"master at {where} within {timeout_s:g} s ({first_line})"
+                    f"master at {where} within {timeout_s:g} s ({first_line(err)})"
                 ) from None
     world_size = dist.get_world_size()
     if world_size % expert_parallel_size:

@@ -9,20 +9,22 @@ are left to Hydra: each job of a sweep still validates its config when it starts
 from __future__ import annotations
 
 import sys
+from importlib.resources import files
 from pathlib import Path
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-EXIT_CONFIG_ERROR = 2
+from mone_train.config import Config, register_configs
+from mone_train.errors import EXIT_CONFIG_ERROR, ConfigError
+
+# The YAML configs ship inside the package, so wheels and editable installs find them alike.
+CONFIG_DIR = Path(str(files("mone_train") / "configs"))
 
 
 def compose_config(overrides: list[str], config_dir: Path = CONFIG_DIR):
     """Compose ``config.yaml`` with overrides (Hydra's compose API) into a typed Config."""
     from hydra import compose, initialize_config_dir
-
-    from mone_train.config import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
@@ -59,8 +61,6 @@ def describe_error(err: BaseException) -> str:
 
 
 def _keys_under(parent: str) -> list[str]:
-    from mone_train.config import Config
-
     node = OmegaConf.structured(Config)
     if parent:
         node = OmegaConf.select(node, parent)
@@ -69,16 +69,13 @@ def _keys_under(parent: str) -> list[str]:
 
 def check_overrides(argv: list[str]) -> None:
     """Exit with one line on stderr if the overrides in ``argv`` do not make a valid config."""
-    from mone_train.config import ConfigError, validate
-
     if any(arg.startswith("-") for arg in argv):
         return
     overrides = [a for a in argv if not a.lstrip("+~").startswith("hydra.")]
     if _has_sweep(overrides):
         return  # a sweep (e.g. over an experiment's multirun): each job validates itself
     try:
-        cfg = compose_config(overrides)
-        validate(cfg)
+        compose_config(overrides).validate()
     except ConfigError as err:
         _fail(str(err))
     except Exception as err:  # Hydra / OmegaConf composition errors

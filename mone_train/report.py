@@ -11,7 +11,7 @@ every other run found is listed as skipped, with the reason.
 Writes into ``--out`` (default ``<first input>/report``):
 
     report.md                  the table: final and best validation loss, activated parameters
-                               per token both ways (DESIGN section 1), total parameters,
+                               per token both ways (docs/method.md), total parameters,
                                median tokens/s, steps
     report.json                the same rows, and the skipped runs with reasons
     val_loss.png               validation loss against steps, one line per run

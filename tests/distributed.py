@@ -25,7 +25,7 @@ def _worker(rank: int, world_size: int, port: int, overrides: list[str]) -> None
         TORCHDYNAMO_DISABLE="1",
     )
     from mone_train.preflight import compose_config
-    from mone_train.train import run
+    from mone_train.trainer import run
 
     run(compose_config(overrides))
 

@@ -17,6 +17,9 @@ from mone_kernels import num_kept_neurons
 from mone_train.analysis.cli import main
 from mone_train.analysis.data import Batches, TokenSource
 
+# Training runs, subprocesses or process groups: the full tier only (make test).
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TRAIN = [
@@ -69,7 +72,7 @@ def _is_png(path: Path) -> bool:
 def trained(tmp_path_factory, corpus):
     """A plain-MoE run long enough to have learnt something, and a short MoNE (rho = 0.5) run."""
     from mone_train.preflight import compose_config
-    from mone_train.train import run
+    from mone_train.trainer import run
 
     root = tmp_path_factory.mktemp("runs")
     runs = {}
@@ -114,9 +117,10 @@ def test_sparsify_our_moe_checkpoint(trained, corpus, tmp_path, megatron_single)
 
     # p = 0 is exactly the model as the trainer loads and runs it.
     from mone_train.checkpoint import load_checkpoint, model_signature
+    from mone_train.model.builder import build_model
+    from mone_train.model.lm import causal_mask
     from mone_train.optim import build_optimizer
     from mone_train.preflight import compose_config
-    from mone_train.train import build_model, causal_mask
 
     cfg = compose_config(overrides)
     model, params = build_model(cfg, 258)

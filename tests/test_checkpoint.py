@@ -13,9 +13,12 @@ from pathlib import Path
 import pytest
 
 from mone_train.checkpoint import CHECKPOINTS, EXIT_PREEMPTED, LATEST, MARKER, CheckpointError
-from mone_train.config import ConfigError
+from mone_train.errors import ConfigError
 from mone_train.preflight import compose_config
 from tests.distributed import metrics, run_processes
+
+# Training runs, subprocesses or process groups: the full tier only (make test).
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = [
@@ -30,7 +33,7 @@ BASE = [
 
 
 def _run(run_dir, *extra):
-    from mone_train.train import run
+    from mone_train.trainer import run
 
     return run(compose_config([*BASE, f"trainer.run_dir={run_dir}", *extra]))
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mone_train.config import Config, ConfigError, validate
+from mone_train.config import Config, validate
+from mone_train.errors import ConfigError
 from mone_train.preflight import CONFIG_DIR, check_overrides, compose_config
 
 GROUPS = ["model", "moe", "data", "optim", "trainer", "logging"]

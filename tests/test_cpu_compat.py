@@ -24,9 +24,10 @@ EXPECTED_FAILURE = {
     "alltoall_splits": "incompatible function arguments",
 }
 
-pytestmark = pytest.mark.skipif(
-    torch.cuda.is_available(), reason="the patches apply only without CUDA"
-)
+pytestmark = [
+    pytest.mark.skipif(torch.cuda.is_available(), reason="the patches apply only without CUDA"),
+    pytest.mark.slow,  # subprocess probes: the full tier only (make test)
+]
 
 
 def test_patch_list_matches_probes():

@@ -15,6 +15,9 @@ import yaml
 from mone_train.preflight import CONFIG_DIR, compose_config
 from mone_train.report import main as report_main
 
+# Training runs, subprocesses or process groups: the full tier only (make test).
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -54,8 +57,8 @@ def test_shipped_sweeps_are_multiruns_of_the_intended_settings():
 
 
 def test_matched_moe_has_the_activated_parameters_of_mone_at_half(megatron_single):
+    from mone_train.model.builder import build_model
     from mone_train.model.params import count_parameters
-    from mone_train.train import build_model
 
     def activated(overrides):
         cfg = compose_config(overrides)
@@ -119,7 +122,7 @@ def test_report_with_nothing_finished_is_one_line(tmp_path, capsys):
 
 
 def test_wandb_offline_files_settings_and_resume_keep_the_run(tmp_path, monkeypatch):
-    from mone_train.train import run
+    from mone_train.trainer import run
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_DIR", raising=False)

@@ -14,7 +14,7 @@ from mone_train.preflight import compose_config
 
 @pytest.fixture
 def tiny_mone(megatron_single):
-    from mone_train.train import build_model
+    from mone_train.model.builder import build_model
 
     cfg = compose_config(["model=tiny", "moe.neuron_keep_ratio=0.25"])
     model, _ = build_model(cfg, vocab_size=258)
@@ -82,8 +82,9 @@ def test_gate_quantiles_from_the_histogram():
     assert out["gate_abs/frac_below_0.1"] == pytest.approx(0.75, abs=0.01)
 
 
+@pytest.mark.slow
 def test_training_run_logs_consistent_health_metrics(tmp_path):
-    from mone_train.train import run
+    from mone_train.trainer import run
 
     cfg = compose_config(
         [

@@ -52,7 +52,7 @@ def test_parameter_counts_follow_the_design_formulas(megatron_single):
 
 
 def test_future_tokens_do_not_change_earlier_losses(megatron_single):
-    from mone_train.train import causal_mask
+    from mone_train.model.lm import causal_mask
 
     _, model = _build(["model=tiny"])
     model.eval()

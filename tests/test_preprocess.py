@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mone_train.config import ConfigError, validate
+from mone_train.config import validate
 from mone_train.data import preprocess as pp
 from mone_train.data.tokenizer import TokenizerError, build_tokenizer
 from mone_train.data.tokenizer_cli import main as tokenizer_main
 from mone_train.data.tokenizer_cli import train_bpe
+from mone_train.errors import ConfigError
 from mone_train.preflight import compose_config
 
 DOCS = [
@@ -145,8 +146,9 @@ def test_blend_samples_in_proportion_to_weights(tmp_path, megatron_single):
     assert set(first.tolist()) <= {ord("a"), tokenizer.eod}
 
 
+@pytest.mark.slow
 def test_tiny_training_run_on_preprocessed_jsonl_with_trained_bpe(tmp_path):
-    from mone_train.train import run
+    from mone_train.trainer import run
 
     docs = [(DOCS[i % len(DOCS)] + f" {i} ") * 20 for i in range(200)]
     source = _write_jsonl(tmp_path / "corpus.jsonl", docs)

@@ -7,7 +7,8 @@ import json
 import pytest
 import yaml
 
-from mone_train.config import ConfigError, OptimConfig
+from mone_train.config import OptimConfig
+from mone_train.errors import ConfigError
 from mone_train.optim import lr_at
 from mone_train.preflight import compose_config
 
@@ -16,8 +17,9 @@ def _smoke(run_dir, *extra):
     return compose_config(["model=tiny", "trainer=smoke", f"trainer.run_dir={run_dir}", *extra])
 
 
+@pytest.mark.slow
 def test_tiny_run_learns_and_writes_its_run_directory(tmp_path, monkeypatch):
-    from mone_train.train import run
+    from mone_train.trainer import run
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     run_dir = tmp_path / "run"
@@ -41,8 +43,9 @@ def test_tiny_run_learns_and_writes_its_run_directory(tmp_path, monkeypatch):
     assert len(offline_runs) == 1 and any(offline_runs[0].iterdir())
 
 
+@pytest.mark.slow
 def test_plain_moe_run_logs_no_ng_lbl(tmp_path):
-    from mone_train.train import run
+    from mone_train.trainer import run
 
     run_dir = tmp_path / "moe"
     run(
@@ -60,7 +63,7 @@ def test_plain_moe_run_logs_no_ng_lbl(tmp_path):
 
 
 def test_existing_run_is_never_overwritten(tmp_path):
-    from mone_train.train import run
+    from mone_train.trainer import run
 
     run_dir = tmp_path / "taken"
     run_dir.mkdir()
@@ -89,8 +92,10 @@ def test_each_step_sees_only_its_own_gradient(megatron_single):
 
     import torch
 
+    from mone_train.model.builder import build_model
+    from mone_train.model.lm import causal_mask
     from mone_train.optim import build_optimizer
-    from mone_train.train import build_model, causal_mask, train_step
+    from mone_train.train_step import TrainStep
 
     cfg = compose_config(
         ["model=tiny", "optim.lr=0", "optim.warmup_steps=0", "optim.weight_decay=0"]
@@ -103,12 +108,7 @@ def test_each_step_sees_only_its_own_gradient(megatron_single):
     tokens = torch.randint(0, 256, (2, 16))
     batch = {"tokens": tokens, "labels": tokens.roll(-1, 1), "loss_mask": torch.ones(2, 16),
              "position_ids": torch.arange(16).expand(2, -1)}  # fmt: skip
-    options = {"accum": 1, "clip_grad": 0.0, "dp_group": None, "ep_group": None}
     mask = causal_mask(16, torch.device("cpu"))
-    norms = [
-        train_step(
-            model, optimizer, params, itertools.repeat(batch), mask, megatron_single, **options
-        )[1]
-        for _ in range(3)
-    ]
+    step = TrainStep(model, optimizer, params, mask, megatron_single, accum=1, clip_grad=0.0)
+    norms = [step(itertools.repeat(batch), lr=0.0).grad_norm for _ in range(3)]
     assert norms[0] > 0 and norms[1] == pytest.approx(norms[0], rel=1e-6) == norms[2]

@@ -130,7 +130,7 @@ def test_custom_ops_pass_torch_library_checks():
 def test_five_training_steps_match_the_reference_path(tmp_path):
     pytest.importorskip("megatron.core")
     from mone_train.preflight import compose_config
-    from mone_train.train import run
+    from mone_train.trainer import run
 
     losses = {}
     for impl in ("reference", "triton"):

@@ -34,15 +34,11 @@ from torch import nn
 
 from mone_train.analysis.errors import AnalysisError
 from mone_train.analysis.neurons import NeuronControl, keep_top_neurons, kept_counts
+from mone_train.errors import first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_SEQ_LENGTH = 512
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return (text.splitlines()[0] if text else type(err).__name__)[:300]
 
 
 def _offline() -> None:
@@ -155,7 +151,7 @@ class HFModel:
         except Exception as err:
             raise AnalysisError(
                 f"--model {path}: config.json is not a transformers model config "
-                f"({_first_line(err)})"
+                f"({first_line(err)})"
             ) from None
         torch_dtype = DTYPES[dtype]
         try:
@@ -168,7 +164,7 @@ class HFModel:
         except Exception as err:
             raise AnalysisError(
                 f"--model {path}: transformers cannot load it as a causal language model "
-                f"({_first_line(err)})"
+                f"({first_line(err)})"
             ) from None
         self.model = model.to(device).eval()
         self.config = config
@@ -256,7 +252,7 @@ class HFModel:
             except Exception as err:
                 raise AnalysisError(
                     f"--text needs the model's own tokenizer, but {self.path} has none that "
-                    f"transformers can load ({_first_line(err)}); use --data with tokenized data"
+                    f"transformers can load ({first_line(err)}); use --data with tokenized data"
                 ) from None
         ids = self._tokenizer(text, add_special_tokens=False)["input_ids"]
         return np.asarray(ids, dtype=np.int64)

@@ -16,11 +16,13 @@ instance-level ``forward`` that consults the model's :class:`NeuronControl`:
 
 For a MoNE checkpoint the study's keep ratio *replaces* the trained one: p = 0 runs every
 neuron (the dense expert the MoNE model never saw), p = 1 - rho reproduces training.
+
+Legend: N dispatched rows on the experts module, E its local experts, T rows of one expert,
+D hidden size, F neurons per expert, B batch, W window (sequence + 1), L sequence length.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -28,63 +30,21 @@ import torch
 import torch.nn.functional as F
 
 from mone_train.analysis.errors import AnalysisError
-from mone_train.analysis.neurons import NeuronControl, keep_top_neurons, kept_counts
-
-MARKER = "COMPLETE.json"  # mone_train.checkpoint.MARKER, without importing megatron here
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return (text.splitlines()[0] if text else type(err).__name__)[:300]
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    """The checkpoint folder of ``path``: itself, or a run directory's newest complete one."""
-    if (path / MARKER).is_file():
-        return path
-    folder = path / "checkpoints"
-    if not folder.is_dir():
-        raise AnalysisError(
-            f"--model {path}: checkpoint folder without {MARKER} (a save was interrupted; "
-            "expected a complete checkpoint or a run directory)"
-        )
-    latest = folder / "latest"
-    if latest.is_file():
-        named = folder / latest.read_text().strip()
-        if (named / MARKER).is_file():
-            return named
-    complete = sorted(p for p in folder.glob("step_*") if (p / MARKER).is_file())
-    if not complete:
-        raise AnalysisError(
-            f"--model {path}: run directory without a complete checkpoint (no "
-            f"checkpoints/step_*/{MARKER}; train with trainer.save_interval > 0)"
-        )
-    return complete[-1]
-
-
-def _config_from_marker(checkpoint: Path, marker: dict):
-    """The run's Config from the saved resolved config.
-
-    Only the sections that define the model and its evaluation are taken (model, moe, trainer,
-    data.tokenizer); data, optimizer and logging settings do not matter here, so a checkpoint
-    stays readable when those parts of the schema change.
-    """
-    from omegaconf import OmegaConf
-
-    from mone_train.config import Config
-
-    try:
-        saved = marker["config"]
-        wanted = {key: saved[key] for key in ("model", "moe", "trainer") if key in saved}
-        tokenizer = (saved.get("data") or {}).get("tokenizer")
-        if tokenizer is not None:
-            wanted["data"] = {"tokenizer": tokenizer}
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), wanted))
-    except Exception as err:
-        raise AnalysisError(
-            f"--model {checkpoint}: the config in {MARKER} does not fit this version's schema "
-            f"({_first_line(err)})"
-        ) from None
+from mone_train.analysis.neurons import NeuronControl, kept_counts
+from mone_train.checkpoint import (
+    CheckpointError,
+    config_from_marker,
+    load_model_weights,
+    read_marker,
+    resolve_checkpoint,
+)
+from mone_train.data.tokenizer import tokenizer_from_config
+from mone_train.distributed import init_distributed, shutdown_distributed
+from mone_train.errors import ConfigError
+from mone_train.model.builder import build_gpt_model
+from mone_train.model.lm import causal_mask
+from mone_train.model.mone_experts import experts_forward
+from mone_train.runtime import configure_torch
 
 
 class _ExpertsHook:
@@ -99,42 +59,31 @@ class _ExpertsHook:
         self.num_neurons = experts.config.moe_ffn_hidden_size
         self.native_k = getattr(experts, "num_kept", self.num_neurons)
 
-    def __call__(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
+    def __call__(
+        self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, probs_N: torch.Tensor
+    ):
         control = self.control
         k = control.num_kept(self.num_neurons)
         if control.recorder is None and (k is None or k == self.native_k):
-            rows = permuted_local_hidden_states.shape[0]
-            control.tally.add(rows, self.native_k, self.native_k)
-            return self.own_forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
-        return self._forward(
-            permuted_local_hidden_states,
-            tokens_per_expert,
-            permuted_probs,
-            self.native_k if k is None else k,
-        )
+            control.tally.add(x_ND.shape[0], self.native_k, self.native_k)
+            return self.own_forward(x_ND, tokens_per_expert_E, probs_N)
+        return self._forward(x_ND, tokens_per_expert_E, probs_N, self.native_k if k is None else k)
 
-    def _forward(self, x_ND, tokens_per_expert, probs_N, k: int):
+    def _forward(self, x_ND, tokens_per_expert_E, probs_N, k: int):
         """MoNEExperts' computation with K = ``k``: ([N, D] output, None)."""
-        experts = self.experts
-        if experts.num_local_experts == 1:
-            counts = [x_ND.shape[0]]
-        else:
-            counts = tokens_per_expert.tolist()
-        out_chunks = []
-        for i, (expert, x_TD, probs_T) in enumerate(
-            zip(experts.local_experts, torch.split(x_ND, counts), torch.split(probs_N, counts))
-        ):
-            fc1_T2F = expert.linear_fc1(x_TD)[0]
-            gate_TF, up_TF = fc1_T2F.float().chunk(2, dim=-1)
-            g_TF = F.silu(gate_TF)
-            if self.control.recorder is not None:
-                self.control.recorder(self.layer, self.first_expert + i, g_TF.abs())
-            g_TF, mask_TF = keep_top_neurons(g_TF, k)
-            rows = x_TD.shape[0]
-            self.control.tally.add(rows, *kept_counts(mask_TF, rows, self.num_neurons))
-            h_TF = (g_TF * up_TF).to(fc1_T2F.dtype)
-            out_chunks.append(expert.linear_fc2((h_TF * probs_T.unsqueeze(-1)).to(h_TF.dtype))[0])
-        out_ND = out_chunks[0] if len(out_chunks) == 1 else torch.cat(out_chunks, dim=0)
+        recorder = self.control.recorder
+        observer = None
+        if recorder is not None:
+
+            def observer(i: int, fc1_T2F: torch.Tensor) -> None:
+                gate_TF = fc1_T2F[:, : self.num_neurons].float()
+                recorder(self.layer, self.first_expert + i, F.silu(gate_TF).abs())
+
+        out_ND, activations, counts = experts_forward(
+            self.experts, x_ND, tokens_per_expert_E, probs_N, k, fc1_observer=observer
+        )
+        for act, rows in zip(activations, counts):
+            self.control.tally.add(rows, *kept_counts(act.mask, rows, self.num_neurons))
         return out_ND, None
 
 
@@ -144,13 +93,13 @@ class OurModel:
     kind = "mone-train"
 
     def __init__(self, path: Path, device: torch.device) -> None:
-        self.checkpoint = resolve_checkpoint(path)
         try:
-            marker = json.loads((self.checkpoint / MARKER).read_text())
-        except (OSError, ValueError) as err:
-            raise AnalysisError(f"--model {self.checkpoint}: unreadable {MARKER} ({err})") from None
+            self.checkpoint = resolve_checkpoint(path, key="--model")
+            marker = read_marker(self.checkpoint)
+            cfg = config_from_marker(self.checkpoint, marker)
+        except CheckpointError as err:
+            raise AnalysisError(str(err)) from None
         self.step = marker.get("step")
-        cfg = _config_from_marker(self.checkpoint, marker)
         cfg.trainer.expert_parallel_size = 1  # one process; dist_checkpointing reshards
         self.cfg = cfg
         self._vocab_size = (marker.get("signature") or {}).get("vocab_size") or cfg.model.vocab_size
@@ -162,10 +111,6 @@ class OurModel:
 
     def _start(self, device: torch.device) -> None:
         import torch.distributed as dist
-
-        from mone_train.config import ConfigError
-        from mone_train.distributed import init_distributed
-        from mone_train.train import causal_mask, configure_torch
 
         configure_torch(self.cfg)
         self._own_group = not dist.is_initialized()
@@ -189,11 +134,7 @@ class OurModel:
         self.hooks = self._hook_experts()
 
     def _build_and_load(self):
-        from megatron.core import dist_checkpointing
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-        from torch.distributed.checkpoint.api import CheckpointException
-
-        from mone_train.model.builder import build_gpt_model
 
         torch.manual_seed(self.cfg.trainer.seed)
         model_parallel_cuda_manual_seed(self.cfg.trainer.seed)
@@ -201,20 +142,9 @@ class OurModel:
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         try:
-            loaded = dist_checkpointing.load(
-                {"model": model.sharded_state_dict()}, str(self.checkpoint)
-            )
-            missing, _ = model.load_state_dict(loaded["model"], strict=False)
-        except (Exception, CheckpointException) as err:  # truncated files fail in many ways
-            raise AnalysisError(
-                f"--model {self.checkpoint}: the weights cannot be loaded ({_first_line(err)})"
-            ) from None
-        missing = [key for key in missing if not key.endswith("_extra_state")]
-        if missing:
-            raise AnalysisError(
-                f"--model {self.checkpoint}: the checkpoint lacks weights of this model "
-                f"({missing[0]} and {len(missing) - 1} more)"
-            )
+            load_model_weights(self.checkpoint, model, key="--model")
+        except CheckpointError as err:
+            raise AnalysisError(str(err)) from None
         return model.eval()
 
     def _hook_experts(self) -> list[_ExpertsHook]:
@@ -274,9 +204,6 @@ class OurModel:
     def tokenizer(self):
         """The tokenizer of the run's config (bytes for runs older than ``data.tokenizer``)."""
         if self._tokenizer is None:
-            from mone_train.config import ConfigError
-            from mone_train.data.tokenizer import tokenizer_from_config
-
             try:
                 self._tokenizer = tokenizer_from_config(getattr(self.cfg.data, "tokenizer", None))
             except ConfigError as err:
@@ -317,7 +244,5 @@ class OurModel:
     def close(self) -> None:
         """Tear down the process group if this object started it."""
         if self._own_group:
-            from mone_train.distributed import shutdown_distributed
-
             shutdown_distributed()
             self._own_group = False

@@ -15,7 +15,7 @@ import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-from mone_train.config import ConfigError
+from mone_train.errors import ConfigError
 
 
 class DataError(ConfigError):

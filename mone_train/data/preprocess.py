@@ -228,12 +228,7 @@ def preprocess(
     if workers < 1:
         raise PreprocessError(f"--workers={workers}: expected an integer >= 1")
     tokenizer = build_tokenizer(tokenizer_type, tokenizer_path, eod_token)
-    finals = output_paths(output_prefix)
-    existing = [str(p) for p in finals.values() if p.exists()]
-    if existing and not overwrite:
-        raise PreprocessError(
-            f"output {existing[0]} already exists (pass --overwrite to replace it)"
-        )
+    finals = _free_outputs(output_prefix, overwrite)
     files = find_inputs(inputs)
     prefix = finals["bin"].with_suffix("")
     prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -259,27 +254,7 @@ def preprocess(
             )
             results = pool.imap(_tokenize_batch, batches)  # ordered: output independent of N
         bar = tqdm(desc="preprocessing", unit="doc", disable=not progress, dynamic_ncols=True)
-        for batch in results:
-            for status, payload, replaced in batch:
-                stats.documents_with_replaced_bytes += int(replaced)
-                if status == "bad":
-                    if not skip_bad_lines:
-                        raise PreprocessError(f"{payload} (--skip-bad-lines skips such lines)")
-                    stats.skipped_lines += 1
-                    if len(stats.first_skipped) < 5:
-                        stats.first_skipped.append(payload)
-                    continue
-                if status == "empty":
-                    stats.empty_documents += 1
-                    continue
-                builder.add_document(payload.astype(dtype, copy=False), [len(payload)])
-                stats.documents += 1
-                stats.tokens += len(payload)
-            bar.update(len(batch))
-            elapsed = max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix(
-                docs_s=f"{stats.documents / elapsed:,.0f}", tok_s=f"{stats.tokens / elapsed:,.0f}"
-            )
+        _add_documents(results, builder, dtype, stats, skip_bad_lines, bar)
         if stats.documents == 0:
             raise PreprocessError(
                 f"no documents found in {', '.join(str(f) for f in files[:3])}"
@@ -309,6 +284,43 @@ def preprocess(
             pool.join()
         for temp in temps.values():
             temp.unlink(missing_ok=True)
+
+
+def _free_outputs(output_prefix: str, overwrite: bool) -> dict[str, Path]:
+    """The output paths; an existing one is an error unless ``overwrite``."""
+    finals = output_paths(output_prefix)
+    existing = [str(p) for p in finals.values() if p.exists()]
+    if existing and not overwrite:
+        raise PreprocessError(
+            f"output {existing[0]} already exists (pass --overwrite to replace it)"
+        )
+    return finals
+
+
+def _add_documents(results, builder, dtype, stats: Stats, skip_bad_lines: bool, bar) -> None:
+    """Append each tokenized batch's documents to ``builder``, counting what was skipped."""
+    start = time.perf_counter()
+    for batch in results:
+        for status, payload, replaced in batch:
+            stats.documents_with_replaced_bytes += int(replaced)
+            if status == "bad":
+                if not skip_bad_lines:
+                    raise PreprocessError(f"{payload} (--skip-bad-lines skips such lines)")
+                stats.skipped_lines += 1
+                if len(stats.first_skipped) < 5:
+                    stats.first_skipped.append(payload)
+                continue
+            if status == "empty":
+                stats.empty_documents += 1
+                continue
+            builder.add_document(payload.astype(dtype, copy=False), [len(payload)])
+            stats.documents += 1
+            stats.tokens += len(payload)
+        bar.update(len(batch))
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        bar.set_postfix(
+            docs_s=f"{stats.documents / elapsed:,.0f}", tok_s=f"{stats.tokens / elapsed:,.0f}"
+        )
 
 
 def read_meta(prefix: str | Path) -> dict | None:

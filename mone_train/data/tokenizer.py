@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mone_train.config import ConfigError
+from mone_train.config import TOKENIZER_KINDS as KINDS
+from mone_train.errors import ConfigError
 
-KINDS = ("byte", "hf", "sentencepiece")
 # End-of-document tokens looked for (in this order) when a tokenizer file names none explicitly.
 EOD_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "[EOS]", "<|eot_id|>")
 PAD_CANDIDATES = ("<pad>", "[PAD]", "<|pad|>", "<|padding|>")

@@ -12,8 +12,10 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -21,6 +23,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from mone_train.config import Config
+from mone_train.model.init import init_parameters_by_name
 from mone_train.model.mone_experts import MoNEExperts
 
 
@@ -109,3 +112,33 @@ def build_gpt_model(cfg: Config, vocab_size: int) -> GPTModel:
         if isinstance(module, MoELayer) and isinstance(module.experts, MoNEExperts):
             module.experts.layer_number = module.layer_number
     return model
+
+
+def build_model(
+    cfg: Config, vocab_size: int, ep_rank: int = 0, ep_size: int = 1
+) -> tuple[DistributedDataParallel, list[torch.nn.Parameter]]:
+    """The seeded, initialised model of this rank wrapped in megatron-core DDP, and its
+    trainable parameters.
+
+    The same seed on every rank drives dropout streams and megatron's own draws; weights are
+    then set by global parameter name, so they do not depend on the expert-parallel layout.
+    """
+    torch.manual_seed(cfg.trainer.seed)
+    model_parallel_cuda_manual_seed(cfg.trainer.seed)
+    model = build_gpt_model(cfg, vocab_size)
+    init_parameters_by_name(
+        model,
+        cfg.trainer.seed,
+        cfg.model.init_method_std,
+        cfg.model.num_layers,
+        ep_rank,
+        cfg.model.num_experts // ep_size,
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    ddp = DistributedDataParallel(
+        config=model.config,
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True),
+        module=model,
+    )
+    return ddp, [p for p in ddp.parameters() if p.requires_grad]

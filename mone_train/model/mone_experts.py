@@ -7,20 +7,25 @@ and expert-parallel resharding are megatron-core's own) and replaces only the fo
 
 The neuron selection runs after token dispatch, on the rank that holds the expert, so expert
 parallelism moves exactly the bytes it moves for plain MoE. Legend: N dispatched rows on this
-rank, D hidden size, F neurons per expert (``moe_ffn_hidden_size``), K kept neurons.
+rank, T rows of one expert, E local experts, D hidden size, F neurons per expert
+(``moe_ffn_hidden_size``), K kept neurons.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_utils import (
     MoEAuxLossAutoScaler,
     save_to_aux_losses_tracker,
 )
 
-from mone_kernels import neuron_topk_swiglu_grouped, num_kept_neurons
+from mone_kernels import MoNEActivation, neuron_topk_swiglu_grouped, num_kept_neurons
 
 NG_LBL_TRACKER_NAME = "ng_lbl"
 
@@ -38,16 +43,16 @@ class MoNEExperts(SequentialMLP):
 
     def __init__(
         self,
-        num_local_experts,
-        config,
-        submodules,
+        num_local_experts: int,
+        config: TransformerConfig,
+        submodules: MLPSubmodules,
         pg_collection=None,
         *,
         neuron_keep_ratio: float = 1.0,
         ng_lbl_coeff: float = 0.0,
         num_moe_layers: int = 1,
         kernel_impl: str = "auto",
-    ):
+    ) -> None:
         super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
         if not (config.gated_linear_unit and config.activation_func is F.silu):
             raise ValueError("MoNE experts need SwiGLU experts (gated_linear_unit with SiLU)")
@@ -67,32 +72,30 @@ class MoNEExperts(SequentialMLP):
         # Set by mone_train.health.HealthMonitor: called with the local experts' neuron masks.
         self.monitor = None
 
-    def forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
-        """[N, D] dispatched tokens, tokens per local expert, [N] router probs -> ([N, D], None)."""
-        if self.num_local_experts == 1:
-            counts = [permuted_local_hidden_states.shape[0]]
-        else:
-            counts = tokens_per_expert.tolist()
-        x_chunks = torch.split(permuted_local_hidden_states, counts)
-        probs_chunks = torch.split(permuted_probs, counts)
-        fc1_chunks = [expert.linear_fc1(x)[0] for expert, x in zip(self.local_experts, x_chunks)]
-
+    def forward(
+        self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, probs_N: torch.Tensor
+    ) -> tuple[torch.Tensor, None]:
+        """[N, D] dispatched tokens, [E] tokens per local expert, [N] router probs
+        -> ([N, D], None), as megatron's MoE layer calls its experts."""
         with_balance = self.training and self.ng_lbl_coeff > 0 and self.num_kept < self.num_neurons
-        activations = neuron_topk_swiglu_grouped(
-            fc1_chunks, self.num_kept, impl=self.kernel_impl, with_balance=with_balance
+        out_ND, activations, counts = experts_forward(
+            self,
+            x_ND,
+            tokens_per_expert_E,
+            probs_N,
+            self.num_kept,
+            impl=self.kernel_impl,
+            with_balance=with_balance,
         )
         if self.monitor is not None and self.training:
             self.monitor([act.mask for act in activations])
-        out_chunks = [
-            expert.linear_fc2((act.h * probs.unsqueeze(-1)).to(act.h.dtype))[0]
-            for expert, act, probs in zip(self.local_experts, activations, probs_chunks)
-        ]
-        out_ND = out_chunks[0] if len(out_chunks) == 1 else torch.cat(out_chunks, dim=0)
         if with_balance:
             out_ND = self._attach_ng_lbl(out_ND, activations, counts)
         return out_ND, None
 
-    def _attach_ng_lbl(self, out_ND, activations, counts):
+    def _attach_ng_lbl(
+        self, out_ND: torch.Tensor, activations: list[MoNEActivation], counts: list[int]
+    ) -> torch.Tensor:
         """Add beta * L_layer / num_moe_layers to the backward pass and log L_layer.
 
         L_layer is the mean of the per-expert losses over local experts that received tokens.
@@ -106,3 +109,44 @@ class MoNEExperts(SequentialMLP):
             NG_LBL_TRACKER_NAME, loss.detach(), self.layer_number, self.num_layers
         )
         return MoEAuxLossAutoScaler.apply(out_ND, loss * (self.ng_lbl_coeff / self.num_moe_layers))
+
+
+def experts_forward(
+    experts: SequentialMLP,
+    x_ND: torch.Tensor,
+    tokens_per_expert_E: torch.Tensor,
+    probs_N: torch.Tensor,
+    num_kept: int,
+    *,
+    impl: str = "auto",
+    with_balance: bool = False,
+    fc1_observer: Callable[[int, torch.Tensor], None] | None = None,
+) -> tuple[torch.Tensor, list[MoNEActivation], list[int]]:
+    """The MoNE computation of any SwiGLU ``SequentialMLP`` (its own weights) with K = ``num_kept``.
+
+    fc1 of every local expert -> the MoNE activation over all their rows -> router probability
+    -> fc2 per expert. ``fc1_observer(local_expert, fc1_T2F)`` sees each expert's fc1 output
+    before any selection (the analysis tools histogram |SiLU(gate)| from it). Returns the
+    [N, D] output, the activation of each local expert and the rows each received.
+    """
+    if experts.num_local_experts == 1:
+        counts = [x_ND.shape[0]]
+    else:
+        counts = tokens_per_expert_E.tolist()
+    x_chunks = torch.split(x_ND, counts)
+    probs_chunks = torch.split(probs_N, counts)
+    fc1_chunks = [
+        expert.linear_fc1(x_TD)[0] for expert, x_TD in zip(experts.local_experts, x_chunks)
+    ]
+    if fc1_observer is not None:
+        for i, fc1_T2F in enumerate(fc1_chunks):
+            fc1_observer(i, fc1_T2F)
+    activations = neuron_topk_swiglu_grouped(
+        fc1_chunks, num_kept, impl=impl, with_balance=with_balance
+    )
+    out_chunks = [
+        expert.linear_fc2((act.h * probs_T.unsqueeze(-1)).to(act.h.dtype))[0]
+        for expert, act, probs_T in zip(experts.local_experts, activations, probs_chunks)
+    ]
+    out_ND = out_chunks[0] if len(out_chunks) == 1 else torch.cat(out_chunks, dim=0)
+    return out_ND, activations, counts

@@ -1,0 +1,194 @@
+"""The trainer's metrics component: what one log record of the training loop holds.
+
+Per log interval: mean loss, learning rate, gradient norm, tokens/s (time spent evaluating or
+saving excluded), megatron's auxiliary losses and our NG-LBL (read from megatron's tracker),
+expert-parallel all-to-all bytes, activated parameters both ways, the MoE/MoNE health metrics
+and, on GPU, MFU and peak memory. Records go through :class:`~mone_train.tracking.MetricsLogger`.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from megatron.core.transformer.moe.moe_utils import (
+    clear_aux_losses_tracker,
+    get_moe_layer_wise_logging_tracker,
+)
+
+from mone_train import comm_stats
+from mone_train.config import Config
+from mone_train.distributed import DistInfo
+from mone_train.health import HealthMonitor, model_flops_per_token, peak_tflops
+from mone_train.model.builder import num_moe_layers
+from mone_train.model.params import ParamCounts
+from mone_train.tracking import MetricsLogger
+
+
+@dataclass
+class IntervalStats:
+    """Sums over the steps since the last log line."""
+
+    loss: float = 0.0
+    steps: int = 0
+    a2a_bytes: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+
+class TrainMetrics:
+    """Accumulates the steps of a log interval and writes one record when it is due."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        info: DistInfo,
+        model: torch.nn.Module,
+        counts: ParamCounts,
+        logger: MetricsLogger,
+        accum: int,
+    ) -> None:
+        self.cfg = cfg
+        self.info = info
+        self.counts = counts
+        self.logger = logger
+        self.accum = accum
+        self.num_moe = num_moe_layers(cfg)
+        self.tokens_per_step = cfg.trainer.global_batch_size * cfg.trainer.seq_length
+        self.monitor = (
+            HealthMonitor(model, info.ep_rank, info.device) if cfg.logging.health_metrics else None
+        )
+        self.gpu_flops = self._gpu_flops()
+        comm_stats.install()
+        comm_stats.take()
+        get_moe_layer_wise_logging_tracker().clear()  # a global: start from nothing tracked
+        self.interval = IntervalStats()
+
+    def _gpu_flops(self) -> tuple[float | None, float] | None:
+        """(peak TFLOP/s, FLOPs per token) for the MFU estimate; None off GPU."""
+        if self.info.device.type != "cuda":
+            return None
+        t, m = self.cfg.trainer, self.cfg.model
+        peak = self.cfg.logging.peak_tflops or peak_tflops(
+            torch.cuda.get_device_name(), t.precision
+        )
+        per_token = model_flops_per_token(
+            self.counts.activated_moe, m.num_layers, m.hidden_size, t.seq_length
+        )
+        torch.cuda.reset_peak_memory_stats()
+        return peak, per_token
+
+    @contextmanager
+    def paused(self):
+        """Time inside is not training time (evaluation, saving); its exchanges not training's."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            clear_aux_losses_tracker()
+            comm_stats.take()
+            self.interval.start += time.perf_counter() - start
+
+    def step_done(self, state, loss: float, grad_norm: float, lr: float) -> dict | None:
+        """Count the step that took the loop to ``state`` (a TrainState); log and return the
+        interval's record when it is due."""
+        self.interval.loss += loss
+        self.interval.steps += 1
+        self.interval.a2a_bytes += comm_stats.take()[0]
+        t, step = self.cfg.trainer, state.step
+        if step % t.log_interval and step != t.steps:
+            return None
+        record = self._record(step, grad_norm, lr)
+        record["consumed_samples"] = state.consumed_samples
+        self.logger.log(record, echo=format_train_record(record))
+        self.interval = IntervalStats()
+        return record
+
+    def _record(self, step: int, grad_norm: float, lr: float) -> dict:
+        interval = self.interval
+        elapsed = time.perf_counter() - interval.start
+        aux = read_aux_losses(
+            get_moe_layer_wise_logging_tracker(), self.num_moe, interval.steps * self.accum
+        )
+        clear_aux_losses_tracker()
+        record = {
+            "step": step,
+            "loss": interval.loss / interval.steps,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": interval.steps * self.tokens_per_step / elapsed,
+            "aux_loss": aux.get("load_balancing_loss"),
+            "ng_lbl": aux.get("ng_lbl"),
+            # Expert-parallel token exchange of the whole job per step (0 at EP = 1).
+            "a2a_bytes": job_total(interval.a2a_bytes, self.info) / interval.steps,
+            # Activated parameters per token, both ways (docs/method.md): MoE routing alone, and
+            # with the neuron top-k.
+            "params/activated_moe": self.counts.activated_moe,
+            "params/activated": self.counts.activated,
+        }
+        if self.monitor is not None:
+            record.update(self.monitor.collect())
+        if self.gpu_flops is not None:
+            peak, per_token = self.gpu_flops
+            per_gpu = record["tokens_per_s"] * per_token / self.info.world_size
+            record["mfu"] = per_gpu / (peak * 1e12) if peak else None
+            record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
+        return record
+
+    def close(self) -> None:
+        """Detach the health hooks."""
+        if self.monitor is not None:
+            self.monitor.remove()
+            self.monitor = None
+
+
+def job_total(value: float, info: DistInfo) -> float:
+    """Sum of a per-rank number over all ranks."""
+    if info.world_size == 1:
+        return float(value)
+    total = torch.tensor([float(value)], dtype=torch.float64, device=info.device)
+    dist.all_reduce(total)
+    return float(total)
+
+
+def read_aux_losses(tracker: dict, num_moe: int, num_forwards: int) -> dict[str, float]:
+    """Mean over MoE layers and forward passes of each tracked auxiliary loss."""
+    out = {}
+    for name, entry in tracker.items():
+        values = entry["values"].float()
+        if dist.get_world_size() > 1:
+            values = values.clone()
+            dist.all_reduce(values)
+            values /= dist.get_world_size()
+        out[name] = float(values.sum()) / num_moe / max(1, num_forwards)
+    return out
+
+
+_OPTIONAL_FIELDS = (  # (record key, label, format) shown on the log line when present
+    ("aux_loss", "aux", ".4f"),
+    ("ng_lbl", "ng_lbl", ".4f"),
+    ("load/imbalance", "load max/mean", ".2f"),
+    ("neurons/utilisation", "neuron util", ".3f"),
+    ("gate_abs/q50", "|g| median", ".3g"),
+    ("mfu", "MFU", ".1%"),
+)
+
+
+def format_train_record(record: dict) -> str:
+    """The terminal line of one training record."""
+    parts = [
+        f"step {record['step']:>6}",
+        f"loss {record['loss']:.4f}",
+        f"lr {record['lr']:.2e}",
+        f"grad_norm {record['grad_norm']:.3f}",
+        f"tok/s {record['tokens_per_s']:,.0f}",
+    ]
+    for key, label, spec in _OPTIONAL_FIELDS:
+        if record.get(key) is not None:
+            parts.append(f"{label} {record[key]:{spec}}")
+    if record.get("peak_memory_gib") is not None:
+        parts.append(f"mem {record['peak_memory_gib']:.1f} GiB")
+    return " | ".join(parts)

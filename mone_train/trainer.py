@@ -1,0 +1,222 @@
+"""The training run as components: build them (stages), then a short loop that calls them.
+
+    validate config -> process groups -> run directory -> data -> model + optimizer
+    -> checkpointer (resume) -> metrics + evaluator -> Trainer.train()
+
+Each stage is a function or component of its own module (``run_dir``, ``data.run_data``,
+``model.builder``, ``checkpointer``, ``metrics``, ``evaluator``, ``train_step``); this module
+only wires them together. :func:`run` is what the ``mone-train`` command and the tests call.
+"""
+
+from __future__ import annotations
+
+import json
+
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from mone_train.checkpoint import EXIT_PREEMPTED, model_signature
+from mone_train.checkpointer import Checkpointer, PreemptionFlag, TrainState
+from mone_train.config import Config
+from mone_train.data.dataset import micro_batches
+from mone_train.data.run_data import RunData, build_run_data
+from mone_train.distributed import DistInfo, init_distributed, shutdown_distributed
+from mone_train.errors import ConfigError
+from mone_train.evaluator import Evaluator
+from mone_train.metrics import TrainMetrics
+from mone_train.model.builder import build_model
+from mone_train.model.lm import causal_mask
+from mone_train.model.params import count_parameters
+from mone_train.optim import build_optimizer, lr_at
+from mone_train.run_dir import prepare_run_dir
+from mone_train.runtime import configure_torch
+from mone_train.tracking import MetricsLogger
+from mone_train.train_step import TrainStep
+
+
+class Trainer:
+    """One training run of a validated config on an initialised process group."""
+
+    def __init__(self, cfg: Config, info: DistInfo, preemption: PreemptionFlag) -> None:
+        self.cfg, self.info = cfg, info
+        self.logger: MetricsLogger | None = None
+        self.metrics: TrainMetrics | None = None
+        t, m = cfg.trainer, cfg.model
+        cfg.validate(world_size=info.world_size)
+        self.run_dir, resume_from = prepare_run_dir(cfg, info.is_main)
+        self.say(f"run directory: {self.run_dir}")
+        self.say(
+            f"world size {info.world_size}: expert parallel {info.ep_size}, data parallel "
+            f"{info.dp_size}, device {info.device.type}"
+        )
+        self.data = self._build_data()
+        self.vocab_size = self._vocab_size(self.data.tokenizer)
+        self.model, params = build_model(cfg, self.vocab_size, info.ep_rank, info.ep_size)
+        self.counts = count_parameters(self.model, m.router_topk, info.ep_size)
+        self.say(f"model {m.name} ({cfg.moe.flavour}): {self.counts.summary()}")
+        tokenizer = self.data.tokenizer
+        self.say(
+            f"tokenizer {tokenizer.kind}: vocabulary {tokenizer.vocab_size:,} "
+            f"(model {self.vocab_size:,})"
+        )
+        self.optimizer = build_optimizer(cfg.optim, params)
+        self.resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
+        self.checkpointer = Checkpointer(
+            self.run_dir,
+            self.model,
+            self.optimizer,
+            t,
+            signature=model_signature(cfg, self.vocab_size),
+            resolved_config=self.resolved,
+            preemption=preemption,
+            info=info,
+        )
+        self.state, wandb_id = self.checkpointer.resume(resume_from)
+        if resume_from is not None:
+            self.say(f"resumed from {resume_from} at step {self.state.step}")
+        self.logger = MetricsLogger(
+            self.run_dir, cfg.logging, self.resolved, info.is_main, wandb_id=wandb_id
+        )
+        self.checkpointer.wandb_id = self.logger.wandb_id
+        try:
+            self._build_loop_components(params)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build_loop_components(self, params) -> None:
+        cfg, t, info = self.cfg, self.cfg.trainer, self.info
+        if info.is_main:
+            (self.run_dir / "params.json").write_text(json.dumps(self.counts.as_dict(), indent=2))
+        accum = t.global_batch_size // (t.micro_batch_size * info.dp_size)
+        mask = causal_mask(t.seq_length, info.device)
+        self.train_step = TrainStep(
+            self.model,
+            self.optimizer,
+            params,
+            mask,
+            info,
+            accum=accum,
+            clip_grad=cfg.optim.clip_grad,
+        )
+        self.metrics = TrainMetrics(cfg, info, self.model, self.counts, self.logger, accum)
+        self.evaluator = Evaluator(self.model, t, info, mask)
+
+    def say(self, *args) -> None:
+        """Print on the main rank only."""
+        if self.info.is_main:
+            print(*args)
+
+    def _build_data(self) -> RunData:
+        t, info = self.cfg.trainer, self.info
+        eval_samples = t.eval_iters * t.micro_batch_size * info.dp_size
+        return build_run_data(
+            self.cfg, info, (t.steps * t.global_batch_size, eval_samples, eval_samples)
+        )
+
+    def _vocab_size(self, tokenizer) -> int:
+        vocab_size = self.cfg.model.vocab_size or tokenizer.vocab_size
+        if vocab_size < tokenizer.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={vocab_size} is smaller than the tokenizer's vocabulary "
+                f"({tokenizer.vocab_size}); use null to take the tokenizer's"
+            )
+        return vocab_size
+
+    def train(self) -> dict:
+        """Run the step loop to ``trainer.steps``; return the run's summary."""
+        t, info, state = self.cfg.trainer, self.info, self.state
+        batches = micro_batches(
+            self.data.train, state.consumed_samples, t.micro_batch_size, info.dp_rank, info.dp_size
+        )
+        progress = tqdm(
+            total=t.steps,
+            initial=state.step,
+            desc="training",
+            unit="step",
+            disable=not info.is_main,
+        )
+        val_loss = None
+        self.model.train()
+        while state.step < t.steps:
+            lr = lr_at(state.step, self.cfg.optim, t.steps)
+            result = self.train_step(batches, lr)
+            state.step += 1
+            state.consumed_samples += t.global_batch_size
+            progress.update(1)
+            record = self.metrics.step_done(state, result.loss, result.grad_norm, lr)
+            if record is not None:
+                progress.set_postfix(loss=f"{record['loss']:.3f}")
+            if self.evaluator.due(state.step):
+                val_loss = self.evaluate("val_loss", self.data.valid)
+            self.checkpoint(state, progress)
+        progress.close()
+        if val_loss is None:  # resumed at the last step: still end with an evaluation
+            val_loss = self.evaluate("val_loss", self.data.valid)
+        test_loss = None
+        if self.data.test is not None:  # the blend's held-out test split, once at the end
+            test_loss = self.evaluate("test_loss", self.data.test)
+        return self.finish(val_loss, test_loss)
+
+    def evaluate(self, key: str, dataset) -> float:
+        """Evaluate on ``dataset`` and log it as ``key`` (outside the throughput clock)."""
+        with self.metrics.paused():
+            loss = self.evaluator.evaluate(dataset)
+        step = self.state.step
+        self.logger.log(
+            {"step": step, key: loss}, echo=f"step {step:>6} | {key} {loss:.4f} nats/token"
+        )
+        return loss
+
+    def checkpoint(self, state: TrainState, progress: tqdm) -> None:
+        """Save when due; after a save asked for by a signal, exit for requeueing."""
+        with self.metrics.paused():
+            saved, preempted = self.checkpointer.after_step(state)
+        if saved is not None:
+            self.say(f"saved {saved}")
+        if preempted:
+            self.say(f"preempted at step {state.step}: exiting with code {EXIT_PREEMPTED}")
+            progress.close()
+            raise SystemExit(EXIT_PREEMPTED)
+
+    def finish(self, val_loss: float, test_loss: float | None) -> dict:
+        """Close the logger and print the closing lines; return the summary."""
+        summary = {
+            "run_dir": str(self.run_dir),
+            "steps": self.state.step,
+            "val_loss": val_loss,
+            "test_loss": test_loss,
+            "vocab_size": self.vocab_size,
+            "params": self.counts.as_dict(),
+            "wandb_dir": self.logger.wandb_dir,
+        }
+        self.logger.close()  # wandb prints its own closing lines; ours come last
+        self.say(f"final validation loss {val_loss:.4f} nats/token after {self.state.step} steps")
+        self.say(self.counts.summary())
+        self.say(f"run directory: {self.run_dir}")
+        return summary
+
+    def close(self) -> None:
+        """Release what the run holds (hooks, open files); safe after a partial start."""
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.logger is not None:
+            self.logger.close()
+
+
+def run(cfg: Config) -> dict:
+    """Train as configured; return the summary (final validation loss, counts, run dir)."""
+    cfg.validate()
+    configure_torch(cfg)
+    t = cfg.trainer
+    info = init_distributed(t.expert_parallel_size, t.backend, t.init_timeout_s)
+    preemption = PreemptionFlag()  # before anything is written: a signal then always saves
+    trainer = None
+    try:
+        trainer = Trainer(cfg, info, preemption)
+        return trainer.train()
+    finally:
+        preemption.restore()
+        if trainer is not None:
+            trainer.close()
+        shutdown_distributed()
