@@ -41,7 +41,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
-
     from mone_train.data.dataset import micro_batches
     from mone_train.data.run_data import build_run_data
     from mone_train.distributed import init_distributed, shutdown_distributed
