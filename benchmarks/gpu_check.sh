@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, in one go (budget: under 8 minutes on one H100/H200-class GPU):
-#   1. kernel tests compiled (fp32, and bf16/fp16 storage) against the PyTorch reference
+#   1. kernel tests compiled (fp32, and bf16/fp16 storage) against the PyTorch reference, and
+#      the compiler's register / spill / occupancy report for sm_80 and sm_90
 #   2. the kernel benchmark (memory floor, fused vs reference vs dense, full-expert ratio)
 #   3. a short training step-time comparison, MoE vs MoNE, when megatron-core is installable
 # Every table goes to OUT (first argument, else $OUT, else benchmarks/results/gpu-<date>).
@@ -42,6 +43,9 @@ fi
 log "1/3 kernel tests (compiled Triton)"
 timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py tests/test_mone_reference.py \
   2>&1 | tee "$OUT/kernel_tests.txt" | tail -3
+
+log "1b/3 kernel registers, spills and occupancy as compiled for sm_80/sm_90 (no GPU needed)"
+timeout 300 "$PY" benchmarks/kernel_static.py --out "$OUT" --check 2>&1 | tee "$OUT/kernel_static.txt" | tail -3
 
 log "2/3 kernel benchmark"
 timeout 180 "$PY" benchmarks/kernel_bench.py --out "$OUT" 2>&1 | tee "$OUT/kernel_bench.txt" | tail -5

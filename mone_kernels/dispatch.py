@@ -7,6 +7,9 @@ Layers call :func:`neuron_topk_swiglu` (one group of rows) or
   Triton interpreter is far too slow to train with);
 - ``triton``: the Triton kernel, also on CPU when ``TRITON_INTERPRET=1`` (how the tests run it);
 - ``reference``: the PyTorch reference anywhere.
+
+Legend: T rows of one expert, N rows of all experts stacked, F neurons, K kept per row,
+B = ceil(F / 8) bytes of a packed mask row.
 """
 
 from __future__ import annotations
@@ -15,17 +18,23 @@ from typing import NamedTuple
 
 import torch
 
-from mone_kernels.reference import expert_balance_loss, neuron_topk_swiglu_reference
-from mone_kernels.rules import IMPLS
+from mone_kernels.reference import neuron_topk_swiglu_reference
 from mone_kernels.triton_topk_swiglu import (
     neuron_topk_swiglu_triton,
     triton_runnable,
     unpack_mask,
 )
 
+IMPLS = ("auto", "reference", "triton")
+
 
 class MoNEActivation(NamedTuple):
-    """Result for one group of rows: ``h [T, F]``, ``mask [T, F]`` bool, balance loss L."""
+    """Result for one expert's rows.
+
+    ``h``: [T, F] masked SwiGLU product in the input dtype. ``mask``: [T, F] bool selection,
+    or None when not asked for (``with_mask=False``) or when K = F. ``balance``: the expert's
+    NG-LBL, a differentiable fp32 scalar, or None when not asked for.
+    """
 
     h: torch.Tensor
     mask: torch.Tensor | None
@@ -47,40 +56,64 @@ def resolve_impl(impl: str, device: torch.device) -> str:
 
 
 def neuron_topk_swiglu(
-    fc1_T2F: torch.Tensor, k: int, impl: str = "auto", with_balance: bool = False
+    fc1_T2F: torch.Tensor,
+    k: int,
+    impl: str = "auto",
+    with_balance: bool = False,
+    with_mask: bool = True,
 ) -> MoNEActivation:
     """MoNE activation ``(SiLU(gate) * top-k mask) * up`` for every row of ``[T, 2F]``.
 
     See :mod:`mone_kernels.reference` for the exact definition, the tie rule and the balance
     loss (which treats all ``T`` rows as one expert's tokens).
     """
-    return neuron_topk_swiglu_grouped([fc1_T2F], k, impl, with_balance)[0]
+    return neuron_topk_swiglu_grouped([fc1_T2F], k, impl, with_balance, with_mask)[0]
 
 
 def neuron_topk_swiglu_grouped(
-    fc1_chunks: list[torch.Tensor], k: int, impl: str = "auto", with_balance: bool = False
+    fc1_chunks: list[torch.Tensor],
+    k: int,
+    impl: str = "auto",
+    with_balance: bool = False,
+    with_mask: bool = True,
 ) -> list[MoNEActivation]:
-    """The MoNE activation for several experts at once, one ``[T_e, 2F]`` chunk each.
+    """The MoNE activation for several experts at once, one ``fc1_T2F`` chunk each.
 
     Rows are independent, so ``h`` and ``mask`` equal one call on the concatenation; the
     balance loss is per expert. The Triton path concatenates and launches once for all
-    experts; the reference runs chunk by chunk (on CPU there is no launch to save, and
-    concatenating would only copy).
+    experts, and computes the balance loss from the packed mask it saves anyway: the
+    ``[T, F]`` bool mask is built only when ``with_mask`` asks for it (health metrics). The
+    reference runs chunk by chunk (on CPU there is no launch to save, and concatenating
+    would only copy); its mask is a by-product and is dropped unless asked for.
     """
     if not fc1_chunks:
         return []
     num_neurons = fc1_chunks[0].shape[-1] // 2
     if resolve_impl(impl, fc1_chunks[0].device) == "reference" or k == num_neurons:
-        return [
-            MoNEActivation(*neuron_topk_swiglu_reference(fc1, k, with_balance))
-            for fc1 in fc1_chunks
-        ]
-    counts = [fc1.shape[0] for fc1 in fc1_chunks]
+        results = []
+        for fc1_T2F in fc1_chunks:
+            h_TF, mask_TF, balance = neuron_topk_swiglu_reference(fc1_T2F, k, with_balance)
+            results.append(MoNEActivation(h_TF, mask_TF if with_mask else None, balance))
+        return results
+    row_counts = [fc1_T2F.shape[0] for fc1_T2F in fc1_chunks]
     fc1_N2F = fc1_chunks[0] if len(fc1_chunks) == 1 else torch.cat(fc1_chunks, dim=0)
-    h_NF, packed_NB = neuron_topk_swiglu_triton(fc1_N2F, k)
-    mask_NF = unpack_mask(packed_NB, num_neurons)
-    results = []
-    for fc1, h, mask in zip(fc1_chunks, h_NF.split(counts), mask_NF.split(counts)):
-        balance = expert_balance_loss(fc1, mask) if with_balance else None
-        results.append(MoNEActivation(h, mask, balance))
-    return results
+    h_NF, mask_NB, shares_N = neuron_topk_swiglu_triton(
+        fc1_N2F, k, row_counts if with_balance else None
+    )
+    masks = unpack_mask(mask_NB, num_neurons).split(row_counts) if with_mask else None
+    balances = _balance_from_shares(shares_N, row_counts, num_neurons, k) if with_balance else None
+    return [
+        MoNEActivation(h_TF, masks[e] if masks else None, balances[e] if balances else None)
+        for e, h_TF in enumerate(h_NF.split(row_counts))
+    ]
+
+
+def _balance_from_shares(
+    shares_N: torch.Tensor, row_counts: list[int], num_neurons: int, k: int
+) -> list[torch.Tensor]:
+    """Expert e's NG-LBL F / (T_e^2 K) * sum of its rows' shares (0 for an expert without
+    rows), differentiable through the shares."""
+    return [
+        shares_T.sum() * (num_neurons / (num_rows * num_rows * k) if num_rows else 0.0)
+        for shares_T, num_rows in zip(shares_N.split(row_counts), row_counts)
+    ]

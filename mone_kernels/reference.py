@@ -154,8 +154,11 @@ def neuron_topk_swiglu_reference(
 
 
 def expert_balance_loss(fc1_T2F: torch.Tensor, mask_TF: torch.Tensor) -> torch.Tensor:
-    """The balance loss L of one expert's rows, through autograd (for paths whose activation
-    does not fuse it, such as the Triton kernel). Same definition as the fused one above."""
+    """The balance loss L of one expert's rows for a given [T, F] bool mask, through autograd.
+
+    Same definition as the fused one above and the Triton path's (which works from the packed
+    mask); kept as an independent check of both.
+    """
     num_rows, num_neurons = mask_TF.shape
     if num_rows == 0:
         return fc1_T2F.sum() * 0.0

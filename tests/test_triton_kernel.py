@@ -7,9 +7,14 @@ import json
 import pytest
 import torch
 
-from mone_kernels import neuron_topk_swiglu_grouped, neuron_topk_swiglu_reference
+from mone_kernels import (
+    neuron_topk_swiglu,
+    neuron_topk_swiglu_grouped,
+    neuron_topk_swiglu_reference,
+)
 from mone_kernels.reference import expert_balance_loss
 from mone_kernels.triton_topk_swiglu import (
+    neuron_topk_balance_stats,
     neuron_topk_swiglu_fwd,
     neuron_topk_swiglu_triton,
     triton_runnable,
@@ -33,7 +38,7 @@ def _compare(fc1, k):
     """Run kernel and reference (fp32) on the same input; return both results and grads."""
     dh = torch.randn(fc1.shape[0], fc1.shape[1] // 2, device=DEVICE)
     x = fc1.clone().requires_grad_()
-    h, packed = neuron_topk_swiglu_triton(x, k)
+    h, packed, _ = neuron_topk_swiglu_triton(x, k)
     (h.float() * dh).sum().backward()
     x_ref = fc1.float().clone().requires_grad_()
     h_ref, mask_ref, _ = neuron_topk_swiglu_reference(x_ref, k)
@@ -118,6 +123,88 @@ def test_autograd_balance_loss_gradient_matches_fused_reference():
     torch.testing.assert_close(y.grad, x.grad, rtol=1e-5, atol=1e-7)
 
 
+def _grouped_with_balance(chunks, k, impl, dh_chunks, beta=0.7):
+    """Activation + beta * NG-LBL per expert, backward through both; returns acts and grads."""
+    xs = [chunk.clone().requires_grad_() for chunk in chunks]
+    acts = neuron_topk_swiglu_grouped(xs, k, impl=impl, with_balance=True)
+    loss = sum((act.h.float() * dh).sum() + beta * act.balance for act, dh in zip(acts, dh_chunks))
+    loss.backward()
+    return acts, [x.grad for x in xs]
+
+
+@pytest.mark.parametrize(
+    ("rows", "neurons", "k"),
+    [((5, 0, 11), 24, 6), ((1,), 37, 1), ((3, 9), 257, 100), ((2, 6), 96, 40)],
+    ids=["experts-24", "one-row-k1", "odd-width-257", "ties-96"],
+)
+def test_balance_loss_from_packed_mask_matches_reference(rows, neurons, k):
+    chunks = [_fc1(n, neurons, seed=n + neurons) for n in rows]
+    if neurons == 96:  # ties at the threshold: tied rows and a row of zeros (SiLU(0) = 0)
+        chunks[0][0, :neurons] = 1.0
+        chunks[1][1, :neurons] = 0.0
+    gen = torch.Generator().manual_seed(1)
+    dh_chunks = [torch.randn(n, neurons, generator=gen).to(DEVICE) for n in rows]
+    acts, grads = _grouped_with_balance(chunks, k, "triton", dh_chunks)
+    refs, grads_ref = _grouped_with_balance(chunks, k, "reference", dh_chunks)
+    for chunk, act, ref, grad, grad_ref in zip(chunks, acts, refs, grads, grads_ref):
+        assert torch.equal(act.mask, ref.mask)
+        torch.testing.assert_close(act.h, ref.h, rtol=1e-5, atol=1e-5)
+        if chunk.shape[0]:
+            torch.testing.assert_close(act.balance, ref.balance, rtol=1e-5, atol=1e-6)
+            g_abs = torch.nn.functional.silu(chunk[:, :neurons]).abs()
+            if g_abs.sum(dim=-1).min() > 0:  # the literal formula has no clamp for s_t = 0
+                literal = ng_lbl_literal(g_abs, ref.mask)
+                torch.testing.assert_close(act.balance, literal, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_balance_loss_with_bf16_storage():
+    chunks = [_fc1(n, 64, torch.bfloat16, seed=n) for n in (7, 12)]
+    dh_chunks = [torch.randn(n, 64).to(DEVICE) for n in (7, 12)]
+    acts, grads = _grouped_with_balance(chunks, 20, "triton", dh_chunks)
+    refs, grads_ref = _grouped_with_balance(chunks, 20, "reference", dh_chunks)
+    tol = TOLERANCE[torch.bfloat16]
+    for act, ref, grad, grad_ref in zip(acts, refs, grads, grads_ref):
+        assert torch.equal(act.mask, ref.mask) and grad.dtype == torch.bfloat16
+        torch.testing.assert_close(act.balance, ref.balance, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad.float(), grad_ref.float(), rtol=tol, atol=tol)
+
+
+def test_without_mask_no_bool_mask_and_same_results():
+    chunks = [_fc1(n, 40, seed=n) for n in (6, 3)]
+    for impl in ("triton", "reference"):
+        with_mask = neuron_topk_swiglu_grouped(chunks, 9, impl=impl, with_balance=True)
+        without = neuron_topk_swiglu_grouped(
+            chunks, 9, impl=impl, with_balance=True, with_mask=False
+        )
+        for a, b in zip(with_mask, without):
+            assert a.mask is not None and b.mask is None
+            assert torch.equal(a.h, b.h) and torch.equal(a.balance, b.balance)
+    single = neuron_topk_swiglu(chunks[0], 9, impl="triton", with_mask=False)
+    assert single.mask is None and single.balance is None
+
+
+def test_balance_statistics_of_many_rows_split_over_ctas():
+    # 9000 rows of F = 16 span two popcount CTAs per expert (8192 rows each), plus an expert
+    # with a single row: c_e must still be the exact column counts of each expert's mask.
+    neurons, row_counts = 16, [9000, 1, 0, 40]
+    num_rows = sum(row_counts)
+    gen = torch.Generator().manual_seed(4)
+    mask_NF = torch.rand(num_rows, neurons, generator=gen) < 0.3
+    packed = mask_NF.view(num_rows, 2, 8).to(torch.uint8) << torch.arange(8, dtype=torch.uint8)
+    packed_NB = packed.sum(dim=-1, dtype=torch.uint8).to(DEVICE)
+    fc1 = _fc1(num_rows, neurons, seed=4)
+    counts_EF, sums_N, shares_N = neuron_topk_balance_stats(fc1, packed_NB, row_counts)
+    assert torch.equal(unpack_mask(packed_NB, neurons).cpu(), mask_NF)
+    expected_EF = torch.stack([m.float().sum(dim=0) for m in mask_NF.split(row_counts)])
+    assert torch.equal(counts_EF.cpu(), expected_EF)
+    g_abs = torch.nn.functional.silu(fc1[:, :neurons].float()).abs()
+    torch.testing.assert_close(sums_N, g_abs.sum(dim=-1), rtol=1e-6, atol=1e-6)
+    expert_N = torch.repeat_interleave(torch.arange(4), torch.tensor(row_counts)).to(DEVICE)
+    shares_ref = (g_abs * counts_EF[expert_N]).sum(dim=-1) / g_abs.sum(dim=-1)
+    torch.testing.assert_close(shares_N, shares_ref, rtol=1e-5, atol=1e-5)
+
+
 def test_custom_ops_pass_torch_library_checks():
     fc1 = _fc1(4, 16, seed=2)
     torch.library.opcheck(torch.ops.mone_kernels.neuron_topk_swiglu_fwd.default, (fc1, 5))
@@ -125,8 +212,17 @@ def test_custom_ops_pass_torch_library_checks():
     torch.library.opcheck(
         torch.ops.mone_kernels.neuron_topk_swiglu_bwd.default, (fc1, packed, torch.randn_like(h))
     )
+    stats = torch.ops.mone_kernels.neuron_topk_balance_stats.default
+    torch.library.opcheck(stats, (fc1, packed, [3, 1]))
+    counts_EF, sums_N, shares_N = neuron_topk_balance_stats(fc1, packed, [3, 1])
+    expert_N = torch.tensor([0, 0, 0, 1], dtype=torch.int32, device=DEVICE)
+    torch.library.opcheck(
+        torch.ops.mone_kernels.neuron_topk_swiglu_bwd.default,
+        (fc1, packed, torch.randn_like(h), expert_N, counts_EF, shares_N, 1.0 / sums_N),
+    )
 
 
+@pytest.mark.slow  # about 40 s on 2 CPU cores: two 5-step training runs
 def test_five_training_steps_match_the_reference_path(tmp_path):
     pytest.importorskip("megatron.core")
     from mone_train.preflight import compose_config

@@ -78,6 +78,8 @@ class MoNEExperts(SequentialMLP):
         """[N, D] dispatched tokens, [E] tokens per local expert, [N] router probs
         -> ([N, D], None), as megatron's MoE layer calls its experts."""
         with_balance = self.training and self.ng_lbl_coeff > 0 and self.num_kept < self.num_neurons
+        # The [N, F] bool mask is built only for the health monitor (the kernel packs its own).
+        with_mask = self.monitor is not None and self.training
         out_ND, activations, counts = experts_forward(
             self,
             x_ND,
@@ -86,8 +88,9 @@ class MoNEExperts(SequentialMLP):
             self.num_kept,
             impl=self.kernel_impl,
             with_balance=with_balance,
+            with_mask=with_mask,
         )
-        if self.monitor is not None and self.training:
+        if with_mask:
             self.monitor([act.mask for act in activations])
         if with_balance:
             out_ND = self._attach_ng_lbl(out_ND, activations, counts)
@@ -120,6 +123,7 @@ def experts_forward(
     *,
     impl: str = "auto",
     with_balance: bool = False,
+    with_mask: bool = True,
     fc1_observer: Callable[[int, torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, list[MoNEActivation], list[int]]:
     """The MoNE computation of any SwiGLU ``SequentialMLP`` (its own weights) with K = ``num_kept``.
@@ -142,7 +146,7 @@ def experts_forward(
         for i, fc1_T2F in enumerate(fc1_chunks):
             fc1_observer(i, fc1_T2F)
     activations = neuron_topk_swiglu_grouped(
-        fc1_chunks, num_kept, impl=impl, with_balance=with_balance
+        fc1_chunks, num_kept, impl=impl, with_balance=with_balance, with_mask=with_mask
     )
     out_chunks = [
         expert.linear_fc2((act.h * probs_T.unsqueeze(-1)).to(act.h.dtype))[0]
