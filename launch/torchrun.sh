@@ -8,17 +8,46 @@
 #
 # torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT for every worker; the
 # trainer reads them. If any worker fails, torchrun stops the others and exits non-zero.
+#
+# Preemption: SIGUSR1 or SIGTERM sent to this script (what SLURM's --signal and its time limit
+# send to a job step's tasks) is passed to every worker as SIGUSR1, not to torchrun: torchrun
+# would kill its workers after a short grace period, and it does not forward SIGUSR1. The
+# workers save a checkpoint together and exit; this script then exits with 75 (EX_TEMPFAIL,
+# the trainer's "saved, requeue me" code), and the same command resumes.
 set -euo pipefail
 NPROC=${1:?usage: launch/torchrun.sh NPROC_PER_NODE [hydra overrides ...]}
 shift
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 TORCHRUN=${TORCHRUN:-$ROOT/.venv/bin/torchrun}
 NNODES=${NNODES:-1}
+EXIT_PREEMPTED=75
 
 if [[ "$NNODES" == 1 ]]; then
-  exec "$TORCHRUN" --standalone --nnodes 1 --nproc-per-node "$NPROC" -m mone_train.train "$@"
+  cmd=("$TORCHRUN" --standalone --nnodes 1 --nproc-per-node "$NPROC")
+else
+  : "${MASTER_ADDR:?multi-node runs need MASTER_ADDR (the rendezvous host)}"
+  cmd=("$TORCHRUN" --nnodes "$NNODES" --nproc-per-node "$NPROC"
+    --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}"
+    --rdzv-id "${RDZV_ID:-mone-train}")
 fi
-: "${MASTER_ADDR:?multi-node runs need MASTER_ADDR (the rendezvous host)}"
-exec "$TORCHRUN" --nnodes "$NNODES" --nproc-per-node "$NPROC" \
-  --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" \
-  --rdzv-id "${RDZV_ID:-mone-train}" -m mone_train.train "$@"
+
+"${cmd[@]}" -m mone_train.train "$@" &
+launcher=$!
+preempted=0
+forward() {
+  preempted=1
+  echo "launch/torchrun.sh: $1 received, asking the workers to save and exit" >&2
+  pkill -USR1 -P "$launcher" || true
+}
+trap 'forward SIGUSR1' USR1
+trap 'forward SIGTERM' TERM
+
+status=0
+while true; do
+  wait "$launcher" && status=0 || status=$?
+  kill -0 "$launcher" 2>/dev/null || break # wait returned for a trapped signal: keep waiting
+done
+if ((preempted)) && ((status != 0)); then
+  exit "$EXIT_PREEMPTED"
+fi
+exit "$status"

@@ -237,6 +237,27 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def checkpoint_bytes_estimate(model, optimizer, ep_size: int) -> int:
+    """Bytes a checkpoint of this job will take: parameters and AdamW's two moments, dense
+    ones once and expert ones for every expert-parallel rank (metadata is small beside them)."""
+    dense = experts = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            size = p.numel() * 4 * 3  # fp32 weight, exp_avg, exp_avg_sq
+            if getattr(p, "allreduce", True):
+                dense += size
+            else:
+                experts += size
+    return dense + experts * ep_size
+
+
+def free_bytes(folder: Path) -> int:
+    """Free bytes on the file system that holds ``folder`` (or its nearest existing parent)."""
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
 def save_checkpoint(
     run_dir: Path,
     model,
@@ -248,10 +269,17 @@ def save_checkpoint(
     resolved_config: dict,
     wandb_id: str | None,
     keep_last: int,
+    protect: Path | None = None,
+    async_queue=None,
 ) -> Path:
-    """Save atomically (all ranks call this); return the final checkpoint folder."""
+    """Save atomically (all ranks call this); return the checkpoint folder it will become.
+
+    With ``async_queue`` (megatron's ``AsyncCallsQueue``) only the plan and the RNG files are
+    written now: the tensors are written by a forked writer while training goes on, and the
+    marker, the rename and ``latest`` follow when the queue finalizes the request on every
+    rank. ``protect`` is never deleted by the ``keep_last`` rotation.
+    """
     from megatron.core import dist_checkpointing
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
     rank = dist.get_rank()
     folder = run_dir / CHECKPOINTS
@@ -262,10 +290,34 @@ def save_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)  # left by a save that was killed
         staging.mkdir()
     dist.barrier()
-
     state = _sharded_state_dict(model, optimizer)
     state["common"] = {"step": step, "consumed_samples": consumed_samples, "wandb_id": wandb_id}
-    dist_checkpointing.save(state, str(staging))
+    marker = {
+        "step": step,
+        "signature": signature,
+        "world_size": dist.get_world_size(),
+        "config": resolved_config,
+    }
+    commit = _Commit(staging, final, marker, keep_last, protect) if rank == 0 else None
+    if async_queue is None:
+        dist_checkpointing.save(state, str(staging))
+        _save_rng_states(staging, rank)
+        if commit is not None:
+            commit()
+        dist.barrier()
+        return final
+    request = dist_checkpointing.save(state, str(staging), async_sharded_save=True)
+    _save_rng_states(staging, rank)
+    if commit is not None:
+        request.add_finalize_fn(commit)
+    async_queue.schedule_async_request(request)
+    return final
+
+
+def _save_rng_states(staging: Path, rank: int) -> None:
+    """Each rank's generator states into ``staging/rng/rank<r>.pt`` (all ranks call this)."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
     if rank == 0:
         (staging / "rng").mkdir()
     dist.barrier()
@@ -277,31 +329,37 @@ def save_checkpoint(
     torch.save(rng, staging / "rng" / f"rank{rank}.pt")
     dist.barrier()
 
-    if rank == 0:
-        _fsync_tree(staging)
-        marker = {
-            "step": step,
-            "signature": signature,
-            "world_size": dist.get_world_size(),
-            "config": resolved_config,
-        }
-        with open(staging / MARKER, "w") as f:
-            json.dump(marker, f, indent=2)
+
+@dataclass
+class _Commit:
+    """The main rank's last part of a save, once every rank's data is on disk: make it
+    durable, write the marker, rename into place, point ``latest`` at it, rotate old ones."""
+
+    staging: Path
+    final: Path
+    marker: dict
+    keep_last: int
+    protect: Path | None
+
+    def __call__(self) -> None:
+        folder = self.final.parent
+        _fsync_tree(self.staging)
+        with open(self.staging / MARKER, "w") as f:
+            json.dump(self.marker, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
-        if final.exists():  # the same step saved again (e.g. preemption right after a save)
-            shutil.rmtree(final)
-        staging.rename(final)
+        if self.final.exists():  # the same step saved again (preemption right after a save)
+            shutil.rmtree(self.final)
+        self.staging.rename(self.final)
         _fsync_dir(folder)
         latest_tmp = folder / f".{LATEST}.tmp"
-        latest_tmp.write_text(final.name + "\n")
+        latest_tmp.write_text(self.final.name + "\n")
         latest_tmp.rename(folder / LATEST)
         _fsync_dir(folder)
         complete = sorted(p for p in folder.glob("step_*") if (p / MARKER).is_file())
-        for old in complete[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old)
-    dist.barrier()
-    return final
+        for old in complete[: -self.keep_last] if self.keep_last > 0 else []:
+            if old != self.protect:
+                shutil.rmtree(old)
 
 
 def load_checkpoint(path: Path, model, optimizer, signature: dict) -> ResumePoint:

@@ -23,6 +23,7 @@ WANDB_MODES = ("offline", "online", "disabled")
 BACKENDS = ("nccl", "gloo")
 DATA_SOURCES = ("stdlib", "indexed")
 TOKENIZER_KINDS = ("byte", "hf", "sentencepiece")
+ATTENTION_CORES = ("sdpa", "megatron")  # torch's fused SDPA | megatron's DotProductAttention
 
 
 def _require(ok: bool, key: str, value: Any, valid: str) -> None:
@@ -56,6 +57,7 @@ class ModelConfig:
     init_method_std: float = 0.02
     tie_embeddings: bool = False
     dropout: float = 0.0
+    attention: str = "sdpa"  # core attention: sdpa (torch's fused kernels) | megatron (baddbmm)
 
     def validate(self) -> None:
         """Shape rules of the transformer and its MoE layers."""
@@ -103,6 +105,12 @@ class ModelConfig:
         )
         _require(0 <= self.dropout < 1, "model.dropout", self.dropout, "a number in [0, 1)")
         _require(
+            self.attention in ATTENTION_CORES,
+            "model.attention",
+            self.attention,
+            f"one of {list(ATTENTION_CORES)}",
+        )
+        _require(
             self.init_method_std > 0, "model.init_method_std", self.init_method_std, "a number > 0"
         )
         if self.vocab_size is not None:
@@ -119,6 +127,9 @@ class MoEConfig:
     neuron_keep_ratio: float = 0.5  # rho; K = max(1, round(rho * F)) neurons kept per token
     ng_lbl_coeff: float = 1e-2  # beta of the neuron-granular load-balance loss; 0 disables it
     kernel_impl: str = "auto"
+    # All local experts' fc1 and fc2 as one grouped GEMM each (same parameters and checkpoints
+    # as megatron's SequentialMLP); false runs them expert by expert.
+    grouped_gemm: bool = True
 
     def validate(self) -> None:
         """Flavour, keep ratio (any ratio in (0, 1] gives a valid K), NG-LBL weight, kernel."""
@@ -270,8 +281,10 @@ class TrainerConfig:
     precision: str = "fp32"
     save_interval: int = 0  # steps between checkpoints; 0: none (SIGTERM/SIGUSR1 still save)
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted after a save
+    async_save: bool = True  # write checkpoints while training goes on (preemption: at once)
     resume: str = "auto"  # auto: newest complete checkpoint in run_dir | none | <path>
     force_resume: bool = False  # resume although run_dir's config.yaml has another model shape
+    max_nonfinite_steps: int = 3  # skipped (non-finite) updates in a row before the run stops
     compile: Optional[bool] = None  # megatron jit_fuser (torch.compile); null: on with CUDA only
     num_threads: Optional[int] = None  # torch intra-op threads; null keeps torch's default
 
@@ -289,6 +302,7 @@ class TrainerConfig:
                 "eval_iters",
                 "log_interval",
                 "expert_parallel_size",
+                "max_nonfinite_steps",
             ),
         )
         _require(

@@ -7,6 +7,7 @@ all share it without import cycles.
 from __future__ import annotations
 
 EXIT_CONFIG_ERROR = 2  # a bad value or input: one line on stderr, nothing written
+EXIT_DIVERGED = 3  # too many consecutive non-finite steps: one line, the last good checkpoint
 
 
 class ConfigError(ValueError):
@@ -21,3 +22,8 @@ def first_line(err: BaseException, limit: int = 300) -> str:
     """The first line of ``err``'s message (its type name when the message is empty)."""
     text = str(err).strip()
     return (text.splitlines()[0] if text else type(err).__name__)[:limit]
+
+
+class TrainingDiverged(RuntimeError):
+    """Training produced non-finite values for too long; the message says where and names the
+    last good checkpoint. CLIs print it as one line and exit with :data:`EXIT_DIVERGED`."""

@@ -8,6 +8,7 @@ and, on GPU, MFU and peak memory. Records go through :class:`~mone_train.trackin
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,8 +33,10 @@ from mone_train.tracking import MetricsLogger
 class IntervalStats:
     """Sums over the steps since the last log line."""
 
-    loss: float = 0.0
+    loss: float = 0.0  # over steps with a finite loss
+    finite_losses: int = 0
     steps: int = 0
+    skipped: int = 0  # steps whose update was skipped (non-finite loss or gradient norm)
     a2a_bytes: int = 0
     start: float = field(default_factory=time.perf_counter)
 
@@ -91,17 +94,23 @@ class TrainMetrics:
             comm_stats.take()
             self.interval.start += time.perf_counter() - start
 
-    def step_done(self, state, loss: float, grad_norm: float, lr: float) -> dict | None:
-        """Count the step that took the loop to ``state`` (a TrainState); log and return the
-        interval's record when it is due."""
-        self.interval.loss += loss
+    def step_done(self, state, result, lr: float, nonfinite_total: int = 0) -> dict | None:
+        """Count the step (its StepResult) that took the loop to ``state`` (a TrainState); log
+        and return the interval's record when it is due."""
+        if math.isfinite(result.loss):
+            self.interval.loss += result.loss
+            self.interval.finite_losses += 1
+        if not result.applied:
+            self.interval.skipped += 1
         self.interval.steps += 1
         self.interval.a2a_bytes += comm_stats.take()[0]
         t, step = self.cfg.trainer, state.step
         if step % t.log_interval and step != t.steps:
             return None
-        record = self._record(step, grad_norm, lr)
+        record = self._record(step, result.grad_norm, lr)
         record["consumed_samples"] = state.consumed_samples
+        record["skipped_steps"] = self.interval.skipped
+        record["nonfinite_steps_total"] = nonfinite_total
         self.logger.log(record, echo=format_train_record(record))
         self.interval = IntervalStats()
         return record
@@ -115,7 +124,8 @@ class TrainMetrics:
         clear_aux_losses_tracker()
         record = {
             "step": step,
-            "loss": interval.loss / interval.steps,
+            # The mean over finite losses (None when no step of the interval had one).
+            "loss": interval.loss / interval.finite_losses if interval.finite_losses else None,
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens_per_s": interval.steps * self.tokens_per_step / elapsed,
@@ -181,14 +191,20 @@ def format_train_record(record: dict) -> str:
     """The terminal line of one training record."""
     parts = [
         f"step {record['step']:>6}",
-        f"loss {record['loss']:.4f}",
+        f"loss {_number(record['loss'], '.4f')}",
         f"lr {record['lr']:.2e}",
-        f"grad_norm {record['grad_norm']:.3f}",
+        f"grad_norm {_number(record['grad_norm'], '.3f')}",
         f"tok/s {record['tokens_per_s']:,.0f}",
     ]
     for key, label, spec in _OPTIONAL_FIELDS:
         if record.get(key) is not None:
             parts.append(f"{label} {record[key]:{spec}}")
+    if record.get("skipped_steps"):
+        parts.append(f"skipped {record['skipped_steps']} (non-finite)")
     if record.get("peak_memory_gib") is not None:
         parts.append(f"mem {record['peak_memory_gib']:.1f} GiB")
     return " | ".join(parts)
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:{spec}}"

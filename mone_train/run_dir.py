@@ -1,45 +1,123 @@
-"""The run directory: what may be written where, and which checkpoint a run resumes from."""
+"""The run directory: what may be written where, and where a run starts or goes on.
+
+Rules (docs/checkpoints.md), checked on every rank before anything is written:
+
+- A directory whose run finished (``FINISHED.json``) is never written to again, unless the
+  config asks for more steps than it finished with and it has a checkpoint: then training goes
+  on from there (the finish marker is removed until the longer run finishes).
+- A directory holding ``metrics.jsonl`` without our ``config.yaml`` is not a run of ours and
+  is refused; one whose ``config.yaml`` describes another model shape is refused unless
+  ``trainer.force_resume``.
+- Otherwise the same command always goes on: from the newest complete checkpoint, or from
+  scratch when none completed (a kill before the first save). Metric records past the point
+  it goes on from are moved to ``metrics-superseded-<time>.jsonl`` (kept, not mixed into the
+  new history), and staging folders of interrupted saves (``checkpoints/.tmp-*``) are deleted.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import time
 from pathlib import Path
 
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from mone_train.checkpoint import find_checkpoint, model_signature, signature_mismatch
+from mone_train.checkpoint import (
+    CHECKPOINTS,
+    find_checkpoint,
+    model_signature,
+    read_marker,
+    signature_mismatch,
+)
 from mone_train.config import Config
 from mone_train.errors import ConfigError
 from mone_train.tracking import METRICS_FILE
 
+FINISHED = "FINISHED.json"
+CONFIG_FILE = "config.yaml"
+
 
 def prepare_run_dir(cfg: Config, is_main: bool) -> tuple[Path, Path | None]:
-    """Create the run directory and find the checkpoint to resume from, if any.
+    """Check the run directory against the rules above, then (main rank) set it up.
 
-    A directory that already holds a run is only accepted when resuming it, and only with the
-    same model shape unless ``trainer.force_resume``; nothing existing is overwritten.
+    Returns the directory and the checkpoint to resume from (None: from scratch).
     """
     run_dir = Path(cfg.trainer.run_dir).expanduser().resolve()
     checkpoint = find_checkpoint(run_dir, cfg.trainer.resume)
-    previous = run_dir / "config.yaml"
-    if (run_dir / METRICS_FILE).exists() and checkpoint is None:
+    _check_finished(run_dir, cfg, checkpoint)
+    previous = run_dir / CONFIG_FILE
+    if (run_dir / METRICS_FILE).exists() and not previous.is_file():
         raise ConfigError(
             f"trainer.run_dir={str(run_dir)!r} is invalid: expected a directory without a previous "
-            f"run ({METRICS_FILE} exists there and no checkpoint to resume from)"
+            f"run ({METRICS_FILE} exists there but no {CONFIG_FILE} of a mone-train run)"
         )
-    if checkpoint is not None and previous.is_file() and not cfg.trainer.force_resume:
+    if previous.is_file() and not cfg.trainer.force_resume:
         _check_same_shape(run_dir, previous, cfg)
     dist.barrier()  # every rank has looked before the main rank writes anything
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / FINISHED).unlink(missing_ok=True)
+        for stale in (run_dir / CHECKPOINTS).glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        start_step = read_marker(checkpoint)["step"] if checkpoint is not None else 0
+        supersede_metrics(run_dir, start_step)
         name = (
-            "config.yaml"
+            CONFIG_FILE
             if not previous.exists()
             else f"config-resumed-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
         )
         (run_dir / name).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    dist.barrier()
     return run_dir, checkpoint
+
+
+def mark_finished(run_dir: Path, summary: dict) -> None:
+    """Write ``FINISHED.json`` (atomically): the run completed all its steps."""
+    tmp = run_dir / f".{FINISHED}.tmp"
+    tmp.write_text(json.dumps({**summary, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+    os.replace(tmp, run_dir / FINISHED)
+
+
+def supersede_metrics(run_dir: Path, start_step: int) -> Path | None:
+    """Move records of steps after ``start_step`` out of ``metrics.jsonl``; return where."""
+    metrics = run_dir / METRICS_FILE
+    if not metrics.is_file():
+        return None
+    keep, moved = [], []
+    for line in metrics.read_text().splitlines():
+        try:
+            step = json.loads(line).get("step", 0)
+        except ValueError:  # a line cut short by the kill
+            step = start_step + 1
+        (keep if step <= start_step else moved).append(line)
+    if not moved:
+        return None
+    aside = run_dir / f"metrics-superseded-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    with open(aside, "a") as f:
+        f.write("\n".join(moved) + "\n")
+    tmp = run_dir / f".{METRICS_FILE}.tmp"
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, metrics)
+    return aside
+
+
+def _check_finished(run_dir: Path, cfg: Config, checkpoint: Path | None) -> None:
+    marker = run_dir / FINISHED
+    if not marker.is_file():
+        return
+    try:
+        done = json.loads(marker.read_text()).get("steps", 0)
+    except ValueError:
+        done = 0
+    if checkpoint is None or cfg.trainer.steps <= done:
+        raise ConfigError(
+            f"trainer.run_dir={str(run_dir)!r} holds a finished run ({FINISHED}: {done} steps); "
+            f"choose another trainer.run_dir, or set trainer.steps above {done} to train it "
+            "further from its last checkpoint"
+        )
 
 
 def _check_same_shape(run_dir: Path, previous: Path, cfg: Config) -> None:

@@ -7,6 +7,7 @@ evaluation records carry ``val_loss`` (nats per token).
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -70,14 +71,15 @@ class MetricsLogger:
         """Append ``record`` (must hold ``step``) and print ``echo`` if given."""
         if not self.enabled:
             return
-        self._file.write(json.dumps(record) + "\n")
+        record = finite_record(record)
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
         if self._wandb_run is not None:
             # Scalars only: per-expert lists stay in metrics.jsonl.
             scalars = {
                 k: v
                 for k, v in record.items()
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
-            }
+            }  # None (a non-finite number) is left out
             self._wandb_run.log(scalars, step=record["step"])
         if echo:
             tqdm.write(echo)
@@ -89,3 +91,17 @@ class MetricsLogger:
         if self._wandb_run is not None:
             self._wandb_run.finish()
             self._wandb_run = None
+
+
+def finite_record(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with NaN and infinities (also inside lists) replaced by None, so that the JSON
+    lines stay strict JSON and wandb is never sent them."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    return {key: clean(value) for key, value in record.items()}

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mone_train import silence_megatron_notices
 from mone_train.config import Config, register_configs
-from mone_train.errors import EXIT_CONFIG_ERROR, ConfigError
+from mone_train.errors import EXIT_CONFIG_ERROR, EXIT_DIVERGED, ConfigError, TrainingDiverged
 from mone_train.preflight import CONFIG_DIR, check_overrides
 
 
@@ -42,8 +42,9 @@ def hydra_main(dcfg: DictConfig) -> None:
             cfg.trainer.run_dir = HydraConfig.get().runtime.output_dir
         run(cfg)
     except Exception as err:
-        if isinstance(err, ConfigError):  # bad config value or launch environment: one line
-            message, code = str(err), EXIT_CONFIG_ERROR
+        if isinstance(err, (ConfigError, TrainingDiverged)):  # one line, no traceback
+            message = str(err)
+            code = EXIT_CONFIG_ERROR if isinstance(err, ConfigError) else EXIT_DIVERGED
             print(f"mone-train: error: {message}", file=sys.stderr)
         else:
             traceback.print_exc()

@@ -1,12 +1,16 @@
 """One optimizer step: micro batches -> DDP gradient buffers -> global norm and clipping -> AdamW.
 
 Gradients accumulate in megatron-core's DDP buffers and are all-reduced there; the norm covers
-every expert of every rank; clipping and AdamW then act on the buffers.
+every expert of every rank; clipping and AdamW then act on the buffers. A step whose loss or
+gradient norm is not finite applies no update: weights and optimizer state stay as they were
+(the trainer counts such steps and stops after too many in a row).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -15,15 +19,18 @@ from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from mone_train.distributed import DistInfo
+from mone_train.errors import TrainingDiverged
 from mone_train.model.lm import lm_loss
 from mone_train.optim import attach_main_grads, clip_grads_, detach_main_grads, global_grad_norm
 
 
 class StepResult(NamedTuple):
-    """The global batch's mean LM loss and the gradient norm before clipping."""
+    """The global batch's mean LM loss, the gradient norm before clipping, and whether the
+    update was applied (False: the loss or the norm was not finite, weights untouched)."""
 
     loss: float
     grad_norm: float
+    applied: bool = True
 
 
 class TrainStep:
@@ -76,8 +83,46 @@ class TrainStep:
         if self.info.dp_size > 1:
             dist.all_reduce(step_loss, group=self.dp_group)  # the loss of the global batch
         grad_norm = global_grad_norm(self.params, self.ep_group)
+        loss = float(step_loss[0] / step_loss[1])
+        # Both numbers are job-wide (the loss is all-reduced over data parallel ranks, the norm
+        # over expert parallel ranks on top of DDP's all-reduce), so every rank decides alike.
+        if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
+            return StepResult(loss, float(grad_norm), applied=False)
         clip_grads_(self.params, self.clip_grad, grad_norm)
         attach_main_grads(self.params)
         self.optimizer.step()
         detach_main_grads(self.params)
-        return StepResult(float(step_loss[0] / step_loss[1]), float(grad_norm))
+        return StepResult(loss, float(grad_norm))
+
+
+class NonFiniteGuard:
+    """Counts steps whose update was skipped; too many in a row stop the run.
+
+    :meth:`count` every step, then :meth:`check`, which raises :class:`TrainingDiverged` after
+    ``max_consecutive`` skipped steps in a row, naming the steps, what was not finite and the
+    last good checkpoint.
+    """
+
+    def __init__(self, max_consecutive: int) -> None:
+        self.max_consecutive = max_consecutive
+        self.streak = 0  # consecutive skipped steps up to now
+        self.total = 0  # skipped steps in this process
+
+    def count(self, result: StepResult) -> None:
+        """Account for one step's result."""
+        if result.applied:
+            self.streak = 0
+        else:
+            self.streak += 1
+            self.total += 1
+
+    def check(self, step: int, result: StepResult, last_good: Path | None) -> None:
+        """Raise TrainingDiverged if the streak that ends at ``step`` (1-based) is too long."""
+        if self.streak < self.max_consecutive:
+            return
+        what = "loss" if not math.isfinite(result.loss) else "gradient norm"
+        raise TrainingDiverged(
+            f"training diverged: non-finite {what} at steps {step - self.streak + 1}-{step} "
+            f"({self.streak} updates skipped in a row, trainer.max_nonfinite_steps="
+            f"{self.max_consecutive}); last good checkpoint: {last_good or 'none'}"
+        )

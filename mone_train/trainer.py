@@ -28,10 +28,10 @@ from mone_train.model.builder import build_model
 from mone_train.model.lm import causal_mask
 from mone_train.model.params import count_parameters
 from mone_train.optim import build_optimizer, lr_at
-from mone_train.run_dir import prepare_run_dir
+from mone_train.run_dir import mark_finished, prepare_run_dir
 from mone_train.runtime import configure_torch
 from mone_train.tracking import MetricsLogger
-from mone_train.train_step import TrainStep
+from mone_train.train_step import NonFiniteGuard, TrainStep
 
 
 class Trainer:
@@ -41,6 +41,7 @@ class Trainer:
         self.cfg, self.info = cfg, info
         self.logger: MetricsLogger | None = None
         self.metrics: TrainMetrics | None = None
+        self.checkpointer: Checkpointer | None = None
         t, m = cfg.trainer, cfg.model
         cfg.validate(world_size=info.world_size)
         self.run_dir, resume_from = prepare_run_dir(cfg, info.is_main)
@@ -99,6 +100,7 @@ class Trainer:
             accum=accum,
             clip_grad=cfg.optim.clip_grad,
         )
+        self.guard = NonFiniteGuard(t.max_nonfinite_steps)
         self.metrics = TrainMetrics(cfg, info, self.model, self.counts, self.logger, accum)
         self.evaluator = Evaluator(self.model, t, info, mask)
 
@@ -125,16 +127,23 @@ class Trainer:
 
     def train(self) -> dict:
         """Run the step loop to ``trainer.steps``; return the run's summary."""
+        t, info = self.cfg.trainer, self.info
+        with tqdm(total=t.steps, initial=self.state.step, desc="training", unit="step",
+                  disable=not info.is_main) as progress:  # fmt: skip
+            val_loss = self._loop(progress)
+        self.checkpointer.wait()  # the last save is complete before the run counts as done
+        if val_loss is None:  # resumed at the last step: still end with an evaluation
+            val_loss = self.evaluate("val_loss", self.data.valid)
+        test_loss = None
+        if self.data.test is not None:  # the blend's held-out test split, once at the end
+            test_loss = self.evaluate("test_loss", self.data.test)
+        return self.finish(val_loss, test_loss)
+
+    def _loop(self, progress: tqdm) -> float | None:
+        """The steps: train, count, log, evaluate, checkpoint. Returns the last val loss."""
         t, info, state = self.cfg.trainer, self.info, self.state
         batches = micro_batches(
             self.data.train, state.consumed_samples, t.micro_batch_size, info.dp_rank, info.dp_size
-        )
-        progress = tqdm(
-            total=t.steps,
-            initial=state.step,
-            desc="training",
-            unit="step",
-            disable=not info.is_main,
         )
         val_loss = None
         self.model.train()
@@ -144,19 +153,16 @@ class Trainer:
             state.step += 1
             state.consumed_samples += t.global_batch_size
             progress.update(1)
-            record = self.metrics.step_done(state, result.loss, result.grad_norm, lr)
-            if record is not None:
+            self.guard.count(result)
+            record = self.metrics.step_done(state, result, lr, self.guard.total)
+            if record is not None and record["loss"] is not None:
                 progress.set_postfix(loss=f"{record['loss']:.3f}")
+            # After too many skipped updates in a row: stop, naming the last good checkpoint.
+            self.guard.check(state.step, result, self.checkpointer.newest)
             if self.evaluator.due(state.step):
                 val_loss = self.evaluate("val_loss", self.data.valid)
-            self.checkpoint(state, progress)
-        progress.close()
-        if val_loss is None:  # resumed at the last step: still end with an evaluation
-            val_loss = self.evaluate("val_loss", self.data.valid)
-        test_loss = None
-        if self.data.test is not None:  # the blend's held-out test split, once at the end
-            test_loss = self.evaluate("test_loss", self.data.test)
-        return self.finish(val_loss, test_loss)
+            self.checkpoint(state)
+        return val_loss
 
     def evaluate(self, key: str, dataset) -> float:
         """Evaluate on ``dataset`` and log it as ``key`` (outside the throughput clock)."""
@@ -168,15 +174,14 @@ class Trainer:
         )
         return loss
 
-    def checkpoint(self, state: TrainState, progress: tqdm) -> None:
+    def checkpoint(self, state: TrainState) -> None:
         """Save when due; after a save asked for by a signal, exit for requeueing."""
         with self.metrics.paused():
-            saved, preempted = self.checkpointer.after_step(state)
+            saved, preempted = self.checkpointer.after_step(state, self.guard.streak > 0)
         if saved is not None:
             self.say(f"saved {saved}")
         if preempted:
             self.say(f"preempted at step {state.step}: exiting with code {EXIT_PREEMPTED}")
-            progress.close()
             raise SystemExit(EXIT_PREEMPTED)
 
     def finish(self, val_loss: float, test_loss: float | None) -> dict:
@@ -191,13 +196,18 @@ class Trainer:
             "wandb_dir": self.logger.wandb_dir,
         }
         self.logger.close()  # wandb prints its own closing lines; ours come last
+        if self.info.is_main:
+            mark_finished(self.run_dir, {k: v for k, v in summary.items() if k != "params"})
         self.say(f"final validation loss {val_loss:.4f} nats/token after {self.state.step} steps")
         self.say(self.counts.summary())
         self.say(f"run directory: {self.run_dir}")
         return summary
 
     def close(self) -> None:
-        """Release what the run holds (hooks, open files); safe after a partial start."""
+        """Release what the run holds (a save in flight, hooks, open files); safe after a
+        partial start."""
+        if self.checkpointer is not None:
+            self.checkpointer.close()
         if self.metrics is not None:
             self.metrics.close()
         if self.logger is not None:

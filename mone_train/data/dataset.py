@@ -11,11 +11,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-from mone_train.errors import ConfigError
+from mone_train.errors import ConfigError, first_line
 
 
 class DataError(ConfigError):
@@ -34,16 +35,37 @@ def _split_bounds(split: list[float], num_documents: int) -> list[tuple[int, int
     ]
 
 
-def check_split(prefix: str, index: int, raw: str, split: list[float]) -> None:
+def open_indexed(prefix: str, index: int, raw: str):
+    """megatron-core's IndexedDataset of ``prefix``; a DataError naming the file when the
+    index is unreadable or the .bin is shorter than the index says (truncated, or mixed up)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    where = f"data.paths[{index}]={raw!r}"
+    try:
+        dataset = IndexedDataset(prefix)
+        pointers, lengths = dataset.index.sequence_pointers, dataset.index.sequence_lengths
+        itemsize = np.dtype(dataset.index.dtype).itemsize
+    except Exception as err:  # megatron asserts on the header, numpy fails on short files
+        raise DataError(
+            f"{where}: {prefix}.idx is not a readable megatron-core index ({first_line(err)}); "
+            "re-create the dataset with mone-preprocess"
+        ) from None
+    needed = int(pointers[-1]) + int(lengths[-1]) * itemsize if len(lengths) else 0
+    size = Path(prefix + ".bin").stat().st_size
+    if size < needed:
+        raise DataError(
+            f"{where}: {prefix}.bin has {size} bytes but its index needs {needed} (truncated, or "
+            "not the .bin this .idx was written with); re-create the dataset with mone-preprocess"
+        )
+    return dataset
+
+
+def check_split(dataset, index: int, raw: str, split: list[float]) -> None:
     """Every split with a share must get at least one document of every dataset.
 
     (megatron-core loops forever building a GPTDataset over zero tokens.)
     """
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    dataset = IndexedDataset(prefix)
     num_documents = len(dataset)
-    del dataset
     for name, share, (begin, end) in zip(
         ("train", "valid", "test"), split, _split_bounds(split, num_documents)
     ):
@@ -92,8 +114,10 @@ def check_prefixes(paths: list[str], tokenizer, split: list[float] | None = None
                     f"data.paths[{i}]={raw!r} was tokenized with {_describe(made_with)}, "
                     f"but data.tokenizer is {_describe(ours)}"
                 )
+        dataset = open_indexed(prefix, i, raw)
         if split is not None:
-            check_split(prefix, i, raw, split)
+            check_split(dataset, i, raw, split)
+        del dataset
         checked.append(prefix)
     return checked
 

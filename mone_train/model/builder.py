@@ -2,8 +2,11 @@
 
 The MoNE experts enter through megatron-core's layer spec: the decoder block spec is megatron's
 own (``get_gpt_decoder_block_spec``, local backend), and in its MoE layer spec the ``experts``
-submodule's class is swapped for :class:`MoNEExperts`. Router, token dispatcher, auxiliary
-loss, expert parallelism and checkpoint layout therefore stay megatron-core's.
+submodule's class is swapped for :class:`GroupedMoNEExperts` (``moe.grouped_gemm``) or
+:class:`MoNEExperts`. Router, token dispatcher, auxiliary loss, expert parallelism and
+checkpoint layout therefore stay megatron-core's. With ``model.attention=sdpa`` the
+self-attention's ``core_attention`` submodule is :class:`SDPAttention` (torch's fused
+attention) instead of megatron's ``DotProductAttention``; neither holds parameters.
 """
 
 from __future__ import annotations
@@ -17,12 +20,15 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from mone_train.config import Config
+from mone_train.model.attention import SDPAttention
+from mone_train.model.grouped_experts import GroupedMoNEExperts
 from mone_train.model.init import init_parameters_by_name
 from mone_train.model.mone_experts import MoNEExperts
 
@@ -68,32 +74,53 @@ def transformer_config(cfg: Config) -> TransformerConfig:
     )
 
 
+def _experts_module(cfg: Config) -> tuple[type, dict] | None:
+    """The experts class of the MoE layers and its extra arguments; None keeps megatron's
+    SequentialMLP. Plain MoE with grouped GEMMs is the MoNE module at rho = 1 (the same
+    function as SequentialMLP, tested), without the neuron-level loss."""
+    mone = cfg.moe.flavour == "mone"
+    if not mone and not cfg.moe.grouped_gemm:
+        return None
+    module = GroupedMoNEExperts if cfg.moe.grouped_gemm else MoNEExperts
+    return module, {
+        "neuron_keep_ratio": cfg.moe.neuron_keep_ratio if mone else 1.0,
+        "ng_lbl_coeff": cfg.moe.ng_lbl_coeff if mone else 0.0,
+        "num_moe_layers": num_moe_layers(cfg),
+        "kernel_impl": cfg.moe.kernel_impl,
+    }
+
+
+def _swap_layer_spec(spec: ModuleSpec, sdpa: bool, experts: tuple[type, dict] | None) -> ModuleSpec:
+    """A copy of megatron's layer spec with our core attention and experts plugged in."""
+    new_spec = copy.deepcopy(spec)
+    if sdpa:
+        attention = new_spec.submodules.self_attention.submodules
+        assert attention.core_attention is DotProductAttention, attention.core_attention
+        attention.core_attention = SDPAttention
+    mlp = new_spec.submodules.mlp
+    if experts is not None and mlp.module is MoELayer:
+        experts_spec = mlp.submodules.experts
+        assert experts_spec.module is SequentialMLP, experts_spec.module
+        experts_spec.module, experts_spec.params = experts
+    return new_spec
+
+
 def decoder_block_spec(cfg: Config, config: TransformerConfig) -> TransformerBlockSubmodules:
-    """megatron-core's local decoder block spec with the experts chosen by ``cfg.moe``."""
+    """megatron-core's local decoder block spec with the core attention chosen by
+    ``cfg.model.attention`` and the experts chosen by ``cfg.moe``."""
     block = get_gpt_decoder_block_spec(
         config, use_transformer_engine=False, normalization="RMSNorm"
     )
-    if cfg.moe.flavour == "moe":
+    sdpa = cfg.model.attention == "sdpa"
+    experts = _experts_module(cfg)
+    if not sdpa and experts is None:
         return block
-    swapped: dict[int, ModuleSpec] = {}
+    swapped: dict[int, ModuleSpec] = {}  # layers share spec objects; copy each one once
     layer_specs = []
     for spec in block.layer_specs:
-        mlp = spec.submodules.mlp
-        if mlp.module is MoELayer:
-            if id(spec) not in swapped:
-                new_spec = copy.deepcopy(spec)
-                experts = new_spec.submodules.mlp.submodules.experts
-                assert experts.module is SequentialMLP, experts.module
-                experts.module = MoNEExperts
-                experts.params = {
-                    "neuron_keep_ratio": cfg.moe.neuron_keep_ratio,
-                    "ng_lbl_coeff": cfg.moe.ng_lbl_coeff,
-                    "num_moe_layers": num_moe_layers(cfg),
-                    "kernel_impl": cfg.moe.kernel_impl,
-                }
-                swapped[id(spec)] = new_spec
-            spec = swapped[id(spec)]
-        layer_specs.append(spec)
+        if id(spec) not in swapped:
+            swapped[id(spec)] = _swap_layer_spec(spec, sdpa, experts)
+        layer_specs.append(swapped[id(spec)])
     return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=block.layer_norm)
 
 

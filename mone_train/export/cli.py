@@ -1,0 +1,80 @@
+"""``mone-export``: a run directory or checkpoint -> a Hugging Face model directory.
+
+    mone-export RUN_DIR_OR_CHECKPOINT --out DIR [--overwrite] [--dtype float32|bfloat16|float16]
+
+Bad input (a path that is no checkpoint, a checkpoint folder without ``COMPLETE.json``, an
+existing ``--out`` without ``--overwrite``) ends in one line ``mone-export: ...`` on stderr and
+exit code 2, before anything is written. See docs/inference.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+import warnings
+
+from mone_train.errors import EXIT_CONFIG_ERROR, ConfigError, first_line
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line and exit code 2."""
+
+    def error(self, message: str):
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mone-export`` command line."""
+    parser = OneLineParser(
+        prog="mone-export",
+        description="Write a mone-train checkpoint as a Hugging Face model directory "
+        "(docs/inference.md). Loads offline with AutoModelForCausalLM.from_pretrained(DIR, "
+        "trust_remote_code=True).",
+    )
+    parser.add_argument("source", help="run directory (its newest checkpoint) or checkpoint folder")
+    parser.add_argument("--out", required=True, help="the folder to create")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export")
+    parser.add_argument(
+        "--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+        help="dtype of the written weights (training keeps fp32 masters)",
+    )  # fmt: skip
+    return parser
+
+
+def quiet_libraries() -> None:
+    """Silence megatron's and torch.distributed.checkpoint's start-up notices; stay offline."""
+    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (is|are) not installed")
+    warnings.filterwarnings("ignore", message=r"full scope is deprecated")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; returns the exit code."""
+    quiet_libraries()
+    try:
+        args = build_parser().parse_args(argv)
+        from mone_train.export.writer import export_checkpoint
+
+        result = export_checkpoint(args.source, args.out, args.overwrite, args.dtype)
+    except ConfigError as err:
+        print(f"mone-export: {first_line(err, 500)}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except Exception as err:
+        traceback.print_exc()
+        print(f"mone-export: failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    print(
+        f"exported {result.checkpoint} (step {result.step}) as {result.architecture}: "
+        f"{result.num_kept_neurons} of {result.num_neurons} neurons kept per routed expert"
+    )
+    print(result.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Configuration of a MoNE (Mixture of Neuron Experts) causal language model.
+
+A GPT-style decoder as mone-train trains it with megatron-core: RMSNorm, RoPE (non-interleaved),
+grouped-query attention without biases, SwiGLU MLPs; every ``moe_layer_freq``-th layer (from
+the first) is a mixture of experts with a top-k softmax router, the others are dense. Inside
+every routed expert each token keeps only the ``num_kept_neurons`` neurons with the largest
+|SiLU(gate)| (all of them for a plain MoE model).
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedConfig
+
+DECODE_PATHS = ("auto", "dense", "sparse")
+
+
+class MoNEConfig(PreTrainedConfig):
+    """Shape and MoNE settings; ``decode_path`` chooses the experts' path (see sparse_decode)."""
+
+    model_type = "mone"
+    keys_to_ignore_at_inference = ["cache"]
+
+    vocab_size: int = 258
+    hidden_size: int = 128
+    intermediate_size: int = 512  # dense layers' MLP width
+    moe_intermediate_size: int = 256  # F, neurons per routed expert
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    moe_layer_freq: int = 1  # layers 0, f, 2f, ... are MoE layers
+    neuron_keep_ratio: float = 1.0  # rho, as trained (informative; num_kept_neurons decides)
+    num_kept_neurons: int | None = None  # K; None keeps all F (a plain MoE model)
+    decode_path: str = "auto"  # auto | dense | sparse
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 1024
+    initializer_range: float = 0.02
+    attention_dropout: float = 0.0
+    tie_word_embeddings: bool = False
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.num_kept_neurons is None:
+            self.num_kept_neurons = self.moe_intermediate_size
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        """Shape rules (called by the config's strict validation)."""
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, {self.num_experts}]"
+            )
+        if not 1 <= self.num_kept_neurons <= self.moe_intermediate_size:
+            raise ValueError(
+                f"num_kept_neurons={self.num_kept_neurons} must be in "
+                f"[1, moe_intermediate_size={self.moe_intermediate_size}]"
+            )
+        if self.decode_path not in DECODE_PATHS:
+            raise ValueError(f"decode_path={self.decode_path!r} is not one of {DECODE_PATHS}")
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether decoder layer ``layer_idx`` (0-based) is a mixture of experts."""
+        return layer_idx % self.moe_layer_freq == 0
+
+
+__all__ = ["MoNEConfig"]

@@ -1,0 +1,378 @@
+"""MoNE causal language model for Hugging Face transformers (torch + transformers only).
+
+The forward pass reproduces megatron-core's GPTModel as mone-train builds it (the parity is
+tested against megatron on the same tokens):
+
+    embed -> N x [x + attn(RMSNorm(x)); x + mlp(RMSNorm(x))] -> RMSNorm -> lm_head
+
+- attention: q/k/v/o projections without bias (megatron's fused ``linear_qkv`` split per query
+  group at export), RoPE over the whole head (base ``rope_theta``, halves rotated, not
+  interleaved), grouped-query attention, softmax scale 1/sqrt(head_dim), causal mask;
+- MoE layers (every ``moe_layer_freq``-th from the first): router logits in fp32 without bias,
+  top-k over the logits, softmax over the k chosen (megatron's default ``softmax`` score function
+  without pre-softmax), each chosen expert's output scaled by its probability and summed;
+- routed experts: SwiGLU with the top ``num_kept_neurons`` neurons by |SiLU(gate)| per token,
+  dense masked or sparse (``sparse_decode.expert_forward``, chosen by ``config.decode_path``);
+- dense layers: SwiGLU MLP of width ``intermediate_size``.
+
+Legend: B batch, S sequence, N = B*S tokens, D hidden size, E experts, F neurons per expert,
+H heads, G key/value heads, Dh head size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+
+from .configuration_mone import MoNEConfig
+
+try:  # an exported model directory carries the kernel file beside this one
+    from .sparse_decode import expert_forward
+except ImportError:  # inside the mone_train package
+    from mone_kernels.sparse_decode import expert_forward
+
+
+class MoNERMSNorm(nn.RMSNorm):
+    """torch's RMSNorm, as megatron-core's local layer spec uses it."""
+
+
+class MoNERotaryEmbedding(nn.Module):
+    """cos/sin of RoPE at given positions, computed as megatron-core computes them (fp32)."""
+
+    def __init__(self, config: MoNEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.register_buffer("inv_freq", self.inverse_frequencies(config), persistent=False)
+
+    @staticmethod
+    def inverse_frequencies(config: MoNEConfig) -> torch.Tensor:
+        """[Dh / 2] fp32 1 / base^(2i / Dh), megatron-core's formula."""
+        dim = config.head_dim
+        exponents = torch.arange(0, dim, 2, dtype=torch.float32) / dim
+        return 1.0 / (config.rope_theta**exponents)
+
+    @torch.no_grad()
+    def forward(
+        self, x: torch.Tensor, position_ids_BS: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, S, Dh] cos, [B, S, Dh] sin) in ``x``'s dtype."""
+        freqs_BSd = position_ids_BS[..., None].float() * self.inv_freq.float().to(x.device)
+        emb_BSDh = torch.cat((freqs_BSd, freqs_BSd), dim=-1)
+        return emb_BSDh.cos().to(x.dtype), emb_BSDh.sin().to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, cos_BSDh: torch.Tensor, sin_BSDh: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on [B, heads, S, Dh] queries and keys (rotate-half convention)."""
+    cos, sin = cos_BSDh.unsqueeze(1), sin_BSDh.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with an explicit fp32 softmax; ``attention_mask`` is additive (or None)."""
+    groups = module.num_key_value_groups
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+class MoNEAttention(nn.Module):
+    """Causal grouped-query self-attention with RoPE and a KV cache."""
+
+    def __init__(self, config: MoNEConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        q_width = config.num_attention_heads * self.head_dim
+        kv_width = config.num_key_value_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, q_width, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, kv_width, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=False)
+        self.o_proj = nn.Linear(q_width, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        hidden_BSD: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[B, S, D] -> ([B, S, D], attention weights or None); appends K/V to ``cache``."""
+        shape = (*hidden_BSD.shape[:-1], -1, self.head_dim)
+        q = self.q_proj(hidden_BSD).view(shape).transpose(1, 2)
+        k = self.k_proj(hidden_BSD).view(shape).transpose(1, 2)
+        v = self.v_proj(hidden_BSD).view(shape).transpose(1, 2)
+        q, k = apply_rotary(q, k, *position_embeddings)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        out, weights = attention(
+            self,
+            q,
+            k,
+            v,
+            attention_mask,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        return self.o_proj(out.reshape(*hidden_BSD.shape[:-1], -1)), weights
+
+
+class MoNEDenseMLP(nn.Module):
+    """SwiGLU MLP of the layers that are not MoE (megatron's fc1 = [gate | up])."""
+
+    def __init__(self, config: MoNEConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class MoNERouter(nn.Module):
+    """Top-k router: fp32 logits, top-k over them, softmax over the k chosen."""
+
+    def __init__(self, config: MoNEConfig) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+
+    def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N, D] -> ([N, k] expert indices, [N, k] fp32 probabilities)."""
+        logits_NE = F.linear(x_ND.float(), self.weight.float())
+        top_logits_NK, experts_NK = torch.topk(logits_NE, self.top_k, dim=-1)
+        return experts_NK, torch.softmax(top_logits_NK, dim=-1, dtype=torch.float32)
+
+
+class MoNEExperts(nn.Module):
+    """The routed experts' weights, stacked, in the layout the sparse path reads.
+
+    ``gate_up_proj`` [E, 2F, D]: megatron's fc1 (gate rows, then up rows);
+    ``down_proj_t`` [E, F, D]: W_down transposed (neuron j's output weights are row j).
+    """
+
+    def __init__(self, config: MoNEConfig) -> None:
+        super().__init__()
+        shape = (config.num_experts, config.moe_intermediate_size, config.hidden_size)
+        self.config = config
+        self.gate_up_proj = nn.Parameter(torch.empty(shape[0], 2 * shape[1], shape[2]))
+        self.down_proj_t = nn.Parameter(torch.empty(shape))
+
+    def forward(
+        self, x_ND: torch.Tensor, experts_NK: torch.Tensor, probs_NK: torch.Tensor
+    ) -> torch.Tensor:
+        """Sum over each token's chosen experts of probability x expert output: [N, D]."""
+        out_ND = torch.zeros_like(x_ND)
+        num_kept, path = self.config.num_kept_neurons, self.config.decode_path
+        for expert in torch.unique(experts_NK).tolist():
+            rows_T, slots_T = torch.nonzero(experts_NK == expert, as_tuple=True)
+            y_TD = expert_forward(
+                x_ND[rows_T],
+                self.gate_up_proj[expert],
+                self.down_proj_t[expert],
+                num_kept,
+                probs_NK[rows_T, slots_T],
+                path=path,
+            )
+            out_ND.index_add_(0, rows_T, y_TD.to(out_ND.dtype))
+        return out_ND
+
+
+class MoNESparseMoeBlock(nn.Module):
+    """Router + routed MoNE experts (no shared experts)."""
+
+    def __init__(self, config: MoNEConfig) -> None:
+        super().__init__()
+        self.router = MoNERouter(config)
+        self.experts = MoNEExperts(config)
+
+    def forward(self, hidden_BSD: torch.Tensor) -> torch.Tensor:
+        x_ND = hidden_BSD.reshape(-1, hidden_BSD.shape[-1])
+        experts_NK, probs_NK = self.router(x_ND)
+        return self.experts(x_ND, experts_NK, probs_NK).view(hidden_BSD.shape)
+
+
+class MoNEDecoderLayer(nn.Module):
+    """Pre-norm transformer layer: attention, then a MoE or dense MLP, each with a residual."""
+
+    def __init__(self, config: MoNEConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = MoNEAttention(config, layer_idx)
+        moe = config.is_moe_layer(layer_idx)
+        self.mlp = MoNESparseMoeBlock(config) if moe else MoNEDenseMLP(config)
+        self.input_layernorm = MoNERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = MoNERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_BSD: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        attended, _ = self.self_attn(
+            self.input_layernorm(hidden_BSD), position_embeddings, attention_mask, cache, **kwargs
+        )
+        hidden_BSD = hidden_BSD + attended
+        return hidden_BSD + self.mlp(self.post_attention_layernorm(hidden_BSD))
+
+
+class MoNEPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and capabilities shared by the MoNE model classes."""
+
+    config_class = MoNEConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["MoNEDecoderLayer"]
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Random weights for a fresh model; recomputes the RoPE buffer, which is not saved
+        (loading builds the model on the meta device and fills only saved tensors)."""
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, MoNEExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj_t, mean=0.0, std=std)
+        elif isinstance(module, MoNERouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, MoNERotaryEmbedding):
+            init.copy_(module.inv_freq, MoNERotaryEmbedding.inverse_frequencies(self.config))
+
+
+class MoNEModel(MoNEPreTrainedModel):
+    """The decoder stack without the language-model head."""
+
+    def __init__(self, config: MoNEConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            MoNEDecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = MoNERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = MoNERotaryEmbedding(config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """Hidden states after the final norm, and the (updated) KV cache."""
+        cache = kwargs.pop("past_key_values", cache)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if position_ids is None:
+            seen = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + seen
+            position_ids = position_ids.unsqueeze(0)
+        mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        rotary = self.rotary_emb(inputs_embeds, position_ids)
+        hidden_BSD = inputs_embeds
+        for layer in self.layers:
+            hidden_BSD = layer(hidden_BSD, rotary, mask, cache, **kwargs)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_BSD), cache=cache)
+
+
+class MoNEForCausalLM(MoNEPreTrainedModel, GenerationMixin):
+    """MoNE decoder with its language-model head; supports ``generate()`` with a KV cache."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MoNEConfig) -> None:
+        super().__init__(config)
+        self.model = MoNEModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Next-token logits [B, S, V] (the last ``logits_to_keep`` positions when set), the LM
+        loss when ``labels`` are given (shifted inside), and the KV cache."""
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_BSD = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_BSD)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+
+
+__all__ = ["MoNEForCausalLM", "MoNEModel", "MoNEPreTrainedModel"]
