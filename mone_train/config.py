@@ -18,6 +18,7 @@ from mone_train.errors import ConfigError
 
 FLAVOURS = ("mone", "moe")
 PRECISIONS = ("fp32",)  # bf16 needs fp32 master weights in the optimizer: not yet
+RECOMPUTE = ("none", "moe", "full")  # activation recompute: off | MoE layers | whole layers
 SCHEDULES = ("cosine", "linear", "constant")
 WANDB_MODES = ("offline", "online", "disabled")
 BACKENDS = ("nccl", "gloo")
@@ -127,9 +128,14 @@ class MoEConfig:
     neuron_keep_ratio: float = 0.5  # rho; K = max(1, round(rho * F)) neurons kept per token
     ng_lbl_coeff: float = 1e-2  # beta of the neuron-granular load-balance loss; 0 disables it
     kernel_impl: str = "auto"
-    # All local experts' fc1 and fc2 as one grouped GEMM each (same parameters and checkpoints
-    # as megatron's SequentialMLP); false runs them expert by expert.
-    grouped_gemm: bool = True
+    # fc1 and fc2 of all local experts as one grouped GEMM each (same parameters, checkpoints
+    # and results as the expert-by-expert loop). null: on with CUDA only (on CPU the grouped
+    # GEMM is a loop over experts too and measured no faster, benchmarks/trainer_throughput.py).
+    grouped_gemm: Optional[bool] = None
+
+    def grouped_on(self, device_type: str) -> bool:
+        """Whether the experts run as grouped GEMMs on a ``device_type`` ('cuda', 'cpu') device."""
+        return self.grouped_gemm if self.grouped_gemm is not None else device_type == "cuda"
 
     def validate(self) -> None:
         """Flavour, keep ratio (any ratio in (0, 1] gives a valid K), NG-LBL weight, kernel."""
@@ -287,6 +293,9 @@ class TrainerConfig:
     max_nonfinite_steps: int = 3  # skipped (non-finite) updates in a row before the run stops
     compile: Optional[bool] = None  # megatron jit_fuser (torch.compile); null: on with CUDA only
     num_threads: Optional[int] = None  # torch intra-op threads; null keeps torch's default
+    # Activation recompute: none | moe (recompute each MoE layer in backward) | full (every
+    # transformer layer, one per checkpoint). Costs one more forward of what it recomputes.
+    recompute: str = "none"
 
     def validate(self) -> None:
         """Loop lengths, batch arithmetic, layout and run-control values."""
@@ -316,6 +325,12 @@ class TrainerConfig:
             "trainer.precision",
             self.precision,
             f"one of {list(PRECISIONS)}",
+        )
+        _require(
+            self.recompute in RECOMPUTE,
+            "trainer.recompute",
+            self.recompute,
+            f"one of {list(RECOMPUTE)}",
         )
         if self.num_threads is not None:
             _require(

@@ -20,7 +20,8 @@ hook adds one column sum per layer, the MoNE hook one ``any`` over each expert's
 |SiLU(gate)| is histogrammed on at most ``GATE_ROWS`` sampled rows per expert call (fixed
 log-spaced bins, so memory is bounded). Counters stay on the compute device; they are summed
 (or OR-ed) across ranks and copied to the host only at log time, one all-reduce per kind.
-Only training-mode forwards are observed; evaluation does not count.
+Only training-mode forwards that record the autograd graph are observed: evaluation does not
+count, and under activation recompute (``trainer.recompute``) each forward counts once.
 """
 
 from __future__ import annotations
@@ -92,14 +93,14 @@ class HealthMonitor:
 
     def _router_hook(self, layer: int):
         def hook(module, args, output):
-            if module.training:
+            if observed(module):
                 routing_map = output[1]
                 self.observe_routing(layer, routing_map)
 
         return hook
 
     def _fc1_hook(self, module, args, output):
-        if module.training:
+        if observed(module):
             self.observe_gate(output[0] if isinstance(output, tuple) else output)
 
     def _neuron_observer(self, layer: int, offset: int):
@@ -194,6 +195,16 @@ class HealthMonitor:
         for experts in self._observed_experts:
             experts.monitor = None
         self._observed_experts = []
+
+
+def observed(module: torch.nn.Module) -> bool:
+    """Whether a forward of ``module`` counts: a training forward that records the graph.
+
+    Under activation recompute the forward runs first without grad and again, with grad,
+    inside backward; only the second builds the graph, so each training forward counts once
+    (the rule megatron's router applies to its own statistics).
+    """
+    return module.training and torch.is_grad_enabled()
 
 
 def histogram_summary(hist: torch.Tensor) -> dict:

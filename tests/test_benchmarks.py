@@ -54,6 +54,7 @@ def test_trainer_throughput_benchmark_runs(tmp_path):
             "2",
             "--rounds",
             "1",
+            "--no-ablations",
             "--overrides",
             "model=tiny",
             "trainer.seq_length=32",

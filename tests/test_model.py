@@ -24,8 +24,9 @@ def test_moe_layers_use_the_configured_experts(megatron_single, flavour, expecte
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     cfg, model = _build(
-        ["model=tiny", f"moe={flavour}", "model.num_layers=4", "model.moe_layer_freq=2"]
-    )
+        ["model=tiny", f"moe={flavour}", "model.num_layers=4", "model.moe_layer_freq=2",
+         "moe.grouped_gemm=false"]  # the per-expert module (grouped ones: test_grouped_experts)
+    )  # fmt: skip
     moe_layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     assert len(moe_layers) == 2  # layers 1 and 3 of 4
     assert {type(m.experts).__name__ for m in moe_layers} == {expected}

@@ -126,13 +126,15 @@ class SDPAttention(MegatronModule):
                     )
                 return True, None
             return False, None
+        if mask.dtype != torch.bool:
+            raise ValueError(f"SDPAttention takes boolean masks (True = masked), got {mask.dtype}")
         if seq_q == seq_k and self._is_plain_causal(mask, seq_q):
             return True, None
         return False, ~mask
 
     def _is_plain_causal(self, mask: torch.Tensor, seq: int) -> bool:
         """Whether every [S, S] slice of ``mask`` is True exactly above the diagonal."""
-        if mask.dtype != torch.bool or mask.shape[-2:] != (seq, seq):
+        if mask.shape[-2:] != (seq, seq):
             return False
         last = self._last_verdict
         if last is not None and last[0]() is mask and last[1] == mask._version:

@@ -2,8 +2,8 @@
 
 The MoNE experts enter through megatron-core's layer spec: the decoder block spec is megatron's
 own (``get_gpt_decoder_block_spec``, local backend), and in its MoE layer spec the ``experts``
-submodule's class is swapped for :class:`GroupedMoNEExperts` (``moe.grouped_gemm``) or
-:class:`MoNEExperts`. Router, token dispatcher, auxiliary loss, expert parallelism and
+submodule's class is swapped for :class:`GroupedMoNEExperts` (``moe.grouped_gemm``; by default
+with CUDA) or :class:`MoNEExperts`. Router, token dispatcher, auxiliary loss, expert parallelism and
 checkpoint layout therefore stay megatron-core's. With ``model.attention=sdpa`` the
 self-attention's ``core_attention`` submodule is :class:`SDPAttention` (torch's fused
 attention) instead of megatron's ``DotProductAttention``; neither holds parameters.
@@ -38,10 +38,28 @@ def num_moe_layers(cfg: Config) -> int:
     return len(range(0, cfg.model.num_layers, cfg.model.moe_layer_freq))
 
 
+def recompute_settings(recompute: str) -> dict:
+    """megatron-core's activation-recompute switches for ``trainer.recompute``.
+
+    ``moe``: selective recompute of each MoE layer (router, dispatch, experts, combine) in
+    backward; ``full``: every transformer layer recomputed, one layer per checkpoint.
+    """
+    if recompute == "moe":
+        return {"recompute_granularity": "selective", "recompute_modules": ["moe"]}
+    if recompute == "full":
+        return {
+            "recompute_granularity": "full",
+            "recompute_method": "uniform",
+            "recompute_num_layers": 1,
+        }
+    return {}
+
+
 def transformer_config(cfg: Config) -> TransformerConfig:
     """megatron-core TransformerConfig for this run (TP = PP = 1, alltoall dispatcher)."""
     m, t = cfg.model, cfg.trainer
     return TransformerConfig(
+        **recompute_settings(t.recompute),
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         num_attention_heads=m.num_attention_heads,
@@ -62,7 +80,8 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         moe_router_load_balancing_type="aux_loss" if m.aux_loss_coeff > 0 else "none",
         moe_token_dispatcher_type="alltoall",
         moe_router_dtype="fp32",  # router logits and softmax in fp32, as megatron recommends
-        # These fusions need TransformerEngine or the grouped_gemm package (CUDA only).
+        # These fusions need TransformerEngine or the grouped_gemm package (CUDA only); our own
+        # grouped experts are chosen by moe.grouped_gemm in the layer spec instead.
         moe_grouped_gemm=False,
         moe_permute_fusion=False,
         moe_router_fusion=False,
@@ -79,9 +98,10 @@ def _experts_module(cfg: Config) -> tuple[type, dict] | None:
     SequentialMLP. Plain MoE with grouped GEMMs is the MoNE module at rho = 1 (the same
     function as SequentialMLP, tested), without the neuron-level loss."""
     mone = cfg.moe.flavour == "mone"
-    if not mone and not cfg.moe.grouped_gemm:
+    grouped = cfg.moe.grouped_on("cuda" if torch.cuda.is_available() else "cpu")
+    if not mone and not grouped:
         return None
-    module = GroupedMoNEExperts if cfg.moe.grouped_gemm else MoNEExperts
+    module = GroupedMoNEExperts if grouped else MoNEExperts
     return module, {
         "neuron_keep_ratio": cfg.moe.neuron_keep_ratio if mone else 1.0,
         "ng_lbl_coeff": cfg.moe.ng_lbl_coeff if mone else 0.0,

@@ -68,8 +68,7 @@ class GroupedMoNEExperts(MoNEExperts):
     ) -> tuple[torch.Tensor, None]:
         """[N, D] dispatched tokens, [E] tokens per local expert, [N] router probs
         -> ([N, D], None), as megatron's MoE layer calls its experts."""
-        with_balance = self.training and self.ng_lbl_coeff > 0 and self.num_kept < self.num_neurons
-        with_mask = self.monitor is not None and self.training
+        with_balance, with_mask = self.observed_outputs()
         if self.num_local_experts == 1:
             counts = [x_ND.shape[0]]
         else:

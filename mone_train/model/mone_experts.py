@@ -77,9 +77,7 @@ class MoNEExperts(SequentialMLP):
     ) -> tuple[torch.Tensor, None]:
         """[N, D] dispatched tokens, [E] tokens per local expert, [N] router probs
         -> ([N, D], None), as megatron's MoE layer calls its experts."""
-        with_balance = self.training and self.ng_lbl_coeff > 0 and self.num_kept < self.num_neurons
-        # The [N, F] bool mask is built only for the health monitor (the kernel packs its own).
-        with_mask = self.monitor is not None and self.training
+        with_balance, with_mask = self.observed_outputs()
         out_ND, activations, counts = experts_forward(
             self,
             x_ND,
@@ -95,6 +93,21 @@ class MoNEExperts(SequentialMLP):
         if with_balance:
             out_ND = self._attach_ng_lbl(out_ND, activations, counts)
         return out_ND, None
+
+    def observed_outputs(self) -> tuple[bool, bool]:
+        """(compute NG-LBL, build the neuron mask for the health monitor) for this forward.
+
+        Only a training forward that records the autograd graph computes and logs them. Under
+        activation recompute megatron's checkpoint runs the forward twice: first without grad
+        (outputs kept, graph discarded), then again with grad inside backward. Counting only
+        the graph-building pass (megatron's router does the same for its aux loss) logs and
+        observes each training forward once and gives the NG-LBL loss one backward.
+        """
+        observed = self.training and torch.is_grad_enabled()
+        with_balance = observed and self.ng_lbl_coeff > 0 and self.num_kept < self.num_neurons
+        # The [N, F] bool mask is built only for the health monitor (the kernel packs its own).
+        with_mask = observed and self.monitor is not None
+        return with_balance, with_mask
 
     def _attach_ng_lbl(
         self, out_ND: torch.Tensor, activations: list[MoNEActivation], counts: list[int]

@@ -1,0 +1,632 @@
+"""``mone-plan``: memory, expert-parallel traffic and FLOPs of a run, before it starts.
+
+Takes the same Hydra config and overrides as ``mone-train`` plus the job's shape
+(``--world-size``, ``--gpu-memory-gib``) and prints, per device:
+
+- parameters, gradients (megatron DDP's fp32 ``main_grad`` buffers) and optimizer state
+  (AdamW's two fp32 moments; fp32 master weights when parameters are bf16). These are exact:
+  counted from the same shapes megatron-core builds (tests compare them with built models).
+- activations of one micro batch with each ``trainer.recompute`` setting: an analytic count of
+  the tensors autograd keeps per layer (attention, router and dispatch, experts, MoNE's mask)
+  and of the loss (logits and the fp32 cross-entropy), plus what is alive at the peak (the
+  logits at the end of the forward, or one recomputed layer in backward). An estimate: checked
+  against a measured CPU peak by ``benchmarks/memory_plan_check.py`` (target within 25 %).
+- the all-to-all bytes of a step (expert parallelism), FLOPs per token and the tokens/s that an
+  MFU implies; whether the total fits and, when not, which knob makes it fit.
+
+Legend: L layers, h hidden size, a attention heads, g query groups, d head size, V vocabulary,
+E experts (E_loc on one device), k router top-k, F neurons per expert, K kept neurons,
+b micro batch, s sequence length, T = b*s tokens, N = T*k routed rows, p bytes per element.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass, replace
+
+from mone_kernels.rules import num_kept_neurons
+from mone_train.config import Config
+from mone_train.errors import EXIT_CONFIG_ERROR, ConfigError
+
+GIB = 2**30
+FP32 = 4
+# Bytes per parameter: (weights, gradient buffer, optimizer state). bf16 weights keep fp32
+# masters (4) beside AdamW's two fp32 moments (8); gradients are reduced in fp32 either way.
+PRECISION_BYTES = {"fp32": (4, 4, 8), "bf16": (2, 4, 12)}
+RECOMPUTE_SETTINGS = ("none", "moe", "full")
+DEFAULT_GPU = "H100"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The numbers the estimates need, taken from a Config and a vocabulary size."""
+
+    num_layers: int
+    num_moe_layers: int
+    hidden: int
+    heads: int
+    groups: int
+    head_dim: int
+    ffn: int
+    vocab: int
+    experts: int
+    local_experts: int
+    topk: int
+    neurons: int
+    kept: int
+    tied: bool
+    micro_batch: int
+    seq: int
+    bytes_per_act: int
+    grouped: bool  # experts as grouped GEMMs (their weights stacked per forward)
+    packed_mask: bool  # MoNE's Triton path (1-bit mask); the reference keeps a bool mask
+    balance: bool  # NG-LBL statistics are kept for backward
+    megatron_experts: bool  # megatron's SequentialMLP (plain MoE, not grouped)
+    sdpa: bool
+    dropout: bool
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch * self.seq
+
+
+def shape_of(
+    cfg: Config, vocab_size: int, ep_size: int | None = None, device: str = "cuda"
+) -> Shape:
+    """:class:`Shape` of ``cfg`` on ``device`` ("cuda" or "cpu": which MoNE kernel runs);
+    ``ep_size`` defaults to trainer.expert_parallel_size."""
+    m, t, moe = cfg.model, cfg.trainer, cfg.moe
+    ep = ep_size or t.expert_parallel_size
+    mone = moe.flavour == "mone"
+    kept = num_kept_neurons(moe.neuron_keep_ratio if mone else 1.0, m.moe_ffn_hidden_size)
+    sparse = kept < m.moe_ffn_hidden_size
+    triton = moe.kernel_impl == "triton" or (moe.kernel_impl == "auto" and device == "cuda")
+    grouped = moe.grouped_on(device)
+    return Shape(
+        num_layers=m.num_layers,
+        num_moe_layers=len(range(0, m.num_layers, m.moe_layer_freq)),
+        hidden=m.hidden_size,
+        heads=m.num_attention_heads,
+        groups=m.num_query_groups or m.num_attention_heads,
+        head_dim=m.hidden_size // m.num_attention_heads,
+        ffn=m.ffn_hidden_size,
+        vocab=vocab_size,
+        experts=m.num_experts,
+        local_experts=m.num_experts // ep,
+        topk=m.router_topk,
+        neurons=m.moe_ffn_hidden_size,
+        kept=kept,
+        tied=m.tie_embeddings,
+        micro_batch=t.micro_batch_size,
+        seq=t.seq_length,
+        bytes_per_act=PRECISION_BYTES[t.precision][0],
+        grouped=grouped,
+        packed_mask=sparse and triton,
+        balance=mone and sparse and moe.ng_lbl_coeff > 0,
+        megatron_experts=not mone and not grouped,
+        sdpa=m.attention == "sdpa",
+        dropout=m.dropout > 0,
+    )
+
+
+# --------------------------------------------------------------------------- model states
+
+
+@dataclass(frozen=True)
+class ParamNumbers:
+    """Parameter counts: per expert-parallel rank (``dense + expert_local``) and model-wide."""
+
+    dense: int  # everything but the routed experts (replicated on every rank)
+    expert_local: int  # routed-expert weights on one rank
+    expert_total: int
+
+    @property
+    def local(self) -> int:
+        return self.dense + self.expert_local
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.expert_total
+
+
+def parameter_numbers(shape: Shape) -> ParamNumbers:
+    """Parameters of megatron-core's GPTModel as built by ``mone_train.model.builder``:
+    RMSNorm weights, bias-free linears, fused QKV with grouped queries, rotary positions."""
+    h, d = shape.hidden, shape.head_dim
+    attention = 2 * h + (shape.heads + 2 * shape.groups) * d * h + h * shape.heads * d
+    router = shape.experts * h
+    dense_mlp = 3 * shape.ffn * h  # gated: fc1 [2 ffn, h], fc2 [h, ffn]
+    one_expert = 3 * shape.neurons * h  # fc1 [2F, h], fc2 [h, F]
+    num_dense_layers = shape.num_layers - shape.num_moe_layers
+    embeddings = shape.vocab * h * (1 if shape.tied else 2)
+    dense = (
+        embeddings
+        + h  # final norm
+        + shape.num_layers * attention
+        + shape.num_moe_layers * router
+        + num_dense_layers * dense_mlp
+    )
+    return ParamNumbers(
+        dense=dense,
+        expert_local=shape.num_moe_layers * shape.local_experts * one_expert,
+        expert_total=shape.num_moe_layers * shape.experts * one_expert,
+    )
+
+
+@dataclass(frozen=True)
+class ModelStateBytes:
+    """Bytes per device that do not depend on the batch."""
+
+    params: int
+    grads: int
+    optimizer: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer
+
+
+def model_state_bytes(shape: Shape, precision: str) -> ModelStateBytes:
+    """Weights, fp32 gradient buffers and optimizer state of one device."""
+    weight, grad, optimizer = PRECISION_BYTES[precision]
+    local = parameter_numbers(shape).local
+    return ModelStateBytes(params=weight * local, grads=grad * local, optimizer=optimizer * local)
+
+
+# ---------------------------------------------------------------------------- activations
+
+
+def attention_bytes(shape: Shape) -> int:
+    """What one self-attention block keeps for backward (its input norm included)."""
+    T, h, p, d = shape.tokens, shape.hidden, shape.bytes_per_act, shape.head_dim
+    norm = 2 * T * h * p + T * FP32  # torch's RMSNorm keeps x and x * rstd, and rstd
+    qkv_in = T * h * p
+    qkv_out = T * (shape.heads + 2 * shape.groups) * d * p  # v is a view: the whole storage stays
+    q_k_rope = T * (shape.heads + shape.groups) * d * p
+    out = T * h * p  # also linear_proj's input (a view)
+    if shape.sdpa:  # flash / memory-efficient kernels: the output and a logsumexp per row
+        core = out + shape.micro_batch * shape.heads * shape.seq * FP32
+    else:  # megatron's DotProductAttention keeps the [b, a, s, s] softmax (and dropout mask)
+        scores = shape.micro_batch * shape.heads * shape.seq * shape.seq
+        expanded_kv = 2 * T * h * p if shape.groups < shape.heads else 0
+        core = out + scores * p + (scores if shape.dropout else 0) + expanded_kv
+    return norm + qkv_in + qkv_out + q_k_rope + core
+
+
+def moe_layer_bytes(shape: Shape) -> dict[str, int]:
+    """What one MoE layer keeps for backward, by part (its pre-MLP norm included)."""
+    T, h, p, E, k = shape.tokens, shape.hidden, shape.bytes_per_act, shape.experts, shape.topk
+    N, F = T * k, shape.neurons
+    router = T * h * p + T * (E * FP32 + k * (2 * 8 + FP32))  # input; scores, top-k, probs
+    dispatch = T * E * (1 + FP32) + N * 8  # routing map, probs per expert, permutation indices
+    experts = N * h * p + N * 2 * F * p  # fc1 input, fc1 output
+    if shape.megatron_experts:  # SwiGLU keeps SiLU(gate); the scaled product feeds fc2
+        experts += 3 * N * F * p
+        mask = 0
+    else:  # h and h * prob; the reference (CPU, and rho = 1) keeps a bool mask, Triton 1 bit
+        experts += 2 * N * F * p
+        mask = N * math.ceil(F / 8) if shape.packed_mask else N * F
+        if shape.balance:  # per-row sums and shares (+ the row's expert), per-expert counts
+            rows = 3 if shape.packed_mask else 2
+            mask += rows * N * FP32 + shape.local_experts * F * FP32
+    if shape.grouped:  # torch.stack of the local experts' fc1 and fc2 weights, every forward
+        experts += shape.local_experts * 3 * F * h * p
+    return {
+        "norm": 2 * T * h * p + T * FP32,
+        "router": router,
+        "dispatch": dispatch,
+        "experts": experts,
+        "mone_mask": mask,
+    }
+
+
+def moe_backward_bytes(shape: Shape) -> int:
+    """Working memory of an MoE layer's backward at its largest: the gradients of the experts'
+    fc1 output [N, 2F] and of their activation [N, F] (fp32 in the reference activation)."""
+    N, F = shape.tokens * shape.topk, shape.neurons
+    grad_bytes = shape.bytes_per_act if shape.packed_mask else FP32
+    return 3 * N * F * grad_bytes
+
+
+def dense_mlp_bytes(shape: Shape) -> int:
+    """A dense SwiGLU MLP layer (those that ``moe_layer_freq`` leaves dense), norm included."""
+    T, h, p = shape.tokens, shape.hidden, shape.bytes_per_act
+    return 2 * T * h * p + T * FP32 + T * h * p + T * shape.ffn * 4 * p
+
+
+def loss_bytes(shape: Shape) -> tuple[int, int]:
+    """(kept for backward, alive only at the end of the forward) by the final norm, the output
+    layer and megatron's cross-entropy (its softmax in fp32)."""
+    T, h, p, V = shape.tokens, shape.hidden, shape.bytes_per_act, shape.vocab
+    kept = 2 * T * h * p + T * FP32 + T * h * p + T * V * FP32 + T
+    logits = T * V * p + (T * V * FP32 if p < FP32 else 0)  # + the fp32 copy of bf16 logits
+    return kept, logits
+
+
+@dataclass(frozen=True)
+class ActivationBytes:
+    """One micro batch: kept for backward (by part, all layers) and the peak estimate."""
+
+    parts: dict[str, int]
+    peak: int
+
+    @property
+    def kept(self) -> int:
+        return sum(self.parts.values())
+
+
+def activation_bytes(shape: Shape, recompute: str) -> ActivationBytes:
+    """Activation memory of one micro batch's forward + backward under ``recompute``.
+
+    Without recompute everything below is kept; ``moe`` keeps only each MoE layer's input and
+    recomputes one MoE layer at a time in backward; ``full`` keeps only each layer's input and
+    recomputes one layer at a time. The peak is the larger of two moments: the end of
+    the forward (everything kept, and the logits) and the backward of the last MoE layer (the
+    loss's tensors freed; that layer recomputed, if it is, and its gradient working memory).
+    """
+    T, h, p = shape.tokens, shape.hidden, shape.bytes_per_act
+    moe = moe_layer_bytes(shape)
+    moe_total = sum(moe.values())
+    num_dense = shape.num_layers - shape.num_moe_layers
+    layer_input = T * h * p
+    parts = {
+        "attention": shape.num_layers * attention_bytes(shape),
+        "dense_mlp": num_dense * dense_mlp_bytes(shape),
+        **{f"moe_{name}": shape.num_moe_layers * n for name, n in moe.items()},
+    }
+    kept_loss, logits = loss_bytes(shape)
+    recomputed = 0
+    if recompute == "moe":
+        parts = {k: v for k, v in parts.items() if not k.startswith("moe_")}
+        parts["moe_norm"] = shape.num_moe_layers * moe["norm"]
+        parts["moe_inputs"] = shape.num_moe_layers * layer_input
+        recomputed = moe_total - moe["norm"]
+    elif recompute == "full":
+        biggest_mlp = moe_total if shape.num_moe_layers else dense_mlp_bytes(shape)
+        recomputed = attention_bytes(shape) + biggest_mlp
+        parts = {"layer_inputs": shape.num_layers * layer_input}
+    parts["loss"] = kept_loss
+    kept = sum(parts.values())
+    backward = recomputed + (moe_backward_bytes(shape) if shape.num_moe_layers else 0)
+    peak = max(kept + logits, kept - kept_loss + backward)
+    return ActivationBytes(parts=parts, peak=peak)
+
+
+# ------------------------------------------------------------------ communication and FLOPs
+
+
+def all_to_all_bytes(shape: Shape, ep_size: int, micro_batches: int, recompute: str) -> int:
+    """Bytes one device sends by all-to-all in a step (0 without expert parallelism).
+
+    Per MoE layer and micro batch the dispatcher sends T*k rows of h values (and a fp32 router
+    probability each) to the experts and receives as many back, in the forward and again in
+    backward; recomputing the MoE layer repeats its forward exchange. Of these bytes the share
+    (EP - 1) / EP leaves the device; MoNE moves exactly what MoE moves.
+    """
+    if ep_size == 1:
+        return 0
+    N, p = shape.tokens * shape.topk, shape.bytes_per_act
+    dispatch, combine = N * (shape.hidden * p + FP32), N * shape.hidden * p
+    passes = 3 if recompute in ("moe", "full") else 2  # forward, (recomputed forward,) backward
+    return shape.num_moe_layers * micro_batches * passes * (dispatch + combine)
+
+
+@dataclass(frozen=True)
+class FlopsPerToken:
+    """Training FLOPs per token (6 x weights touched + attention), three ways."""
+
+    dense_equivalent: float  # every expert of every MoE layer
+    executed: float  # top-k routing with whole experts: what the dense expert GEMMs compute
+    mone_activated: float  # the neuron top-k: weights MoNE's selection touches
+
+
+def flops_per_token(shape: Shape) -> FlopsPerToken:
+    """FLOPs per token by ``health.model_flops_per_token`` (the trainer's MFU formula)."""
+    from mone_train.health import model_flops_per_token
+
+    numbers = parameter_numbers(shape)
+    h, F, K = shape.hidden, shape.neurons, shape.kept
+    # As the trainer's counts (model/params.py): dense weights, embeddings included, plus the
+    # routed experts' weights that one token touches.
+    per_layer_experts = shape.num_moe_layers * shape.topk
+    routed = numbers.dense + per_layer_experts * 3 * h * F
+    mone = numbers.dense + per_layer_experts * (h * F + 2 * h * K)
+
+    def flops(params: int) -> float:
+        return model_flops_per_token(params, shape.num_layers, h, shape.seq)
+
+    return FlopsPerToken(flops(numbers.total), flops(routed), flops(mone))
+
+
+def peak_tflops_of(gpu: str, precision: str) -> float:
+    """Dense peak TFLOP/s of ``gpu`` (a ``health.PEAK_TFLOPS`` name) for ``precision`` (fp32
+    matmuls at the TF32 peak, as GPU training runs them)."""
+    from mone_train.health import PEAK_TFLOPS
+
+    return PEAK_TFLOPS[gpu]["bf16" if precision == "bf16" else "tf32"]
+
+
+# ------------------------------------------------------------------------------ the plan
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything ``mone-plan`` prints, for one config on one job shape."""
+
+    cfg: Config
+    shape: Shape
+    world_size: int
+    ep_size: int
+    micro_batches: int  # per device and optimizer step
+    states: ModelStateBytes
+    activations: dict[str, ActivationBytes]  # by recompute setting
+    a2a_bytes: int
+    flops: FlopsPerToken
+    gpu: str
+    peak_tflops: float
+    mfu: float
+    gpu_memory_bytes: int
+
+    @property
+    def recompute(self) -> str:
+        return self.cfg.trainer.recompute
+
+    def total_bytes(self, recompute: str | None = None) -> int:
+        """Model states plus the activation peak of one micro batch."""
+        return self.states.total + self.activations[recompute or self.recompute].peak
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes() <= self.gpu_memory_bytes
+
+    @property
+    def tokens_per_s_per_device(self) -> float:
+        return self.mfu * self.peak_tflops * 1e12 / self.flops.executed
+
+
+def make_plan(
+    cfg: Config,
+    vocab_size: int,
+    world_size: int,
+    gpu_memory_gib: float = 80.0,
+    mfu: float = 0.4,
+    gpu: str = DEFAULT_GPU,
+    device: str = "cuda",
+) -> Plan:
+    """The plan of ``cfg`` on ``world_size`` devices of ``gpu_memory_gib`` each."""
+    t = cfg.trainer
+    ep = t.expert_parallel_size
+    if world_size % ep:
+        raise ConfigError(
+            f"--world-size={world_size} is invalid: expected a multiple of "
+            f"trainer.expert_parallel_size={ep}"
+        )
+    cfg.validate(world_size=world_size)
+    shape = shape_of(cfg, vocab_size, ep, device)
+    micro_batches = t.global_batch_size // (t.micro_batch_size * world_size)
+    return Plan(
+        cfg=cfg,
+        shape=shape,
+        world_size=world_size,
+        ep_size=ep,
+        micro_batches=micro_batches,
+        states=model_state_bytes(shape, t.precision),
+        activations={rc: activation_bytes(shape, rc) for rc in RECOMPUTE_SETTINGS},
+        a2a_bytes=all_to_all_bytes(shape, ep, micro_batches, t.recompute),
+        flops=flops_per_token(shape),
+        gpu=gpu,
+        peak_tflops=peak_tflops_of(gpu, t.precision),
+        mfu=mfu,
+        gpu_memory_bytes=int(gpu_memory_gib * GIB),
+    )
+
+
+def suggestions(plan: Plan, vocab_size: int) -> list[dict]:
+    """Trainer settings that make a plan fit that does not: for each knob (recompute, micro
+    batch, expert parallelism) its mildest setting that fits alone; if none does, the three
+    turned together (full recompute, the widest expert parallelism, then the largest micro
+    batch that fits). Each item maps trainer keys to values."""
+    t = plan.cfg.trainer
+    families = [
+        [
+            {"recompute": rc}
+            for rc in RECOMPUTE_SETTINGS[RECOMPUTE_SETTINGS.index(t.recompute) + 1 :]
+        ],
+        [{"micro_batch_size": n} for n in _divisors_below(t.micro_batch_size)],
+        [{"expert_parallel_size": ep} for ep in _wider_ep(plan)],
+    ]
+    found = [next((c for c in family if _fits(plan, vocab_size, c)), None) for family in families]
+    if any(found):
+        return [c for c in found if c]
+    combined = {"recompute": "full"}
+    if families[2]:
+        combined.update(families[2][-1])
+    for micro in [t.micro_batch_size, *_divisors_below(t.micro_batch_size)]:
+        if _fits(plan, vocab_size, {**combined, "micro_batch_size": micro}):
+            return [{**combined, "micro_batch_size": micro}]
+    return []
+
+
+def _divisors_below(n: int) -> list[int]:
+    return [d for d in range(n - 1, 0, -1) if n % d == 0]
+
+
+def _wider_ep(plan: Plan) -> list[int]:
+    return [
+        ep
+        for ep in range(plan.ep_size + 1, plan.world_size + 1)
+        if plan.world_size % ep == 0 and plan.cfg.model.num_experts % ep == 0
+    ]
+
+
+def _fits(plan: Plan, vocab_size: int, trainer_values: dict) -> bool:
+    cfg = replace(plan.cfg, trainer=replace(plan.cfg.trainer, **trainer_values))
+    other = make_plan(cfg, vocab_size, plan.world_size, 1.0, plan.mfu, plan.gpu)
+    return other.total_bytes() <= plan.gpu_memory_bytes
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.2f}"
+
+
+# ------------------------------------------------------------------------------ printing
+
+PART_LABELS = {
+    "attention": "attention (norm, QKV, RoPE, core)",
+    "dense_mlp": "dense MLP layers",
+    "moe_norm": "MoE pre-MLP norm",
+    "moe_router": "MoE router",
+    "moe_dispatch": "MoE dispatch (maps, indices)",
+    "moe_experts": "experts (fc1 in/out, act, fc2 in)",
+    "moe_mone_mask": "MoNE mask + NG-LBL stats",
+    "moe_inputs": "MoE layer inputs (recompute)",
+    "layer_inputs": "layer inputs (recompute)",
+    "loss": "final norm, logits, fp32 cross-entropy",
+}
+
+
+def format_plan(plan: Plan, vocab_size: int) -> str:
+    """The plan as printed by ``mone-plan``."""
+    cfg, shape, t = plan.cfg, plan.shape, plan.cfg.trainer
+    numbers = parameter_numbers(shape)
+    lines = [
+        f"model {cfg.model.name}, {cfg.moe.flavour} (K = {shape.kept} of F = {shape.neurons} "
+        f"neurons), vocabulary {shape.vocab:,}: {numbers.total / 1e9:.3f} B parameters, "
+        f"{numbers.local / 1e9:.3f} B per device",
+        f"job: {plan.world_size} devices, expert parallel {plan.ep_size} (data parallel "
+        f"{plan.world_size} for dense weights, {plan.world_size // plan.ep_size} for experts); "
+        f"micro batch {t.micro_batch_size} x {t.seq_length} tokens, "
+        f"{plan.micro_batches} per device and step; {t.precision}; recompute {t.recompute}",
+        "",
+        f"{'per device':<46}{'GiB':>9}",
+    ]
+    rows = [
+        (f"parameters ({t.precision})", plan.states.params),
+        ("gradients (fp32 main_grad buffers)", plan.states.grads),
+        ("optimizer state (AdamW moments" + (", fp32 masters)" if t.precision != "fp32" else ")"),
+         plan.states.optimizer),
+        (f"activations, one micro batch (recompute {t.recompute})",
+         plan.activations[t.recompute].peak),
+        ("total", plan.total_bytes()),
+    ]  # fmt: skip
+    lines += [f"  {label:<44}{_gib(n):>9}" for label, n in rows]
+    free = plan.gpu_memory_bytes - plan.total_bytes()
+    verdict = "fits" if plan.fits else "DOES NOT FIT"
+    lines.append(
+        f"  {verdict} in {_gib(plan.gpu_memory_bytes)} GiB ({_gib(abs(free))} GiB "
+        f"{'free' if free >= 0 else 'short'}; allocator and workspace overheads not counted)"
+    )
+    if not plan.fits:
+        fixes = [
+            " ".join(f"trainer.{key}={value}" for key, value in fix.items())
+            for fix in suggestions(plan, vocab_size)
+        ]
+        lines.append("  to fit: " + (" | or: ".join(fixes) if fixes else "no setting found"))
+    lines += ["", *_activation_table(plan), "", *_traffic_and_speed(plan)]
+    return "\n".join(lines)
+
+
+def _activation_table(plan: Plan) -> list[str]:
+    keys: list[str] = []
+    for acts in plan.activations.values():
+        keys += [k for k in acts.parts if k not in keys]
+    header = "".join(f"{rc:>9}" for rc in RECOMPUTE_SETTINGS)
+    lines = [f"{'activations of one micro batch (GiB), recompute:':<46}{header}"]
+    for key in keys:
+        values = "".join(
+            f"{_gib(plan.activations[rc].parts.get(key, 0)):>9}" for rc in RECOMPUTE_SETTINGS
+        )
+        lines.append(f"  {PART_LABELS[key]:<44}{values}")
+    for label, attr in (("kept for backward", "kept"), ("peak (estimate)", "peak")):
+        values = "".join(
+            f"{_gib(getattr(plan.activations[rc], attr)):>9}" for rc in RECOMPUTE_SETTINGS
+        )
+        lines.append(f"  {label:<44}{values}")
+    return lines
+
+
+def _traffic_and_speed(plan: Plan) -> list[str]:
+    f = plan.flops
+    per_device = plan.tokens_per_s_per_device
+    if plan.ep_size > 1:
+        share = (plan.ep_size - 1) / plan.ep_size
+        a2a = (
+            f"all-to-all per device and step: {_gib(plan.a2a_bytes)} GiB sent and as much "
+            f"received ({share:.0%} of it leaves the device; MoNE moves what MoE moves)"
+        )
+    else:
+        a2a = "all-to-all: none (expert parallel size 1)"
+    return [
+        a2a,
+        f"training FLOPs per token: {f.executed / 1e9:.2f} G executed (top-{plan.shape.topk} "
+        f"whole experts) | {f.mone_activated / 1e9:.2f} G MoNE-activated weights | "
+        f"{f.dense_equivalent / 1e9:.2f} G if every expert ran",
+        f"at MFU {plan.mfu:.2f} on {plan.gpu} ({plan.peak_tflops:g} TFLOP/s "
+        f"{'bf16' if plan.cfg.trainer.precision == 'bf16' else 'tf32'}): "
+        f"{per_device:,.0f} tokens/s per device, {per_device * plan.world_size:,.0f} for the job",
+    ]
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def vocab_size_of(cfg: Config) -> int:
+    """``model.vocab_size``, else the configured tokenizer's vocabulary."""
+    if cfg.model.vocab_size:
+        return cfg.model.vocab_size
+    from mone_train.data.tokenizer import tokenizer_from_config
+
+    return tokenizer_from_config(cfg.data.tokenizer).vocab_size
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """(options, Hydra overrides) from the command line."""
+    from mone_train.health import PEAK_TFLOPS
+
+    parser = argparse.ArgumentParser(
+        prog="mone-plan",
+        description="Memory, all-to-all traffic and FLOPs of a mone-train run per device, before "
+        "it starts. Takes mone-train's Hydra overrides, e.g. "
+        "`mone-plan model=1b trainer.expert_parallel_size=8 --world-size 8`.",
+    )
+    parser.add_argument("--world-size", type=int, default=1, help="devices in the job")
+    parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory per device")
+    parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation")
+    parser.add_argument("--gpu", choices=sorted(PEAK_TFLOPS), default=DEFAULT_GPU)
+    args, overrides = parser.parse_known_args(argv)
+    unknown = [o for o in overrides if o.startswith("-")]
+    if unknown:
+        raise ConfigError(f"unknown option {unknown[0]}; see mone-plan --help")
+    for name, value, ok in (
+        ("--world-size", args.world_size, args.world_size >= 1),
+        ("--gpu-memory-gib", args.gpu_memory_gib, args.gpu_memory_gib > 0),
+        ("--mfu", args.mfu, 0 < args.mfu <= 1),
+    ):
+        if not ok:
+            raise ConfigError(f"{name}={value} is invalid: expected a positive value (mfu <= 1)")
+    return args, overrides
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: print the plan, or one line and exit code 2 on a bad input."""
+    from mone_train.preflight import compose_config, describe_error
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args, overrides = parse_args(argv)
+        try:
+            cfg = compose_config(overrides)
+        except Exception as err:  # Hydra / OmegaConf composition errors
+            raise ConfigError(describe_error(err)) from None
+        vocab = vocab_size_of(cfg)
+        plan = make_plan(cfg, vocab, args.world_size, args.gpu_memory_gib, args.mfu, args.gpu)
+    except ConfigError as err:
+        print(f"mone-plan: error: {err}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG_ERROR)
+    print(format_plan(plan, vocab))
+
+
+if __name__ == "__main__":
+    main()

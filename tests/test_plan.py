@@ -1,0 +1,228 @@
+"""``mone-plan``: exact model-state bytes against built models, activations against measurement."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mone_train.errors import EXIT_CONFIG_ERROR
+from mone_train.plan import (
+    activation_bytes,
+    all_to_all_bytes,
+    format_plan,
+    make_plan,
+    model_state_bytes,
+    parameter_numbers,
+    shape_of,
+    suggestions,
+)
+from mone_train.preflight import compose_config
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_plan_check.py"
+
+VOCAB = 258
+LAYOUTS = {
+    "tiny": ["model=tiny"],
+    "small": ["model=small"],
+    "tiny-moe": ["model=tiny", "moe=moe"],
+    # dense layers between MoE layers, grouped queries, tied embeddings
+    "tiny-mixed": [
+        "model=tiny",
+        "model.num_layers=3",
+        "model.moe_layer_freq=2",
+        "model.num_query_groups=2",
+        "model.tie_embeddings=true",
+    ],
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_parameter_gradient_and_optimizer_bytes_equal_the_built_model(megatron_single, layout):
+    from mone_train.model.builder import build_model
+    from mone_train.model.params import count_parameters
+    from mone_train.optim import attach_main_grads, build_optimizer, detach_main_grads
+
+    cfg = compose_config(LAYOUTS[layout])
+    model, params = build_model(cfg, VOCAB)
+    shape = shape_of(cfg, VOCAB)
+    states = model_state_bytes(shape, "fp32")
+    assert states.params == sum(p.numel() * p.element_size() for p in params)
+    buffers = list(model.buffers) + list(model.expert_parallel_buffers)
+    assert states.grads == sum(b.grad_data.numel() * b.grad_data.element_size() for b in buffers)
+    optimizer = build_optimizer(cfg.optim, params)
+    attach_main_grads(params)
+    optimizer.step()
+    detach_main_grads(params)
+    moments = [s[k] for s in optimizer.state.values() for k in ("exp_avg", "exp_avg_sq")]
+    assert states.optimizer == sum(m.numel() * m.element_size() for m in moments)
+    counts = count_parameters(model, cfg.model.router_topk)
+    assert parameter_numbers(shape).total == counts.total
+
+
+def test_flops_use_the_trainers_activated_counts(megatron_single):
+    from mone_train.health import model_flops_per_token
+    from mone_train.model.builder import build_model
+    from mone_train.model.params import count_parameters
+
+    cfg = compose_config(["model=small", "moe.neuron_keep_ratio=0.25"])
+    model, _ = build_model(cfg, VOCAB)
+    counts = count_parameters(model, cfg.model.router_topk)
+    flops = make_plan(cfg, VOCAB, world_size=1).flops
+    m, s = cfg.model, cfg.trainer.seq_length
+    assert flops.executed == model_flops_per_token(
+        counts.activated_moe, m.num_layers, m.hidden_size, s
+    )
+    assert flops.mone_activated == model_flops_per_token(
+        counts.activated, m.num_layers, m.hidden_size, s
+    )
+    assert flops.mone_activated < flops.executed < flops.dense_equivalent
+
+
+def test_real_scale_counts_equal_the_meta_device_model(megatron_single):
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from mone_train.model.builder import build_gpt_model
+
+    cfg = compose_config(["model=1b"])
+    torch.manual_seed(0)
+    model_parallel_cuda_manual_seed(0)
+    with torch.device("meta"):
+        model = build_gpt_model(cfg, 50304)
+    numbers = parameter_numbers(shape_of(cfg, 50304))
+    assert numbers.local == sum(p.numel() for p in model.parameters())
+    assert model_state_bytes(shape_of(cfg, 50304), "fp32").params == 4 * numbers.local
+    # At EP = 8 a device holds the dense weights and 2 of the 16 experts of every layer.
+    at_ep8 = parameter_numbers(shape_of(cfg, 50304, ep_size=8))
+    assert at_ep8.local == numbers.dense + numbers.expert_total // 8
+    assert at_ep8.total == numbers.total
+
+
+def _kept_bytes(cfg) -> int:
+    """Bytes of the storages autograd keeps in one training forward, parameters excluded."""
+    from mone_train.model.builder import build_model
+    from mone_train.model.lm import causal_mask
+
+    model, params = build_model(cfg, VOCAB)
+    t = cfg.trainer
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (t.micro_batch_size, t.seq_length + 1), generator=gen)
+    positions = torch.arange(t.seq_length).expand(t.micro_batch_size, -1)
+    param_storages = {p.untyped_storage().data_ptr() for p in params}
+    kept: dict[int, int] = {}
+
+    def pack(x):
+        storage = x.untyped_storage()
+        if storage.data_ptr() not in param_storages:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return x
+
+    model.train()
+    mask = causal_mask(t.seq_length, torch.device("cpu"))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        model(tokens[:, :-1], positions, mask, labels=tokens[:, 1:]).mean().backward()
+    return sum(kept.values())
+
+
+TINY = ["model=tiny", "trainer.micro_batch_size=16", "trainer.seq_length=128"]
+
+
+def test_kept_activations_are_counted_tensor_by_tensor(megatron_single):
+    cfg = compose_config(TINY)
+    estimate = activation_bytes(shape_of(cfg, VOCAB, device="cpu"), "none")
+    kept = _kept_bytes(cfg)
+    assert abs(estimate.kept - kept) <= 0.05 * kept, (estimate.kept, kept)
+
+
+@pytest.mark.parametrize("recompute", ["none", "moe", "full"])
+def test_activation_estimate_matches_the_measured_cpu_peak(recompute):
+    """The allocator peak of one forward + backward, measured in a fresh process by the
+    benchmark's own measurement (benchmarks/memory_plan_check.py)."""
+    overrides = TINY + [f"trainer.recompute={recompute}"]
+    estimate = activation_bytes(shape_of(compose_config(overrides), VOCAB, device="cpu"), recompute)
+    out = subprocess.run(
+        [sys.executable, str(BENCHMARK), "--child", "allocator", *overrides],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    peak = json.loads(out.stdout.strip().splitlines()[-1])["allocator"]
+    assert abs(estimate.peak - peak) <= 0.25 * peak, (estimate.peak, peak)
+
+
+def test_recompute_and_expert_parallelism_shrink_the_plan():
+    cfg = compose_config(["model=1b", "trainer.seq_length=2048", "trainer.micro_batch_size=4"])
+    shape = shape_of(cfg, 50304)
+    peaks = [activation_bytes(shape, rc).peak for rc in ("none", "moe", "full")]
+    assert peaks[0] > peaks[1] > peaks[2]
+    one = model_state_bytes(shape, "fp32")
+    eight = model_state_bytes(shape_of(cfg, 50304, ep_size=8), "fp32")
+    assert eight.total < one.total / 3
+
+
+def test_all_to_all_bytes_follow_the_formula_and_do_not_depend_on_mone():
+    cfg = compose_config(["model=tiny", "trainer.expert_parallel_size=2"])
+    shape = shape_of(cfg, VOCAB)
+    t, m = cfg.trainer, cfg.model
+    rows = t.micro_batch_size * t.seq_length * m.router_topk
+    per_pass = rows * (m.hidden_size * 4 + 4) + rows * m.hidden_size * 4
+    expected = 2 * m.num_layers * 3 * per_pass  # 2 MoE layers; fwd + bwd; 3 micro batches
+    assert all_to_all_bytes(shape, 2, 3, "none") == expected
+    assert all_to_all_bytes(shape, 2, 3, "full") == expected // 2 * 3
+    assert all_to_all_bytes(shape, 1, 3, "none") == 0
+    moe = shape_of(compose_config(["model=tiny", "moe=moe"]), VOCAB)
+    assert all_to_all_bytes(moe, 2, 3, "none") == expected
+
+
+@pytest.mark.parametrize("gib,knobs", [(24, 1), (12, 3)])
+def test_a_plan_that_does_not_fit_names_settings_that_do(gib, knobs):
+    from dataclasses import replace
+
+    cfg = compose_config(
+        ["model=1b", "trainer.seq_length=4096", "trainer.micro_batch_size=8"]
+        + ["trainer.global_batch_size=64", "trainer.expert_parallel_size=1"]
+    )
+    plan = make_plan(cfg, 50304, world_size=8, gpu_memory_gib=gib)
+    assert not plan.fits
+    fixes = suggestions(plan, 50304)
+    assert fixes and all(len(fix) == knobs for fix in fixes)  # at 12 GiB only all three together
+    for fix in fixes:
+        fixed = replace(cfg, trainer=replace(cfg.trainer, **fix))
+        assert make_plan(fixed, 50304, world_size=8, gpu_memory_gib=gib).fits
+    assert "DOES NOT FIT" in format_plan(plan, 50304)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mone_train.plan", *args], capture_output=True, text=True
+    )
+
+
+def test_cli_prints_the_plan():
+    out = _cli("model=tiny", "--world-size", "2", "trainer.expert_parallel_size=2",
+               "trainer.global_batch_size=32", "--gpu-memory-gib", "40")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "fits in 40.00 GiB" in out.stdout
+    assert "all-to-all per device and step" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["trainer.stpes=3"], "unknown config key 'trainer.stpes'"),
+        (["moe.neuron_keep_ratio=1.5"], "moe.neuron_keep_ratio=1.5 is invalid"),
+        (["trainer.expert_parallel_size=2", "--world-size", "3"], "--world-size=3 is invalid"),
+        (["--mfu", "2"], "--mfu=2.0 is invalid"),
+        (["--bogus"], "unknown option --bogus"),
+    ],
+)
+def test_cli_bad_input_is_one_line(args, message):
+    out = _cli(*args)
+    assert out.returncode == EXIT_CONFIG_ERROR
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mone-plan: error: "), out.stderr
+    assert message in lines[0]
