@@ -157,10 +157,11 @@ def main() -> None:
     print(f"async: {asyn['steps_during_async_write']} steps overlapped the writer "
           f"({asyn['async_write_s']:.2f} s); cost vs sync stall "
           f"{summary['async_stall_over_sync_stall']:.1%} (goal <= 10%)")  # fmt: skip
-    payload = {"machine": machine_info(), "args": {**vars(args), "out": str(args.out)},
+    machine = machine_info()
+    payload = {"machine": machine, "args": {**vars(args), "out": str(args.out)},
                "results": results, "summary": summary}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    device = "gpu" if results and os.environ.get("CUDA_VISIBLE_DEVICES") else "cpu"
+    device = "gpu" if machine["gpu"] else "cpu"
     (args.out / f"checkpoint_overhead_{device}.json").write_text(json.dumps(payload, indent=2))
 
 

@@ -281,6 +281,7 @@ def save_checkpoint(
     """
     from megatron.core import dist_checkpointing
 
+    _use_forked_results_queue()
     rank = dist.get_rank()
     folder = run_dir / CHECKPOINTS
     final = folder / f"step_{step:08d}"
@@ -312,6 +313,19 @@ def save_checkpoint(
         request.add_finalize_fn(commit)
     async_queue.schedule_async_request(request)
     return final
+
+
+def _use_forked_results_queue() -> None:
+    """Give megatron-core's file writer a fork-context results queue instead of the
+    ``multiprocessing.Manager`` it spawns on first use (a second interpreter that re-imports
+    the training script). Our writers are forked (megatron's temporal async caller, and its
+    per-bucket workers), so a queue created here reaches them."""
+    import multiprocessing
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = multiprocessing.get_context("fork").Queue()
 
 
 def _save_rng_states(staging: Path, rank: int) -> None:

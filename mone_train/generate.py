@@ -8,8 +8,9 @@ MODEL is a directory written by ``mone-export``, or a run directory / checkpoint
 converted in memory into the same Hugging Face model (nothing is written). Generation is
 transformers' ``generate()`` with its KV cache; the prompt is preceded by the end-of-document
 token, as every training document was. ``--decode`` chooses the routed experts' path of a MoNE
-model (``auto``: sparse when an expert has few tokens, see ``mone_kernels/sparse_decode.py``).
-The last line (on stderr) gives tokens per second. Bad input ends in one line and exit code 2.
+model (``auto``: sparse only where it pays, see ``mone_kernels/sparse_decode.py``).
+The prompt is printed, then the continuation as it is produced; the last line (on stderr) gives
+tokens per second. Bad input ends in one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class TextStream:
         self.first_token_at: float | None = None
 
     def put(self, value) -> None:
+        """Receive the prompt (first call) or the newest token ids."""
         if not self.prompt_done:
             self.prompt_done = True
             return
@@ -76,6 +78,7 @@ class TextStream:
         self._flush(final=False)
 
     def end(self) -> None:
+        """Write whatever text is left."""
         self._flush(final=True)
 
     def _flush(self, final: bool) -> None:
@@ -220,6 +223,7 @@ def run(args, write: Callable[[str], None]) -> GenerationStats:
         raise ConfigError("--device cuda is invalid here: no CUDA device (use auto or cpu)")
     model, tokenizer = load_generation_model(args.model, device, args.dtype)
     path = set_decode_path(model, args.decode)
+    write(args.prompt)
     stats = generate_text(
         model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, greedy=args.greedy,
         temperature=args.temperature, top_p=args.top_p, seed=args.seed, write=write,

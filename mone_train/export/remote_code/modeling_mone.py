@@ -164,6 +164,7 @@ class MoNEDenseMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., D] -> [..., D]: down(SiLU(gate) * up)."""
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -226,6 +227,7 @@ class MoNESparseMoeBlock(nn.Module):
         self.experts = MoNEExperts(config)
 
     def forward(self, hidden_BSD: torch.Tensor) -> torch.Tensor:
+        """[B, S, D] -> [B, S, D]: route every token, sum its experts' weighted outputs."""
         x_ND = hidden_BSD.reshape(-1, hidden_BSD.shape[-1])
         experts_NK, probs_NK = self.router(x_ND)
         return self.experts(x_ND, experts_NK, probs_NK).view(hidden_BSD.shape)
@@ -250,6 +252,7 @@ class MoNEDecoderLayer(nn.Module):
         cache: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        """[B, S, D] -> [B, S, D]; appends this layer's keys and values to ``cache``."""
         attended, _ = self.self_attn(
             self.input_layernorm(hidden_BSD), position_embeddings, attention_mask, cache, **kwargs
         )
