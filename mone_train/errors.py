@@ -6,6 +6,9 @@ all share it without import cycles.
 
 from __future__ import annotations
 
+import sys
+import traceback
+
 EXIT_CONFIG_ERROR = 2  # a bad value or input: one line on stderr, nothing written
 EXIT_DIVERGED = 3  # too many consecutive non-finite steps: one line, the last good checkpoint
 
@@ -27,3 +30,16 @@ def first_line(err: BaseException, limit: int = 300) -> str:
 class TrainingDiverged(RuntimeError):
     """Training produced non-finite values for too long; the message says where and names the
     last good checkpoint. CLIs print it as one line and exit with :data:`EXIT_DIVERGED`."""
+
+
+def report_failure(
+    prog: str, err: Exception, bad_input: tuple[type[Exception], ...] = (ConfigError,)
+) -> int:
+    """How every ``mone-*`` command ends on ``err``: bad input (``bad_input`` types) as one line
+    and :data:`EXIT_CONFIG_ERROR`; anything else with its traceback, one summary line and 1."""
+    if isinstance(err, bad_input):
+        print(f"{prog}: {first_line(err, 500)}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    traceback.print_exc()
+    print(f"{prog}: failed: {type(err).__name__}: {err}", file=sys.stderr)
+    return 1

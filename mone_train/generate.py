@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mone_train.errors import EXIT_CONFIG_ERROR, ConfigError, first_line
+from mone_train.errors import ConfigError, report_failure
 from mone_train.export.cli import OneLineParser, quiet_libraries
 
 DECODE_PATHS = ("auto", "dense", "sparse")
@@ -247,13 +246,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run(build_parser().parse_args(argv), write)
-    except ConfigError as err:
-        print(f"mone-generate: {first_line(err, 500)}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
     except Exception as err:
-        traceback.print_exc()
-        print(f"mone-generate: failed: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
+        return report_failure("mone-generate", err)
     return 0
 
 

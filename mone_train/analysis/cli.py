@@ -13,12 +13,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import traceback
 import warnings
 
 from mone_train.analysis.errors import AnalysisError
-
-EXIT_BAD_INPUT = 2
+from mone_train.errors import report_failure
 
 
 class _Parser(argparse.ArgumentParser):
@@ -267,13 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             # Hide GPUs before torch initialises CUDA, so that megatron-core picks the CPU too.
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
         run(args)
-    except AnalysisError as err:
-        print(f"mone-analyze: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except Exception as err:
-        traceback.print_exc()
-        print(f"mone-analyze: failed: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
+        return report_failure("mone-analyze", err, bad_input=(AnalysisError,))
     return 0
 
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import traceback
 import warnings
 
-from mone_train.errors import EXIT_CONFIG_ERROR, ConfigError, first_line
+from mone_train.errors import ConfigError, report_failure
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -61,13 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         from mone_train.export.writer import export_checkpoint
 
         result = export_checkpoint(args.source, args.out, args.overwrite, args.dtype)
-    except ConfigError as err:
-        print(f"mone-export: {first_line(err, 500)}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
     except Exception as err:
-        traceback.print_exc()
-        print(f"mone-export: failed: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
+        return report_failure("mone-export", err)
     print(
         f"exported {result.checkpoint} (step {result.step}) as {result.architecture}: "
         f"{result.num_kept_neurons} of {result.num_neurons} neurons kept per routed expert"
