@@ -205,13 +205,41 @@ def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
+def _with_masters(model_sd: dict, module: torch.nn.Module) -> dict:
+    """The model's sharded state dict with each bf16 weight's fp32 master in its place: a
+    checkpoint always holds fp32 weights, whatever the precision it was trained in."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    masters = {id(p): p.main_param for p in module.parameters() if hasattr(p, "main_param")}
+    if masters:
+        for value in nested_values(model_sd):
+            # fc1 of gated experts is a factory (gate and up saved apart) over the weight
+            if (
+                isinstance(value, (ShardedTensor, ShardedTensorFactory))
+                and id(value.data) in masters
+            ):
+                value.data = masters[id(value.data)]
+    return model_sd
+
+
+def _load_weights(module: torch.nn.Module, loaded: dict) -> None:
+    """Loaded (fp32) weights into the model and, for bf16 weights, into their masters too."""
+    module.load_state_dict(loaded, strict=False)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if hasattr(param, "main_param") and name in loaded:
+                param.main_param.copy_(loaded[name])
+
+
 def _sharded_state_dict(model, optimizer) -> dict:
     from megatron.core.dist_checkpointing.optimizer import (
         get_param_id_to_sharded_param_map,
         optim_state_to_sharding_state,
     )
 
-    model_sd = model.module.sharded_state_dict()
+    model_sd = _with_masters(model.module.sharded_state_dict(), model.module)
     _init_optimizer_state(optimizer)
     optim_sd = optimizer.state_dict()
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -241,13 +269,14 @@ def checkpoint_bytes_estimate(model, optimizer, ep_size: int) -> int:
     """Bytes a checkpoint of this job will take: parameters and AdamW's two moments, dense
     ones once and expert ones for every expert-parallel rank (metadata is small beside them)."""
     dense = experts = 0
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            size = p.numel() * 4 * 3  # fp32 weight, exp_avg, exp_avg_sq
-            if getattr(p, "allreduce", True):
-                dense += size
-            else:
-                experts += size
+    for p in model.parameters():  # (the optimizer's fp32 masters lack megatron's attributes)
+        if not p.requires_grad:
+            continue
+        size = p.numel() * 4 * 3  # fp32 weight (the master in bf16 runs), exp_avg, exp_avg_sq
+        if getattr(p, "allreduce", True):
+            dense += size
+        else:
+            experts += size
     return dense + experts * ep_size
 
 
@@ -389,7 +418,7 @@ def load_checkpoint(path: Path, model, optimizer, signature: dict) -> ResumePoin
         )
     try:
         loaded = dist_checkpointing.load(_sharded_state_dict(model, optimizer), str(path))
-        model.module.load_state_dict(loaded["model"], strict=False)
+        _load_weights(model.module, loaded["model"])
         step = torch.tensor(float(loaded["common"]["step"]))
         for param_state in loaded["optimizer"]["state"].values():
             param_state["step"] = step.clone()

@@ -17,7 +17,9 @@ from mone_kernels.rules import IMPLS
 from mone_train.errors import ConfigError
 
 FLAVOURS = ("mone", "moe")
-PRECISIONS = ("fp32",)  # bf16 needs fp32 master weights in the optimizer: not yet
+# bf16: weights, compute and activations in bf16; fp32 master weights, optimizer state and
+# gradient reduction (mone_train/optim.py); checkpoints hold the fp32 masters either way.
+PRECISIONS = ("fp32", "bf16")
 RECOMPUTE = ("none", "moe", "full")  # activation recompute: off | MoE layers | whole layers
 SCHEDULES = ("cosine", "linear", "constant")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -197,6 +199,9 @@ class DataConfig:
     weights: Optional[list[float]] = None  # indexed: one per path (null: by dataset size)
     split: list[float] = field(default_factory=lambda: [98.0, 2.0, 0.0])  # train, valid, test
     index_cache_dir: Optional[str] = None  # megatron's sample-index cache; null: <cache_dir>/index
+    # Seed of the validation/test sample draw; null: trainer.seed. Fix it to compare seeds on the
+    # same held-out tokens (the seed studies do).
+    eval_seed: Optional[int] = None
 
     def validate(self) -> None:
         """Source, tokenizer, and for ``indexed`` the paths, weights and split."""
@@ -284,7 +289,7 @@ class TrainerConfig:
     pipeline_parallel_size: int = 1  # only 1 is supported so far
     backend: Optional[str] = None  # torch.distributed backend; null: nccl with CUDA, else gloo
     init_timeout_s: float = 600.0  # how long ranks wait for each other at start-up
-    precision: str = "fp32"
+    precision: str = "fp32"  # fp32 | bf16 (bf16 compute, fp32 master weights and optimizer)
     save_interval: int = 0  # steps between checkpoints; 0: none (SIGTERM/SIGUSR1 still save)
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted after a save
     async_save: bool = True  # write checkpoints while training goes on (preemption: at once)

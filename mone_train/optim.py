@@ -2,7 +2,15 @@
 
 megatron-core's DistributedDataParallel accumulates gradients into ``param.main_grad`` (a view
 of its contiguous buffer) and all-reduces them in ``finish_grad_sync``. A ``torch.optim`` AdamW
-then steps on those buffers: before each step ``param.grad`` is pointed at ``main_grad``.
+then steps on those buffers: before each step the gradient of the weight it updates is pointed
+at ``main_grad``.
+
+Mixed precision (``trainer.precision=bf16``, megatron's scheme): model weights are bf16 and each
+keeps its fp32 master in ``param.main_param``; the DDP buffers are fp32 (``grad_reduce_in_fp32``).
+AdamW holds and updates the fp32 masters with the fp32 gradients, then the masters are rounded
+into the bf16 weights (:func:`copy_masters_to_params`). In fp32 the weight is its own master.
+Megatron's own mixed-precision optimizers hard-code CUDA tensors, so this is ours, the same code
+on CPU and GPU.
 """
 
 from __future__ import annotations
@@ -15,10 +23,16 @@ import torch.distributed as dist
 from mone_train.config import OptimConfig
 
 
+def master_of(param: torch.nn.Parameter) -> torch.Tensor:
+    """The fp32 tensor the optimizer updates for ``param`` (itself when it is fp32)."""
+    return getattr(param, "main_param", param)
+
+
 def build_optimizer(cfg: OptimConfig, params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (norm scales and biases are not decayed)."""
-    decay = [p for p in params if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in params if p.requires_grad and p.dim() < 2]
+    """AdamW over the parameters' fp32 masters, in ``params`` order; weight decay on matrices
+    only (norm scales and biases are not decayed)."""
+    decay = [master_of(p) for p in params if p.requires_grad and p.dim() >= 2]
+    no_decay = [master_of(p) for p in params if p.requires_grad and p.dim() < 2]
     return torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": cfg.weight_decay},
@@ -45,19 +59,27 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
 
 
 def attach_main_grads(params: list[torch.nn.Parameter]) -> None:
-    """Point ``param.grad`` at the DDP buffer so that a torch optimizer steps on it.
+    """Point each master's ``.grad`` at the DDP buffer so that a torch optimizer steps on it.
 
     Call :func:`detach_main_grads` after the step: while ``param.grad`` is the buffer, autograd
     would accumulate the next backward into it *and* DDP's hook would add it again (doubling).
     """
     for p in params:
-        p.grad = p.main_grad
+        master_of(p).grad = p.main_grad
 
 
 def detach_main_grads(params: list[torch.nn.Parameter]) -> None:
     """Undo :func:`attach_main_grads` (the buffer keeps its values until zeroed)."""
     for p in params:
-        p.grad = None
+        master_of(p).grad = None
+
+
+def copy_masters_to_params(params: list[torch.nn.Parameter]) -> None:
+    """Round the updated fp32 masters into the (bf16) model weights; nothing to do in fp32."""
+    pairs = [(p.data, p.main_param) for p in params if hasattr(p, "main_param")]
+    if pairs:
+        weights, masters = zip(*pairs)
+        torch._foreach_copy_(list(weights), list(masters))
 
 
 def global_grad_norm(params: list[torch.nn.Parameter], expert_group=None) -> torch.Tensor:

@@ -8,6 +8,11 @@ A run directory is one ``mone-train`` wrote: ``config.yaml`` (the resolved confi
 run counts when its last validation loss was logged at its final step (``trainer.steps``);
 every other run found is listed as skipped, with the reason.
 
+Runs that differ only in ``trainer.seed`` (and where they ran: run directory, threads, logging)
+are one setting: the table then has a row per setting with the losses as mean ± sample standard
+deviation over its seeds, and the plots draw the mean with a ±1 std band or error bar. A seed
+sweep is one override: ``mone-train --multirun trainer.seed=1,2,3 ...``.
+
 Writes into ``--out`` (default ``<first input>/report``):
 
     report.md                  the table: final and best validation loss, activated parameters
@@ -54,6 +59,66 @@ class RunRow:
     total: int | None
     tokens_per_s: float | None
     val_curve: list[tuple[int, float]]
+    seed: int | None = None
+    setting: str = ""  # the config without what seeds and locations change (grouping key)
+
+
+@dataclass
+class RunGroup:
+    """Runs that differ only in seed (a single run is a group of one)."""
+
+    rows: list[RunRow]
+
+    @property
+    def first(self) -> RunRow:
+        return self.rows[0]
+
+    def stat(self, key: str) -> tuple[float, float]:
+        """Mean and sample standard deviation (0 for one run) of a row field."""
+        values = [float(getattr(r, key)) for r in self.rows]
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    def mean_curve(self) -> tuple[list[int], list[float], list[float]]:
+        """Validation steps every run logged, the mean loss and its standard deviation there."""
+        common = set.intersection(*(set(dict(r.val_curve)) for r in self.rows))
+        steps = sorted(common)
+        curves = [dict(r.val_curve) for r in self.rows]
+        means = [statistics.fmean(c[s] for c in curves) for s in steps]
+        stds = [statistics.stdev(c[s] for c in curves) if len(curves) > 1 else 0.0 for s in steps]
+        return steps, means, stds
+
+
+# Config keys that say where or with which seed a run went, not what was trained: runs equal in
+# everything else are one setting (seed groups).
+NOT_SETTING = {
+    "trainer": {"seed", "run_dir", "resume", "force_resume", "num_threads", "init_timeout_s"},
+    "data": {"cache_dir", "index_cache_dir"},
+    "logging": None,  # all of it
+}
+
+
+def setting_of(cfg: dict) -> str:
+    """A canonical text of the config without the NOT_SETTING keys."""
+    kept = {}
+    for section, values in cfg.items():
+        drop = NOT_SETTING.get(section, set())
+        if drop is None:
+            continue
+        if isinstance(values, dict):
+            values = {k: v for k, v in values.items() if k not in drop}
+        kept[section] = values
+    return json.dumps(kept, sort_keys=True, default=str)
+
+
+def group_runs(rows: list[RunRow]) -> list[RunGroup]:
+    """Rows grouped by setting, in the rows' order, each group ordered by seed."""
+    groups: dict[str, list[RunRow]] = {}
+    for row in rows:
+        groups.setdefault(row.setting, []).append(row)
+    return [
+        RunGroup(sorted(members, key=lambda r: (r.seed is None, r.seed or 0, r.run_dir)))
+        for members in groups.values()
+    ]
 
 
 def find_run_dirs(inputs: list[Path]) -> list[Path]:
@@ -128,21 +193,30 @@ def read_run(folder: Path) -> RunRow | str:
         total=params.get("total"),
         tokens_per_s=statistics.median(rates) if rates else None,
         val_curve=curve,
+        seed=cfg.get("trainer", {}).get("seed"),
+        setting=setting_of(cfg),
     )
 
 
-def _label(rows: list[RunRow]) -> None:
-    for row in rows:
-        if row.flavour == "mone":
-            row.label = f"MoNE rho={row.neuron_keep_ratio:g}"
-        else:
-            row.label = f"MoE F={row.moe_ffn_hidden_size}"
+def _label(groups: list[RunGroup]) -> None:
+    for group in groups:
+        r = group.first
+        label = (
+            f"MoNE rho={r.neuron_keep_ratio:g}"
+            if r.flavour == "mone"
+            else f"MoE F={r.moe_ffn_hidden_size}"
+        )
+        for row in group.rows:
+            row.label = label
     seen: dict[str, int] = {}
-    for row in rows:
-        seen[row.label] = seen.get(row.label, 0) + 1
-    for row in rows:  # the same setting twice (seeds, lengths): name the folder too
-        if seen[row.label] > 1:
-            row.label += f" ({Path(row.run_dir).name})"
+    for group in groups:
+        seen[group.first.label] = seen.get(group.first.label, 0) + 1
+    for group in groups:  # different settings, same label (other lengths, ...): name the folder
+        if seen[group.first.label] > 1:
+            folder = Path(group.first.run_dir)
+            name = folder.parent.name if len(group.rows) > 1 else folder.name
+            for row in group.rows:
+                row.label += f" ({name})"
 
 
 def _millions(n: int | None) -> str:
@@ -169,17 +243,50 @@ def markdown_table(rows: list[RunRow], skipped: list[tuple[str, str]]) -> str:
     return out
 
 
-def plot_curves(rows: list[RunRow], path: Path) -> None:
+def _pm(mean: float, std: float, n: int) -> str:
+    return f"{mean:.4f}" if n == 1 else f"{mean:.4f} ± {std:.4f}"
+
+
+def grouped_table(groups: list[RunGroup], skipped: list[tuple[str, str]]) -> str:
+    """One row per setting: losses as mean ± sample standard deviation over its seeds."""
+    lines = [
+        "| run | flavour | rho | F | steps | seeds | final val loss | best val loss | "
+        "activated/token (neuron top-k) | activated/token (routing) | total params | tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for g in groups:
+        r, n = g.first, len(g.rows)
+        rates = [x.tokens_per_s for x in g.rows if x.tokens_per_s is not None]
+        rate = f"{statistics.median(rates):,.0f}" if rates else "-"
+        seeds = ",".join(str(x.seed) for x in g.rows)
+        lines.append(
+            f"| {r.label} | {r.flavour} | {r.neuron_keep_ratio:g} | {r.moe_ffn_hidden_size} | "
+            f"{r.steps} | {seeds} | {_pm(*g.stat('final_val_loss'), n)} | "
+            f"{_pm(*g.stat('best_val_loss'), n)} | {_millions(r.activated)} | "
+            f"{_millions(r.activated_moe)} | {_millions(r.total)} | {rate} |"
+        )
+    out = "\n".join(lines) + "\n"
+    if skipped:
+        out += "\nSkipped:\n\n" + "".join(f"- `{d}`: {why}\n" for d, why in skipped)
+    return out
+
+
+def plot_curves(groups: list[RunGroup], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        steps, losses = zip(*r.val_curve)
-        style = "-" if r.flavour == "mone" else "--"
-        ax.plot(steps, losses, style, marker=".", label=r.label)
+    for g in groups:
+        steps, means, stds = g.mean_curve()
+        style = "-" if g.first.flavour == "mone" else "--"
+        label = g.first.label + (f" (mean of {len(g.rows)} seeds)" if len(g.rows) > 1 else "")
+        (line,) = ax.plot(steps, means, style, marker=".", label=label)
+        if len(g.rows) > 1:
+            low = [m - s for m, s in zip(means, stds)]
+            high = [m + s for m, s in zip(means, stds)]
+            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title("Validation loss")
@@ -190,7 +297,7 @@ def plot_curves(rows: list[RunRow], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_loss_vs_activated(rows: list[RunRow], path: Path) -> None:
+def plot_loss_vs_activated(groups: list[RunGroup], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -204,15 +311,18 @@ def plot_loss_vs_activated(rows: list[RunRow], path: Path) -> None:
             ("moe", "o", "tab:red", "MoE"),
         ]:
             points = [
-                (getattr(r, key) / 1e6, r.final_val_loss, r)
-                for r in rows
-                if r.flavour == flavour and getattr(r, key) is not None
+                (getattr(g.first, key) / 1e6, *g.stat("final_val_loss"), g.first)
+                for g in groups
+                if g.first.flavour == flavour and getattr(g.first, key) is not None
             ]
             if not points:
                 continue
             points.sort(key=lambda p: p[0])
-            xs, ys, which = zip(*points)
-            ax.plot(xs, ys, marker=marker, color=colour, linestyle=":", label=name, ms=8)
+            xs, ys, errs, which = zip(*points)
+            ax.errorbar(
+                xs, ys, yerr=errs if any(errs) else None, marker=marker, color=colour,
+                linestyle=":", label=name, ms=8, capsize=3,
+            )  # fmt: skip
             for x, y, r in zip(xs, ys, which):
                 text = (
                     f"rho={r.neuron_keep_ratio:g}"
@@ -250,22 +360,50 @@ def build_report(inputs: list[Path], out: Path) -> dict:
             f"{len(folders)} run directories, none finished" if folders else "no run directories"
         )
         raise ReportError(f"nothing to report in {', '.join(map(str, inputs))}: {found}")
-    rows.sort(key=lambda r: (r.flavour != "moe", r.neuron_keep_ratio, r.moe_ffn_hidden_size))
-    _label(rows)
+    rows.sort(key=lambda r: (r.flavour != "moe", r.neuron_keep_ratio, -r.moe_ffn_hidden_size))
+    groups = group_runs(rows)
+    _label(groups)
+    seeded = any(len(g.rows) > 1 for g in groups)
+    table = grouped_table(groups, skipped) if seeded else markdown_table(rows, skipped)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text("# Run comparison\n\n" + markdown_table(rows, skipped))
+    text = "# Run comparison\n\n"
+    if seeded:
+        text += "Runs that differ only in `trainer.seed` are one row: mean ± sample std.\n\n"
+    (out / "report.md").write_text(text + table)
     (out / "report.json").write_text(
         json.dumps(
             {
-                "runs": [asdict(r) for r in rows],
+                "runs": [{k: v for k, v in asdict(r).items() if k != "setting"} for r in rows],
+                "groups": [_group_record(g) for g in groups],
                 "skipped": [{"run_dir": d, "reason": why} for d, why in skipped],
             },
             indent=2,
         )
     )
-    plot_curves(rows, out / "val_loss.png")
-    plot_loss_vs_activated(rows, out / "loss_vs_activated.png")
-    return {"out": out, "rows": rows, "skipped": skipped}
+    plot_curves(groups, out / "val_loss.png")
+    plot_loss_vs_activated(groups, out / "loss_vs_activated.png")
+    return {"out": out, "rows": rows, "groups": groups, "table": table, "skipped": skipped}
+
+
+def _group_record(group: RunGroup) -> dict:
+    r = group.first
+    final, best = group.stat("final_val_loss"), group.stat("best_val_loss")
+    return {
+        "label": r.label,
+        "flavour": r.flavour,
+        "neuron_keep_ratio": r.neuron_keep_ratio,
+        "moe_ffn_hidden_size": r.moe_ffn_hidden_size,
+        "steps": r.steps,
+        "seeds": [x.seed for x in group.rows],
+        "run_dirs": [x.run_dir for x in group.rows],
+        "final_val_loss_mean": final[0],
+        "final_val_loss_std": final[1],
+        "best_val_loss_mean": best[0],
+        "best_val_loss_std": best[1],
+        "activated": r.activated,
+        "activated_moe": r.activated_moe,
+        "total": r.total,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     except ReportError as err:
         print(f"mone-report: {err}", file=sys.stderr)
         return 2
-    print(markdown_table(result["rows"], []), end="")
+    print(result["table"].split("\nSkipped:")[0], end="")
     for folder, why in result["skipped"]:
         print(f"skipped {folder}: {why}")
     print(f"wrote {result['out']}/report.md, report.json, val_loss.png, loss_vs_activated.png")

@@ -21,7 +21,13 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from mone_train.distributed import DistInfo
 from mone_train.errors import TrainingDiverged
 from mone_train.model.lm import lm_loss
-from mone_train.optim import attach_main_grads, clip_grads_, detach_main_grads, global_grad_norm
+from mone_train.optim import (
+    attach_main_grads,
+    clip_grads_,
+    copy_masters_to_params,
+    detach_main_grads,
+    global_grad_norm,
+)
 
 
 class StepResult(NamedTuple):
@@ -92,6 +98,7 @@ class TrainStep:
         attach_main_grads(self.params)
         self.optimizer.step()
         detach_main_grads(self.params)
+        copy_masters_to_params(self.params)
         return StepResult(loss, float(grad_norm))
 
 

@@ -87,3 +87,24 @@ def test_gpt_dataset_samples_and_rank_slices(megatron_single, corpus, tmp_path):
     rank1 = next(micro_batches(train, 8, 2, dp_rank=1, dp_size=2))
     assert torch.equal(rank0["tokens"], torch.stack([train[8]["tokens"], train[9]["tokens"]]))
     assert torch.equal(rank1["tokens"], torch.stack([train[10]["tokens"], train[11]["tokens"]]))
+
+
+def test_eval_seed_fixes_the_held_out_draw_whatever_the_training_seed(megatron_single, corpus,
+                                                                      tmp_path):  # fmt: skip
+    from mone_train.data.run_data import build_run_data
+    from mone_train.preflight import compose_config
+
+    def draw(*overrides):
+        cfg = compose_config(
+            ["trainer.seq_length=32", f"data.index_cache_dir={tmp_path}", *overrides]
+        )
+        data = build_run_data(cfg, megatron_single, (16, 8, 8))
+        return data.train[0]["tokens"], data.valid[0]["tokens"]
+
+    train_1, valid_1 = draw("trainer.seed=1")
+    train_2, valid_2 = draw("trainer.seed=2")
+    assert not torch.equal(train_1, train_2) and not torch.equal(valid_1, valid_2)  # as before
+    fixed_1 = draw("trainer.seed=1", "data.eval_seed=7")
+    fixed_2 = draw("trainer.seed=2", "data.eval_seed=7")
+    assert torch.equal(fixed_1[1], fixed_2[1])  # the same held-out samples
+    assert torch.equal(fixed_1[0], train_1) and torch.equal(fixed_2[0], train_2)  # own order

@@ -41,16 +41,20 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_parameter_gradient_and_optimizer_bytes_equal_the_built_model(megatron_single, layout):
+@pytest.mark.parametrize(
+    "layout,precision", [(name, "fp32") for name in LAYOUTS] + [("tiny", "bf16")]
+)
+def test_parameter_gradient_and_optimizer_bytes_equal_the_built_model(
+    megatron_single, layout, precision
+):
     from mone_train.model.builder import build_model
     from mone_train.model.params import count_parameters
     from mone_train.optim import attach_main_grads, build_optimizer, detach_main_grads
 
-    cfg = compose_config(LAYOUTS[layout])
+    cfg = compose_config([*LAYOUTS[layout], f"trainer.precision={precision}"])
     model, params = build_model(cfg, VOCAB)
     shape = shape_of(cfg, VOCAB)
-    states = model_state_bytes(shape, "fp32")
+    states = model_state_bytes(shape, precision)
     assert states.params == sum(p.numel() * p.element_size() for p in params)
     buffers = list(model.buffers) + list(model.expert_parallel_buffers)
     assert states.grads == sum(b.grad_data.numel() * b.grad_data.element_size() for b in buffers)
@@ -59,7 +63,10 @@ def test_parameter_gradient_and_optimizer_bytes_equal_the_built_model(megatron_s
     optimizer.step()
     detach_main_grads(params)
     moments = [s[k] for s in optimizer.state.values() for k in ("exp_avg", "exp_avg_sq")]
-    assert states.optimizer == sum(m.numel() * m.element_size() for m in moments)
+    # bf16: the optimizer also holds the fp32 masters (fp32: the weights are their own)
+    masters = [p.main_param for p in params if hasattr(p, "main_param")]
+    assert len(masters) == (len(params) if precision == "bf16" else 0)
+    assert states.optimizer == sum(m.numel() * m.element_size() for m in moments + masters)
     counts = count_parameters(model, cfg.model.router_topk)
     assert parameter_numbers(shape).total == counts.total
 

@@ -39,26 +39,36 @@ def build_run_data(cfg: Config, info: DistInfo, num_samples: tuple[int, int, int
         if not info.is_main:
             corpus = prepare_stdlib_corpus(d.cache_dir, d.valid_every, tokenizer)
         cache = d.index_cache_dir or Path(corpus.train_prefix).parent / "index-cache"
-        train, valid = build_gpt_datasets(
-            corpus.train_prefix,
-            corpus.valid_prefix,
-            tokenizer,
-            t.seq_length,
-            t.seed,
-            num_train_samples=num_samples[0],
-            num_valid_samples=num_samples[1],
-            cache_dir=Path(cache).expanduser(),
-        )
-        return RunData(tokenizer, train, valid, None)
-    cache = Path(d.index_cache_dir or Path(d.cache_dir) / "index-cache").expanduser()
-    train, valid, test = build_blended_datasets(
-        list(d.paths),
-        None if d.weights is None else list(d.weights),
-        d.split,
-        tokenizer,
-        t.seq_length,
-        t.seed,
-        num_samples,
-        cache,
-    )
+
+        def build(seed: int):
+            return build_gpt_datasets(
+                corpus.train_prefix,
+                corpus.valid_prefix,
+                tokenizer,
+                t.seq_length,
+                seed,
+                num_train_samples=num_samples[0],
+                num_valid_samples=num_samples[1],
+                cache_dir=Path(cache).expanduser(),
+            ) + (None,)
+    else:
+        cache = Path(d.index_cache_dir or Path(d.cache_dir) / "index-cache").expanduser()
+
+        def build(seed: int):
+            return build_blended_datasets(
+                list(d.paths),
+                None if d.weights is None else list(d.weights),
+                d.split,
+                tokenizer,
+                t.seq_length,
+                seed,
+                num_samples,
+                cache,
+            )
+
+    train, valid, test = build(t.seed)
+    if d.eval_seed is not None and d.eval_seed != t.seed:
+        # The held-out samples (and their order) drawn with their own seed: runs that differ
+        # only in trainer.seed are evaluated on the same tokens.
+        _, valid, test = build(d.eval_seed)
     return RunData(tokenizer, train, valid, test)

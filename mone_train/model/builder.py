@@ -89,7 +89,9 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         pipeline_model_parallel_size=1,
         expert_model_parallel_size=t.expert_parallel_size,
         use_cpu_initialization=not torch.cuda.is_available(),
-        params_dtype=torch.float32,  # trainer.precision: fp32 only for now (see config.py)
+        # Built and initialised in fp32 always; bf16 runs cast afterwards (to_bf16_with_masters),
+        # keeping each weight's exact fp32 value as its master.
+        params_dtype=torch.float32,
     )
 
 
@@ -161,6 +163,21 @@ def build_gpt_model(cfg: Config, vocab_size: int) -> GPTModel:
     return model
 
 
+def to_bf16_with_masters(model: GPTModel) -> None:
+    """Megatron's bf16 mode: weights (and so compute and activations) in bf16, each weight's
+    fp32 value kept as ``param.main_param`` for the optimizer (mone_train/optim.py).
+
+    What stays fp32 inside: the router (``moe_router_dtype``), the MoNE selection statistic and
+    NG-LBL (computed in fp32 by the experts), the loss (logits upcast), and, through DDP's
+    ``grad_reduce_in_fp32``, the gradient buffers and their all-reduce.
+    """
+    for param in model.parameters():
+        param.main_param = param.detach().clone()  # exact fp32 master (a leaf, no grad)
+    model.bfloat16()  # same Parameter objects, bf16 data: main_param stays attached
+    model.config.bf16 = True  # one config object is shared by every module
+    model.config.params_dtype = torch.bfloat16
+
+
 def build_model(
     cfg: Config, vocab_size: int, ep_rank: int = 0, ep_size: int = 1
 ) -> tuple[DistributedDataParallel, list[torch.nn.Parameter]]:
@@ -181,6 +198,8 @@ def build_model(
         ep_rank,
         cfg.model.num_experts // ep_size,
     )
+    if cfg.trainer.precision == "bf16":
+        to_bf16_with_masters(model)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     ddp = DistributedDataParallel(
