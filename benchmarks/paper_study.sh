@@ -20,7 +20,7 @@
 # a run directory holding FINISHED.json is skipped, an interrupted one resumes or restarts (the
 # trainer's restart rules). Logs in OUT/logs/, runs in OUT/runs/<setting>/seed<N>/.
 #
-# Environment: STEPS (1600), SEEDS (1 2 3), JOBS (2), BIN (.venv/bin).
+# Environment: STEPS (1600), LR (1e-3), SEEDS (1 2 3), JOBS (2), BIN (.venv/bin).
 set -euo pipefail
 # One compound command: bash reads it whole, so editing this file cannot upset a running study.
 {
@@ -28,6 +28,7 @@ cd "$(dirname "$0")/.."
 
 OUT=${1:?usage: benchmarks/paper_study.sh OUT}
 STEPS=${STEPS:-1600}
+LR=${LR:-1e-3}
 SEEDS=${SEEDS:-1 2 3}
 JOBS=${JOBS:-2}
 BIN=${BIN:-.venv/bin}
@@ -40,7 +41,7 @@ mkdir -p "$OUT/runs" "$OUT/logs"
 COMMON=(model=tiny trainer.steps="$STEPS" trainer.micro_batch_size=16 trainer.global_batch_size=16
         trainer.seq_length=256 trainer.eval_interval=$((STEPS / 4)) trainer.eval_iters=32
         trainer.log_interval=100 trainer.save_interval="$STEPS" trainer.num_threads=1
-        data.eval_seed=1234 logging.wandb_mode=disabled)
+        optim.lr="$LR" data.eval_seed=1234 logging.wandb_mode=disabled)
 
 declare -A SETTING=(
   [moe-F$F]="moe=moe"

@@ -206,22 +206,35 @@ def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
 
 
 def _with_masters(model_sd: dict, module: torch.nn.Module) -> dict:
-    """The model's sharded state dict with each bf16 weight's fp32 master in its place: a
-    checkpoint always holds fp32 weights, whatever the precision it was trained in."""
+    """The model's sharded state dict with each bf16 weight's fp32 master in its place (a
+    checkpoint always holds fp32 weights, whatever the precision it was trained in) and, with
+    a sharded optimizer, each weight written by the rank that owns its optimizer state."""
     from megatron.core.dist_checkpointing import ShardedTensor
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
-    masters = {id(p): p.main_param for p in module.parameters() if hasattr(p, "main_param")}
-    if masters:
-        for value in nested_values(model_sd):
-            # fc1 of gated experts is a factory (gate and up saved apart) over the weight
-            if (
-                isinstance(value, (ShardedTensor, ShardedTensorFactory))
-                and id(value.data) in masters
-            ):
-                value.data = masters[id(value.data)]
+    params = {id(p): p for p in module.parameters()}
+    for value in nested_values(model_sd):
+        # fc1 of gated experts is a factory (gate and up saved apart) over the weight
+        if not isinstance(value, (ShardedTensor, ShardedTensorFactory)):
+            continue
+        param = params.get(id(value.data))
+        if param is None:
+            continue
+        if hasattr(param, "optimizer_owned"):
+            # ZeRO-1: the weight's owner writes it (and its optimizer state, which inherits
+            # this), from its fp32 master in bf16 runs; other ranks' copies are replicas.
+            value.replica_id = _replica(value.replica_id, main=param.optimizer_owned)
+        if hasattr(param, "main_param"):
+            value.data = param.main_param
     return model_sd
+
+
+def _replica(replica_id, main: bool):
+    """A replica id of the same form that is main (all zeros) or not."""
+    if isinstance(replica_id, int):
+        return 0 if main else 1
+    return tuple(0 for _ in replica_id) if main else (*replica_id[:-1], 1)
 
 
 def _load_weights(module: torch.nn.Module, loaded: dict) -> None:

@@ -290,6 +290,9 @@ class TrainerConfig:
     backend: Optional[str] = None  # torch.distributed backend; null: nccl with CUDA, else gloo
     init_timeout_s: float = 600.0  # how long ranks wait for each other at start-up
     precision: str = "fp32"  # fp32 | bf16 (bf16 compute, fp32 master weights and optimizer)
+    # ZeRO-1: each weight's optimizer state (and fp32 master) on one data-parallel rank only
+    # (expert weights: one expert-data-parallel rank); nothing changes on one process.
+    shard_optimizer: bool = False
     save_interval: int = 0  # steps between checkpoints; 0: none (SIGTERM/SIGUSR1 still save)
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted after a save
     async_save: bool = True  # write checkpoints while training goes on (preemption: at once)

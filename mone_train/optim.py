@@ -29,8 +29,8 @@ def master_of(param: torch.nn.Parameter) -> torch.Tensor:
 
 
 def build_optimizer(cfg: OptimConfig, params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
-    """AdamW over the parameters' fp32 masters, in ``params`` order; weight decay on matrices
-    only (norm scales and biases are not decayed)."""
+    """AdamW over the parameters' fp32 masters, in ``params`` order (with sharding: the ones
+    this rank owns); weight decay on matrices only (norm scales and biases are not decayed)."""
     decay = [master_of(p) for p in params if p.requires_grad and p.dim() >= 2]
     no_decay = [master_of(p) for p in params if p.requires_grad and p.dim() < 2]
     return torch.optim.AdamW(
@@ -112,3 +112,73 @@ def clip_grads_(
     scale = max_norm / (float(total_norm) + 1e-6)
     if scale < 1.0:
         torch._foreach_mul_([p.main_grad for p in params], scale)
+
+
+class OptimizerSharding:
+    """ZeRO-1 by parameter: each weight's optimizer state (AdamW moments, and its fp32 master in
+    bf16 runs) lives on one rank of the group that reduces its gradient, the *owner*; dense
+    weights are spread over the data-parallel group, expert weights over the expert
+    data-parallel group, greedily by size. Every rank still holds all (reduced) gradients and
+    all weights: owners step their weights, then broadcast them to the group.
+
+    Why our own and not megatron's DistributedOptimizer: that one allocates on CUDA and checks
+    CUDA tensor types (it cannot run on the CPU our tests run on); torch's
+    ZeroRedundancyOptimizer knows one process group, while expert weights need another, and
+    neither saves through dist_checkpointing. Sharding whole weights instead of flat buffer
+    ranges keeps each state tensor a parameter-shaped ShardedTensor, so checkpoints reshard to
+    any layout like unsharded ones.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], dense_group, expert_group) -> None:
+        self.params = params
+        self.groups = {True: dense_group, False: expert_group}  # keyed by param.allreduce
+        self.owner: dict[int, int] = {}  # id(param) -> global rank of its owner
+        for dense, group in self.groups.items():
+            members = [p for p in params if getattr(p, "allreduce", True) == dense]
+            size = dist.get_world_size(group)
+            load = [0] * size
+            for p in sorted(members, key=lambda p: -p.numel()):  # largest first, stable
+                local = min(range(size), key=lambda r: load[r])
+                load[local] += p.numel()
+                self.owner[id(p)] = dist.get_global_rank(group, local)
+        rank = dist.get_rank()
+        self.owned = [p for p in params if self.owner[id(p)] == rank]
+        for p in params:
+            p.optimizer_owned = self.owner[id(p)] == rank  # read by checkpointing
+            if not p.optimizer_owned and hasattr(p, "main_param"):
+                del p.main_param  # the master lives on the owner only
+
+    def broadcast_weights(self) -> None:
+        """Send every updated weight from its owner to the rest of its group (one flat
+        broadcast per owner and group)."""
+        for dense, group in self.groups.items():
+            if dist.get_world_size(group) == 1:
+                continue
+            members = [p for p in self.params if getattr(p, "allreduce", True) == dense]
+            for local in range(dist.get_world_size(group)):
+                src = dist.get_global_rank(group, local)
+                tensors = [p.data for p in members if self.owner[id(p)] == src]
+                if not tensors:
+                    continue
+                flat = torch.cat([t.reshape(-1) for t in tensors])
+                dist.broadcast(flat, src=src, group=group)
+                if src != dist.get_rank():
+                    torch._foreach_copy_(
+                        tensors,
+                        [
+                            v.view_as(t)
+                            for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)
+                        ],
+                    )
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer, params) -> int:
+    """Bytes of optimizer state on this rank: AdamW's moments and the fp32 masters that are not
+    the weights themselves (bf16 runs); counted from the tensors, after they exist."""
+    total = sum(
+        v.numel() * v.element_size()
+        for state in optimizer.state.values()
+        for k, v in state.items()
+        if k != "step" and torch.is_tensor(v)
+    )
+    return total + sum(p.main_param.numel() * 4 for p in params if hasattr(p, "main_param"))

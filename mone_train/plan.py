@@ -168,11 +168,19 @@ class ModelStateBytes:
         return self.params + self.grads + self.optimizer
 
 
-def model_state_bytes(shape: Shape, precision: str) -> ModelStateBytes:
-    """Weights, fp32 gradient buffers and optimizer state of one device."""
+def model_state_bytes(
+    shape: Shape, precision: str, dense_dp: int = 1, expert_dp: int = 1
+) -> ModelStateBytes:
+    """Weights, fp32 gradient buffers and optimizer state of one device; with a sharded
+    optimizer (ZeRO-1) the state of dense weights divides by the data-parallel size
+    ``dense_dp`` and that of expert weights by the expert-data-parallel size ``expert_dp``
+    (whole weights are assigned, so a rank's share is this up to one weight's rounding)."""
     weight, grad, optimizer = PRECISION_BYTES[precision]
-    local = parameter_numbers(shape).local
-    return ModelStateBytes(params=weight * local, grads=grad * local, optimizer=optimizer * local)
+    numbers = parameter_numbers(shape)
+    state = optimizer * (numbers.dense / dense_dp + numbers.expert_local / expert_dp)
+    return ModelStateBytes(
+        params=weight * numbers.local, grads=grad * numbers.local, optimizer=math.ceil(state)
+    )
 
 
 # ---------------------------------------------------------------------------- activations
@@ -412,7 +420,9 @@ def make_plan(
         world_size=world_size,
         ep_size=ep,
         micro_batches=micro_batches,
-        states=model_state_bytes(shape, t.precision),
+        states=model_state_bytes(
+            shape, t.precision, *((world_size, world_size // ep) if t.shard_optimizer else ())
+        ),
         activations={rc: activation_bytes(shape, rc) for rc in RECOMPUTE_SETTINGS},
         a2a_bytes=all_to_all_bytes(shape, ep, micro_batches, t.recompute),
         flops=flops_per_token(shape),
@@ -425,7 +435,7 @@ def make_plan(
 
 def suggestions(plan: Plan, vocab_size: int) -> list[dict]:
     """Trainer settings that make a plan fit that does not: for each knob (recompute, micro
-    batch, expert parallelism) its mildest setting that fits alone; if none does, the three
+    batch, expert parallelism, optimizer sharding) its mildest setting that fits alone; if none does, the three
     turned together (full recompute, the widest expert parallelism, then the largest micro
     batch that fits). Each item maps trainer keys to values."""
     t = plan.cfg.trainer
@@ -436,6 +446,7 @@ def suggestions(plan: Plan, vocab_size: int) -> list[dict]:
         ],
         [{"micro_batch_size": n} for n in _divisors_below(t.micro_batch_size)],
         [{"expert_parallel_size": ep} for ep in _wider_ep(plan)],
+        [{"shard_optimizer": True}] if not t.shard_optimizer and plan.world_size > 1 else [],
     ]
     found = [next((c for c in family if _fits(plan, vocab_size, c)), None) for family in families]
     if any(found):
@@ -465,6 +476,11 @@ def _fits(plan: Plan, vocab_size: int, trainer_values: dict) -> bool:
     cfg = replace(plan.cfg, trainer=replace(plan.cfg.trainer, **trainer_values))
     other = make_plan(cfg, vocab_size, plan.world_size, 1.0, plan.mfu, plan.gpu)
     return other.total_bytes() <= plan.gpu_memory_bytes
+
+
+def _optimizer_label(precision: str, sharded: bool) -> str:
+    what = "AdamW moments" if precision == "fp32" else "AdamW + fp32 masters"
+    return f"{'optim. state' if sharded else 'optimizer state'} ({what}{', ZeRO-1' if sharded else ''})"
 
 
 def _gib(n: float) -> str:
@@ -498,15 +514,15 @@ def format_plan(plan: Plan, vocab_size: int) -> str:
         f"job: {plan.world_size} devices, expert parallel {plan.ep_size} (data parallel "
         f"{plan.world_size} for dense weights, {plan.world_size // plan.ep_size} for experts); "
         f"micro batch {t.micro_batch_size} x {t.seq_length} tokens, "
-        f"{plan.micro_batches} per device and step; {t.precision}; recompute {t.recompute}",
+        f"{plan.micro_batches} per device and step; {t.precision}; recompute {t.recompute}"
+        + ("; optimizer sharded" if t.shard_optimizer else ""),
         "",
         f"{'per device':<46}{'GiB':>9}",
     ]
     rows = [
         (f"parameters ({t.precision})", plan.states.params),
         ("gradients (fp32 main_grad buffers)", plan.states.grads),
-        ("optimizer state (AdamW moments" + (", fp32 masters)" if t.precision != "fp32" else ")"),
-         plan.states.optimizer),
+        (_optimizer_label(t.precision, t.shard_optimizer), plan.states.optimizer),
         (f"activations, one micro batch (recompute {t.recompute})",
          plan.activations[t.recompute].peak),
         ("total", plan.total_bytes()),

@@ -91,7 +91,17 @@ class RunGroup:
 # Config keys that say where or with which seed a run went, not what was trained: runs equal in
 # everything else are one setting (seed groups).
 NOT_SETTING = {
-    "trainer": {"seed", "run_dir", "resume", "force_resume", "num_threads", "init_timeout_s"},
+    "trainer": {
+        "seed",
+        "run_dir",
+        "resume",
+        "force_resume",
+        "num_threads",
+        "init_timeout_s",
+        "save_interval",
+        "keep_last",
+        "async_save",  # when and how checkpoints were written
+    },
     "data": {"cache_dir", "index_cache_dir"},
     "logging": None,  # all of it
 }

@@ -22,6 +22,7 @@ from mone_train.distributed import DistInfo
 from mone_train.errors import TrainingDiverged
 from mone_train.model.lm import lm_loss
 from mone_train.optim import (
+    OptimizerSharding,
     attach_main_grads,
     clip_grads_,
     copy_masters_to_params,
@@ -50,6 +51,7 @@ class TrainStep:
         info: this process's place in the job.
         accum: micro batches per optimizer step on this rank.
         clip_grad: maximum global gradient norm (0 disables clipping).
+        sharding: ZeRO-1 ownership (the optimizer then covers the owned weights only).
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class TrainStep:
         *,
         accum: int,
         clip_grad: float,
+        sharding: OptimizerSharding | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -70,6 +73,9 @@ class TrainStep:
         self.info = info
         self.accum = accum
         self.clip_grad = clip_grad
+        self.sharding = sharding
+        # the weights this rank's optimizer updates (all of them without sharding)
+        self.owned = params if sharding is None else sharding.owned
         self.dp_group = parallel_state.get_data_parallel_group()
         self.ep_group = parallel_state.get_expert_model_parallel_group()
         # megatron scales its auxiliary losses' gradients by this (the mean over micro batches).
@@ -95,10 +101,12 @@ class TrainStep:
         if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
             return StepResult(loss, float(grad_norm), applied=False)
         clip_grads_(self.params, self.clip_grad, grad_norm)
-        attach_main_grads(self.params)
+        attach_main_grads(self.owned)
         self.optimizer.step()
-        detach_main_grads(self.params)
-        copy_masters_to_params(self.params)
+        detach_main_grads(self.owned)
+        copy_masters_to_params(self.owned)
+        if self.sharding is not None:
+            self.sharding.broadcast_weights()
         return StepResult(loss, float(grad_norm))
 
 

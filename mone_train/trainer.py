@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 
+import torch.distributed as dist
+from megatron.core import parallel_state
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
@@ -27,7 +29,7 @@ from mone_train.metrics import TrainMetrics
 from mone_train.model.builder import build_model
 from mone_train.model.lm import causal_mask
 from mone_train.model.params import count_parameters
-from mone_train.optim import build_optimizer, lr_at
+from mone_train.optim import OptimizerSharding, build_optimizer, lr_at, optimizer_state_bytes
 from mone_train.run_dir import mark_finished, prepare_run_dir
 from mone_train.runtime import configure_torch
 from mone_train.tracking import MetricsLogger
@@ -60,7 +62,15 @@ class Trainer:
             f"tokenizer {tokenizer.kind}: vocabulary {tokenizer.vocab_size:,} "
             f"(model {self.vocab_size:,})"
         )
-        self.optimizer = build_optimizer(cfg.optim, params)
+        self.sharding = None
+        if t.shard_optimizer and info.world_size > 1:
+            self.sharding = OptimizerSharding(
+                params,
+                parallel_state.get_data_parallel_group(),
+                parallel_state.get_expert_data_parallel_group(),
+            )
+        owned = params if self.sharding is None else self.sharding.owned
+        self.optimizer = build_optimizer(cfg.optim, owned)
         self.resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
         self.checkpointer = Checkpointer(
             self.run_dir,
@@ -99,6 +109,7 @@ class Trainer:
             info,
             accum=accum,
             clip_grad=cfg.optim.clip_grad,
+            sharding=self.sharding,
         )
         self.guard = NonFiniteGuard(t.max_nonfinite_steps)
         self.metrics = TrainMetrics(cfg, info, self.model, self.counts, self.logger, accum)
@@ -194,6 +205,7 @@ class Trainer:
             "vocab_size": self.vocab_size,
             "params": self.counts.as_dict(),
             "wandb_dir": self.logger.wandb_dir,
+            "optimizer_state_bytes": self._optimizer_state_bytes(),
         }
         self.logger.close()  # wandb prints its own closing lines; ours come last
         if self.info.is_main:
@@ -202,6 +214,19 @@ class Trainer:
         self.say(self.counts.summary())
         self.say(f"run directory: {self.run_dir}")
         return summary
+
+    def _optimizer_state_bytes(self) -> list[int]:
+        """Optimizer state bytes held by each rank (measured from the tensors; ZeRO-1 divides
+        them over the data-parallel ranks), also printed per rank."""
+        mine = optimizer_state_bytes(self.optimizer, self.train_step.params)
+        every = [0] * self.info.world_size
+        dist.all_gather_object(every, mine)
+        shard = "sharded" if self.sharding is not None else "not sharded"
+        self.say(
+            "optimizer state per rank (" + shard + "): "
+            + ", ".join(f"{b / 2**20:.2f} MiB" for b in every)
+        )  # fmt: skip
+        return every
 
     def close(self) -> None:
         """Release what the run holds (a save in flight, hooks, open files); safe after a

@@ -90,12 +90,13 @@ def test_flops_use_the_trainers_activated_counts(megatron_single):
     assert flops.mone_activated < flops.executed < flops.dense_equivalent
 
 
-def test_real_scale_counts_equal_the_meta_device_model(megatron_single):
+@pytest.mark.parametrize("model,total_b", [("1b", 0.951), ("3b", 2.988)])
+def test_real_scale_counts_equal_the_meta_device_model(megatron_single, model, total_b):
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from mone_train.model.builder import build_gpt_model
 
-    cfg = compose_config(["model=1b"])
+    cfg = compose_config([f"model={model}", "trainer=gpu", "trainer.expert_parallel_size=1"])
     torch.manual_seed(0)
     model_parallel_cuda_manual_seed(0)
     with torch.device("meta"):
@@ -103,10 +104,16 @@ def test_real_scale_counts_equal_the_meta_device_model(megatron_single):
     numbers = parameter_numbers(shape_of(cfg, 50304))
     assert numbers.local == sum(p.numel() for p in model.parameters())
     assert model_state_bytes(shape_of(cfg, 50304), "fp32").params == 4 * numbers.local
-    # At EP = 8 a device holds the dense weights and 2 of the 16 experts of every layer.
+    assert round(numbers.total / 1e9, 3) == total_b  # as the config's comment and docs say
+    # At EP = 8 a device holds the dense weights and 1/8 of the experts of every layer.
     at_ep8 = parameter_numbers(shape_of(cfg, 50304, ep_size=8))
     assert at_ep8.local == numbers.dense + numbers.expert_total // 8
     assert at_ep8.total == numbers.total
+    # trainer=gpu (bf16, ZeRO-1 over 8 data-parallel ranks, expert data parallel 1): state
+    # bytes per device as mone-plan prints them
+    states = model_state_bytes(shape_of(cfg, 50304, ep_size=8), "bf16", 8, 1)
+    assert states.params == 2 * at_ep8.local and states.grads == 4 * at_ep8.local
+    assert abs(states.optimizer - 12 * (at_ep8.dense / 8 + at_ep8.expert_local)) < 1
 
 
 def _kept_bytes(cfg) -> int:

@@ -83,6 +83,7 @@ def test_optimizer_updates_fp32_masters_and_rounds_them_into_bf16_weights(
     assert (matrix != matrix.to(torch.bfloat16).float()).float().mean() > 0.9
 
 
+@pytest.mark.slow  # trains
 def test_bf16_training_tracks_fp32(tmp_path):
     """60 smoke steps of `tiny` (MoNE, sequence 32): training loss averaged over 10-step windows
     and every validation loss within 0.03 nats of fp32 (measured: 0.018 and 0.023; the runs
@@ -102,6 +103,7 @@ def test_bf16_training_tracks_fp32(tmp_path):
     assert max(abs(a - b) for a, b in zip(*val)) < 0.03, val
 
 
+@pytest.mark.slow  # trains
 def test_bf16_resume_is_bit_exact_and_checkpoints_hold_fp32(tmp_path):
     from megatron.core import dist_checkpointing
 
@@ -118,6 +120,7 @@ def test_bf16_resume_is_bit_exact_and_checkpoints_hold_fp32(tmp_path):
     assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")
 
 
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize("saved,loaded", [("fp32", "bf16"), ("bf16", "fp32")])
 def test_checkpoints_load_across_precisions(tmp_path, saved, loaded):
     """Checkpoints hold fp32 weights in both precisions; a run in the other precision resumes
