@@ -3,8 +3,11 @@
 #   1. kernel tests compiled (fp32, and bf16/fp16 storage) against the PyTorch reference, and
 #      the compiler's register / spill / occupancy report for sm_80 and sm_90
 #   2. the kernel benchmark (memory floor, fused vs reference vs dense, full-expert ratio)
-#   3. a short training step-time comparison, MoE vs MoNE, when megatron-core is installable
+#   3. bf16 step time of MoE vs MoNE on a one-GPU slice of model=1b (4 of its 16 layers, all 16
+#      experts, sequences of 4096, grouped experts): tokens/s, MFU, peak memory, MoNE/MoE ratio
+#      (benchmarks/step_time.py), when megatron-core is installable
 # Every table goes to OUT (first argument, else $OUT, else benchmarks/results/gpu-<date>).
+# DRY_RUN=1 runs every step at toy size (seconds on a CPU; the tests do this).
 #
 # The GPU machine is expected to have torch and triton. The rest (megatron-core, hydra-core,
 # omegaconf, wandb, ...) can come as wheels in WHEELS (default: ./wheels), made beforehand on
@@ -40,24 +43,37 @@ if [[ -d "$WHEELS" ]]; then
 fi
 "$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null || export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
+DRY=${DRY_RUN:-0}
+STATIC=(); BENCH=(); STEP=(--model 1b --layers 4 --seq 4096 --micro-batch 2 --steps 30
+                          --precision bf16 --overrides moe.grouped_gemm=true)
+if [[ "$DRY" == "1" ]]; then
+  log "DRY_RUN=1: toy sizes"
+  STATIC=(--archs 90 --neurons 1024 --kernels backward)
+  BENCH=(--rows 256 --neurons 128 --ratios 0.5 --hidden 64 --repeats 1)
+  STEP=(--dry-run)
+fi
+
 log "1/3 kernel tests (compiled Triton)"
-timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py tests/test_mone_reference.py \
-  2>&1 | tee "$OUT/kernel_tests.txt" | tail -3
+if [[ "$DRY" == "1" ]]; then
+  log "DRY_RUN=1: kernel tests skipped (make test runs them under the interpreter)"
+else
+  timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py tests/test_mone_reference.py \
+    2>&1 | tee "$OUT/kernel_tests.txt" | tail -3
+fi
 
 log "1b/3 kernel registers, spills and occupancy as compiled for sm_80/sm_90 (no GPU needed)"
-timeout 300 "$PY" benchmarks/kernel_static.py --out "$OUT" --check 2>&1 | tee "$OUT/kernel_static.txt" | tail -3
+timeout 300 "$PY" benchmarks/kernel_static.py --out "$OUT" --check "${STATIC[@]}" 2>&1 \
+  | tee "$OUT/kernel_static.txt" | tail -3
 
 log "2/3 kernel benchmark"
-timeout 180 "$PY" benchmarks/kernel_bench.py --out "$OUT" 2>&1 | tee "$OUT/kernel_bench.txt" | tail -5
+timeout 180 "$PY" benchmarks/kernel_bench.py --out "$OUT" "${BENCH[@]}" 2>&1 | tee "$OUT/kernel_bench.txt" | tail -5
 
-log "3/3 training step time, MoE vs MoNE"
-if [[ "${TRITON_INTERPRET:-0}" == "1" ]]; then
+log "3/3 training step time, MoE vs MoNE (bf16, one-GPU slice of model=1b)"
+if [[ "${TRITON_INTERPRET:-0}" == "1" && "$DRY" != "1" ]]; then
   log "no CUDA device: step-time comparison skipped (on CPU see benchmarks/trainer_throughput.py)"
 elif "$PY" -c "import megatron.core, hydra" 2>/dev/null; then
-  timeout 150 "$PY" benchmarks/trainer_throughput.py --steps 40 --warmup 10 --rounds 2 --out "$OUT" \
-    --overrides model.hidden_size=1024 model.num_attention_heads=16 model.moe_ffn_hidden_size=1024 \
-    model.num_experts=16 trainer.micro_batch_size=8 trainer.global_batch_size=8 trainer.seq_length=1024 \
-    2>&1 | tee "$OUT/step_time.txt" | tail -6
+  timeout 200 "$PY" benchmarks/step_time.py --out "$OUT" "${STEP[@]}" 2>&1 \
+    | tee "$OUT/step_time.txt" | tail -7
 else
   log "megatron-core or hydra missing (no wheels supplied): step-time comparison skipped"
 fi

@@ -85,3 +85,24 @@ def test_health_overhead_benchmark_runs(tmp_path):
     assert "cost" in out
     data = json.loads((tmp_path / "health_overhead_cpu.json").read_text())
     assert len(data["cost_per_block_pair"]) == 2 and data["seconds_per_step_plain"] > 0
+
+
+def test_gpu_check_dry_run_writes_every_table(tmp_path):
+    """benchmarks/gpu_check.sh at toy sizes on CPU: the script a GPU runs, every step exercised
+    (kernel compile report, kernel benchmark, bf16 MoE vs MoNE step time through the trainer)."""
+    import os
+
+    out = tmp_path / "gpu"
+    done = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(out)],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "WHEELS": str(tmp_path / "none")},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "all targets met" in (out / "kernel_static.txt").read_text()
+    assert json.loads((out / "kernel_bench_cpu.json").read_text())
+    step = json.loads((out / "step_time_cpu_dry_run.json").read_text())
+    assert [r["flavour"] for r in step["runs"]] == ["moe", "mone"]
+    assert all(r["tokens_per_s"] > 0 and r["peak_rss_gib"] > 0 for r in step["runs"])
+    assert step["mone_over_moe_step_time"] > 0
+    assert "tables in" in (out / "gpu_check.log").read_text()
