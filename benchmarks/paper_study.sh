@@ -13,7 +13,7 @@
 #      (F' = F (1 + 2 rho) / 3, as +experiment=moe_matched_active), MoNE rho = 0.25, 0.5, 0.75
 #      with NG-LBL, MoNE rho = 0.5 without NG-LBL (moe.ng_lbl_coeff=0);
 #   3. mone-report over all runs (seeds grouped: mean +- std);
-#   4. on the first seed of every setting: mone-analyze sparsify (claim 3; for MoNE models the
+#   4. on the first seed of every setting that saved a checkpoint: mone-analyze sparsify (claim 3; for MoNE models the
 #      train-rho vs inference-rho table) and mone-analyze activations (claim 4).
 #
 # Runs go two at a time with one thread each (JOBS, on 2 cores that beats one run on both);
@@ -95,22 +95,26 @@ train_all "${STUDY[@]}"
 echo "paper_study: 3/4 mone-report"
 "$BIN/mone-report" "$OUT/runs" --out "$OUT/report"
 
-echo "paper_study: 4/4 sparsification and activations on seed ${SEEDS%% *}"
+echo "paper_study: 4/4 sparsification and activations on the first seed of each setting"
 VALID=$("$BIN/python" -c "
 from mone_train.data.corpus import prepare_stdlib_corpus
 from mone_train.preflight import compose_config
 cfg = compose_config([])
 print(prepare_stdlib_corpus(cfg.data.cache_dir, cfg.data.valid_every).valid_prefix)")
-FIRST=${SEEDS%% *}
 for name in "${REGIME[@]}" "${STUDY[@]}"; do
-  model="$OUT/runs/$name/seed$FIRST"
+  # the first seed that left a checkpoint (runs trained elsewhere may have saved none)
+  model=""
+  for seed in $SEEDS; do
+    if [[ -d "$OUT/runs/$name/seed$seed/checkpoints" ]]; then model="$OUT/runs/$name/seed$seed"; break; fi
+  done
+  if [[ -z "$model" ]]; then echo "paper_study: $name has no checkpoint to analyse" >&2; exit 1; fi
   for study in sparsify activations; do
     if [[ -f "$OUT/$study/$name/$study.json" ]]; then continue; fi
     tokens=$([[ $study == sparsify ]] && echo 131072 || echo 32768)
     OMP_NUM_THREADS=2 "$BIN/mone-analyze" "$study" --model "$model" --data "$VALID" \
       --max-tokens "$tokens" --out "$OUT/$study/$name" --overwrite --no-progress \
       >"$OUT/logs/$study-$name.log" 2>&1
-    echo "paper_study: $study $name done"
+    echo "paper_study: $study $name ($(basename "$model")) done"
   done
 done
 "$BIN/python" benchmarks/paper_study_summary.py summary "$OUT"

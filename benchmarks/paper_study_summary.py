@@ -161,6 +161,13 @@ def summary(out: Path) -> dict:
     pairs = [
         ("claim1", "mone-0.5", "moe-F128", "MoNE rho=0.5 vs MoE at the same total parameters"),
         ("claim2", "mone-0.5", "moe-matched", "MoNE rho=0.5 vs MoE at equal activated parameters"),
+        # F (1 + 2 rho) / 3 = F/2 at rho = 0.25: the regime's F/2 MoE is rho = 0.25's match
+        (
+            "claim2_quarter",
+            "mone-0.25",
+            "moe-F64",
+            "MoNE rho=0.25 vs MoE at equal activated parameters (F/2)",
+        ),
         ("ng_lbl", "mone-0.5", "mone-0.5-nolbl", "MoNE rho=0.5 with vs without NG-LBL"),
         ("regime", "moe-F64", "moe-F128", "MoE F/2 vs F (the regime check)"),
     ]

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -87,6 +89,7 @@ def test_health_overhead_benchmark_runs(tmp_path):
     assert len(data["cost_per_block_pair"]) == 2 and data["seconds_per_step_plain"] > 0
 
 
+@pytest.mark.slow  # trains twice in subprocesses
 def test_gpu_check_dry_run_writes_every_table(tmp_path):
     """benchmarks/gpu_check.sh at toy sizes on CPU: the script a GPU runs, every step exercised
     (kernel compile report, kernel benchmark, bf16 MoE vs MoNE step time through the trainer)."""

@@ -24,7 +24,10 @@ def _options(group: str) -> list[str]:
     "override", [f"{group}={option}" for group in GROUPS for option in _options(group)]
 )
 def test_every_shipped_config_composes_and_validates(override):
-    required = {"data=indexed": ["data.paths=[/data/web]"]}  # no default for where data lives
+    required = {
+        "data=indexed": ["data.paths=[/data/web]"],  # no default for where data lives
+        "trainer=gpu": ["model=1b"],  # sequences of 4096: for the GPU-scale models
+    }
     cfg = compose_config([override, *required.get(override, [])])
     assert isinstance(cfg, Config)
     validate(cfg)
