@@ -130,7 +130,6 @@ class OptimizerSharding:
     """
 
     def __init__(self, params: list[torch.nn.Parameter], dense_group, expert_group) -> None:
-        self.params = params
         self.groups = {True: dense_group, False: expert_group}  # keyed by param.allreduce
         self.owner: dict[int, int] = {}  # id(param) -> global rank of its owner
         for dense, group in self.groups.items():
@@ -147,29 +146,28 @@ class OptimizerSharding:
             p.optimizer_owned = self.owner[id(p)] == rank  # read by checkpointing
             if not p.optimizer_owned and hasattr(p, "main_param"):
                 del p.main_param  # the master lives on the owner only
+        # What each step broadcasts: (group, owner, the owner's weights), groups of size > 1.
+        self.broadcasts = []
+        for dense, group in self.groups.items():
+            size = dist.get_world_size(group)
+            for local in range(size if size > 1 else 0):  # a group of one has nobody to tell
+                src = dist.get_global_rank(group, local)
+                weights = [p for p in params if self.owner[id(p)] == src
+                           and getattr(p, "allreduce", True) == dense]  # fmt: skip
+                if weights:
+                    self.broadcasts.append((group, src, weights))
 
     def broadcast_weights(self) -> None:
         """Send every updated weight from its owner to the rest of its group (one flat
         broadcast per owner and group)."""
-        for dense, group in self.groups.items():
-            if dist.get_world_size(group) == 1:
-                continue
-            members = [p for p in self.params if getattr(p, "allreduce", True) == dense]
-            for local in range(dist.get_world_size(group)):
-                src = dist.get_global_rank(group, local)
-                tensors = [p.data for p in members if self.owner[id(p)] == src]
-                if not tensors:
-                    continue
-                flat = torch.cat([t.reshape(-1) for t in tensors])
-                dist.broadcast(flat, src=src, group=group)
-                if src != dist.get_rank():
-                    torch._foreach_copy_(
-                        tensors,
-                        [
-                            v.view_as(t)
-                            for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)
-                        ],
-                    )
+        rank = dist.get_rank()
+        for group, src, weights in self.broadcasts:
+            tensors = [p.data for p in weights]
+            flat = torch.cat([t.reshape(-1) for t in tensors])
+            dist.broadcast(flat, src=src, group=group)
+            if src != rank:
+                pieces = flat.split([t.numel() for t in tensors])
+                torch._foreach_copy_(tensors, [v.view_as(t) for v, t in zip(pieces, tensors)])
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer, params) -> int:

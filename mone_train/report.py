@@ -233,48 +233,29 @@ def _millions(n: int | None) -> str:
     return "-" if n is None else f"{n / 1e6:.3f}M"
 
 
-def markdown_table(rows: list[RunRow], skipped: list[tuple[str, str]]) -> str:
-    lines = [
-        "| run | flavour | rho | F | steps | final val loss | best val loss | "
-        "activated/token (neuron top-k) | activated/token (routing) | total params | tokens/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        rate = "-" if r.tokens_per_s is None else f"{r.tokens_per_s:,.0f}"
-        lines.append(
-            f"| {r.label} | {r.flavour} | {r.neuron_keep_ratio:g} | {r.moe_ffn_hidden_size} | "
-            f"{r.steps} | {r.final_val_loss:.4f} | {r.best_val_loss:.4f} | "
-            f"{_millions(r.activated)} | {_millions(r.activated_moe)} | {_millions(r.total)} | "
-            f"{rate} |"
-        )
-    out = "\n".join(lines) + "\n"
-    if skipped:
-        out += "\nSkipped:\n\n" + "".join(f"- `{d}`: {why}\n" for d, why in skipped)
-    return out
-
-
 def _pm(mean: float, std: float, n: int) -> str:
     return f"{mean:.4f}" if n == 1 else f"{mean:.4f} ± {std:.4f}"
 
 
-def grouped_table(groups: list[RunGroup], skipped: list[tuple[str, str]]) -> str:
-    """One row per setting: losses as mean ± sample standard deviation over its seeds."""
-    lines = [
-        "| run | flavour | rho | F | steps | seeds | final val loss | best val loss | "
-        "activated/token (neuron top-k) | activated/token (routing) | total params | tokens/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+def markdown_table(groups: list[RunGroup], skipped: list[tuple[str, str]]) -> str:
+    """One row per setting. When some setting has several seeds, a ``seeds`` column and the
+    losses as mean ± sample standard deviation; otherwise one plain row per run."""
+    seeded = any(len(g.rows) > 1 for g in groups)
+    columns = ["run", "flavour", "rho", "F", "steps", *(["seeds"] if seeded else []),
+               "final val loss", "best val loss", "activated/token (neuron top-k)",
+               "activated/token (routing)", "total params", "tokens/s"]  # fmt: skip
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for g in groups:
         r, n = g.first, len(g.rows)
         rates = [x.tokens_per_s for x in g.rows if x.tokens_per_s is not None]
-        rate = f"{statistics.median(rates):,.0f}" if rates else "-"
-        seeds = ",".join(str(x.seed) for x in g.rows)
-        lines.append(
-            f"| {r.label} | {r.flavour} | {r.neuron_keep_ratio:g} | {r.moe_ffn_hidden_size} | "
-            f"{r.steps} | {seeds} | {_pm(*g.stat('final_val_loss'), n)} | "
-            f"{_pm(*g.stat('best_val_loss'), n)} | {_millions(r.activated)} | "
-            f"{_millions(r.activated_moe)} | {_millions(r.total)} | {rate} |"
-        )
+        cells = [
+            r.label, r.flavour, f"{r.neuron_keep_ratio:g}", str(r.moe_ffn_hidden_size),
+            str(r.steps), *([",".join(str(x.seed) for x in g.rows)] if seeded else []),
+            _pm(*g.stat("final_val_loss"), n), _pm(*g.stat("best_val_loss"), n),
+            _millions(r.activated), _millions(r.activated_moe), _millions(r.total),
+            f"{statistics.median(rates):,.0f}" if rates else "-",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
     out = "\n".join(lines) + "\n"
     if skipped:
         out += "\nSkipped:\n\n" + "".join(f"- `{d}`: {why}\n" for d, why in skipped)
@@ -374,7 +355,7 @@ def build_report(inputs: list[Path], out: Path) -> dict:
     groups = group_runs(rows)
     _label(groups)
     seeded = any(len(g.rows) > 1 for g in groups)
-    table = grouped_table(groups, skipped) if seeded else markdown_table(rows, skipped)
+    table = markdown_table(groups, skipped)
     out.mkdir(parents=True, exist_ok=True)
     text = "# Run comparison\n\n"
     if seeded:

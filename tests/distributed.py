@@ -52,3 +52,33 @@ def run_processes(world_size: int, overrides: list[str], timeout_s: float = 240)
 
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# A few-second `tiny` run with a log record every step (checkpoint, precision, sharding tests).
+TINY_RUN = [
+    "model=tiny",
+    "trainer=smoke",
+    "trainer.log_interval=1",
+    "trainer.eval_interval=10",
+    "trainer.eval_iters=2",
+    "trainer.seq_length=32",
+    "logging.wandb_mode=disabled",
+]
+
+
+def train(run_dir: Path, world_size: int, *overrides: str) -> dict | None:
+    """Train ``TINY_RUN`` + ``overrides`` into ``run_dir`` in this process (1) or in
+    ``world_size`` processes; the summary of an in-process run."""
+    full = [*TINY_RUN, f"trainer.run_dir={run_dir}", *overrides]
+    if world_size > 1:
+        run_processes(world_size, full)
+        return None
+    from mone_train.preflight import compose_config
+    from mone_train.trainer import run
+
+    return run(compose_config(full))
+
+
+def losses(run_dir: Path) -> list[float]:
+    """The run's training and validation losses in logged order."""
+    return [r.get("loss", r.get("val_loss")) for r in metrics(run_dir)]

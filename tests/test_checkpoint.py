@@ -14,32 +14,17 @@ import pytest
 
 from mone_train.checkpoint import CHECKPOINTS, EXIT_PREEMPTED, LATEST, MARKER, CheckpointError
 from mone_train.errors import ConfigError
-from mone_train.preflight import compose_config
-from tests.distributed import metrics, run_processes
+from tests.distributed import TINY_RUN, losses, metrics, run_processes, train
 
 # Training runs, subprocesses or process groups: the full tier only (make test).
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
-BASE = [
-    "model=tiny",
-    "trainer=smoke",
-    "trainer.log_interval=1",
-    "trainer.eval_interval=10",
-    "trainer.eval_iters=2",
-    "trainer.seq_length=32",
-    "logging.wandb_mode=disabled",
-]
+BASE = TINY_RUN
 
 
 def _run(run_dir, *extra):
-    from mone_train.trainer import run
-
-    return run(compose_config([*BASE, f"trainer.run_dir={run_dir}", *extra]))
-
-
-def _losses(run_dir):
-    return [r.get("loss", r.get("val_loss")) for r in metrics(run_dir)]
+    return train(run_dir, 1, *extra)
 
 
 @pytest.mark.parametrize("flavour", ["moe", "mone"])
@@ -47,7 +32,7 @@ def test_resume_is_bit_exact(tmp_path, flavour):
     _run(tmp_path / "straight", f"moe={flavour}", "trainer.steps=20")
     _run(tmp_path / "resumed", f"moe={flavour}", "trainer.steps=10", "trainer.save_interval=10")
     _run(tmp_path / "resumed", f"moe={flavour}", "trainer.steps=20", "trainer.save_interval=10")
-    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
     records = metrics(tmp_path / "resumed")
     assert [r["consumed_samples"] for r in records if "loss" in r] == [8 * s for s in range(1, 21)]
 

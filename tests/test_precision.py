@@ -7,27 +7,13 @@ import torch
 
 from mone_train.checkpoint import CHECKPOINTS
 from mone_train.preflight import compose_config
-from tests.distributed import metrics
+from tests.distributed import TINY_RUN, losses, metrics, train
 
-BASE = [
-    "model=tiny",
-    "trainer=smoke",
-    "trainer.log_interval=1",
-    "trainer.eval_interval=10",
-    "trainer.eval_iters=2",
-    "trainer.seq_length=32",
-    "logging.wandb_mode=disabled",
-]
+BASE = TINY_RUN
 
 
 def _run(run_dir, *extra):
-    from mone_train.trainer import run
-
-    return run(compose_config([*BASE, f"trainer.run_dir={run_dir}", *extra]))
-
-
-def _losses(run_dir):
-    return [r.get("loss", r.get("val_loss")) for r in metrics(run_dir)]
+    return train(run_dir, 1, *extra)
 
 
 @pytest.mark.parametrize("flavour", ["moe", "mone"])
@@ -117,7 +103,7 @@ def test_bf16_resume_is_bit_exact_and_checkpoints_hold_fp32(tmp_path):
     assert tensors and all(t.dtype == torch.float32 for t in tensors.values())
     _run(tmp_path / "resumed", "trainer.steps=20", "trainer.save_interval=10",
          "trainer.precision=bf16")  # fmt: skip
-    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
 
 
 @pytest.mark.slow  # trains

@@ -8,38 +8,17 @@ import json
 import pytest
 
 from mone_train.checkpoint import CHECKPOINTS
-from tests.distributed import metrics, run_processes
+from tests.distributed import TINY_RUN, losses, metrics, train
 
 # Training runs, subprocesses or process groups: the full tier only (make test).
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "model=tiny",
-    "trainer=smoke",
-    "trainer.log_interval=1",
-    "trainer.eval_interval=10",
-    "trainer.eval_iters=2",
-    "trainer.seq_length=32",
-    "trainer.micro_batch_size=4",
-    "trainer.global_batch_size=8",
-    "logging.wandb_mode=disabled",
-]
+BATCH = ["trainer.micro_batch_size=4", "trainer.global_batch_size=8"]
 
 
 def _train(run_dir, world_size, *extra):
-    overrides = [*TINY, f"trainer.run_dir={run_dir}", *extra]
-    if world_size == 1:
-        from mone_train.preflight import compose_config
-        from mone_train.trainer import run
-
-        run(compose_config(overrides))
-    else:
-        run_processes(world_size, overrides)
+    train(run_dir, world_size, *BATCH, *extra)
     return metrics(run_dir)
-
-
-def _losses(records):
-    return [r["loss"] if "loss" in r else r["val_loss"] for r in records]
 
 
 def _state_bytes(run_dir):
@@ -50,9 +29,10 @@ def _state_bytes(run_dir):
 def test_sharded_state_trains_like_unsharded_with_half_the_bytes(tmp_path, ep, precision):
     common = ["trainer.steps=10", f"trainer.expert_parallel_size={ep}",
               f"trainer.precision={precision}"]  # fmt: skip
-    full = _train(tmp_path / "full", 2, *common)
-    sharded = _train(tmp_path / "sharded", 2, *common, "trainer.shard_optimizer=true")
-    assert _losses(sharded) == _losses(full)  # the same arithmetic, owned by one rank each
+    _train(tmp_path / "full", 2, *common)
+    _train(tmp_path / "sharded", 2, *common, "trainer.shard_optimizer=true")
+    # the same arithmetic, each weight updated by its owner
+    assert losses(tmp_path / "sharded") == losses(tmp_path / "full")
     full_bytes, sharded_bytes = _state_bytes(tmp_path / "full"), _state_bytes(tmp_path / "sharded")
     assert full_bytes[0] == full_bytes[1]
     if ep == 1:  # dense and expert state both split over the 2 data-parallel ranks
@@ -62,7 +42,7 @@ def test_sharded_state_trains_like_unsharded_with_half_the_bytes(tmp_path, ep, p
         from mone_train.plan import parameter_numbers, shape_of
         from mone_train.preflight import compose_config
 
-        cfg = compose_config([*TINY, *common])
+        cfg = compose_config([*TINY_RUN, *BATCH, *common])
         dense = parameter_numbers(shape_of(cfg, 258, ep_size=2)).dense
         per_weight = 8 if precision == "fp32" else 12  # moments (+ the fp32 master)
         assert sum(full_bytes) - sum(sharded_bytes) == per_weight * dense
@@ -74,9 +54,9 @@ def test_sharded_checkpoints_resume_bit_exact_and_reshard_to_one_process(tmp_pat
     common = [f"trainer.expert_parallel_size={ep}", "trainer.shard_optimizer=true"]
     straight = _train(tmp_path / "straight", 2, *common, "trainer.steps=20")
     _train(tmp_path / "resumed", 2, *common, "trainer.steps=10", "trainer.save_interval=10")
-    resumed = _train(tmp_path / "resumed", 2, *common, "trainer.steps=20",
+    _train(tmp_path / "resumed", 2, *common, "trainer.steps=20",
                      "trainer.save_interval=10")  # fmt: skip
-    assert _losses(resumed) == _losses(straight)
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
 
     # One process (DP 1, EP 1, unsharded) reads the sharded state and goes on: step 11's loss
     # shows the weights came along, step 12's (after one update) the optimizer moments too;
