@@ -87,7 +87,8 @@ class _NeuronTopkSwiGLU(torch.autograd.Function):
         g_TF = F.silu(gate_TF)
         g_abs_TF = g_TF.abs()
         mask_TF = _topk_mask_nonnegative(g_abs_TF, k)
-        # Bool tensors convert to float several times faster through a uint8 view on CPU.
+        # Bool tensors convert to float several times faster through a uint8 view on CPU, and
+        # multiplying by the float mask is ~10x faster there than torch.where / masked_fill.
         mask_f_TF = mask_TF.view(torch.uint8).to(torch.float32)
         balance = torch.zeros((), device=fc1_T2F.device)
         ctx.with_balance = with_balance and num_rows > 0
@@ -110,19 +111,19 @@ class _NeuronTopkSwiGLU(torch.autograd.Function):
         gate_TF, up_TF = fc1_T2F.float().chunk(2, dim=-1)
         dfc1_T2F = torch.empty(fc1_T2F.shape, dtype=torch.float32, device=fc1_T2F.device)
         dgate_TF, dup_TF = dfc1_T2F.chunk(2, dim=-1)
+        # Few passes over [T, F] (memory-bound on CPU): the mask, two products, one fused
+        # SiLU derivative, and the balance term when there is one.
         dh_TF = dh_TF.float() * mask_TF.view(torch.uint8).to(torch.float32)
-        sig_TF = torch.sigmoid(gate_TF)
-        g_TF = gate_TF * sig_TF
-        torch.mul(dh_TF, g_TF, out=dup_TF)
-        dg_TF = torch.mul(dh_TF, up_TF, out=dgate_TF)
+        torch.mul(dh_TF, F.silu(gate_TF), out=dup_TF)
+        dg_TF = dh_TF.mul_(up_TF)
         if ctx.with_balance and dbalance is not None:
             counts_F, sums_T, shares_T = ctx.saved_tensors[2:]
             # d balance / d|g_tj| = scale / s_t * (c_j - share_t); d|g| / dg = sign(g) = sign(gate)
             row_w_T1 = (dbalance * ctx.scale / sums_T).unsqueeze(-1)
-            dabs_TF = (counts_F - shares_T.unsqueeze(-1)).mul_(row_w_T1).mul_(torch.sign(gate_TF))
-            dg_TF.add_(dabs_TF)
-        # d SiLU(x) / dx = sigmoid(x) * (1 + x - SiLU(x))
-        dg_TF.mul_(g_TF.neg_().add_(gate_TF).add_(1.0).mul_(sig_TF))
+            dabs_TF = torch.sub(counts_F, shares_T.unsqueeze(-1)).mul_(row_w_T1)
+            dg_TF.addcmul_(dabs_TF, torch.sign(gate_TF))
+        # d SiLU(x) / dx in one fused pass, written into the gate half.
+        torch.ops.aten.silu_backward.grad_input(dg_TF, gate_TF, grad_input=dgate_TF)
         return dfc1_T2F.to(fc1_T2F.dtype), None, None
 
 

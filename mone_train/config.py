@@ -247,6 +247,7 @@ class OptimConfig:
     clip_grad: float = 1.0
     warmup_steps: int = 50
     schedule: str = "cosine"
+    fused: bool = True  # torch's fused AdamW kernel (CPU and CUDA): one pass per weight
 
     def validate(self) -> None:
         """AdamW hyper-parameters and the schedule."""

@@ -41,6 +41,7 @@ def build_optimizer(cfg: OptimConfig, params: list[torch.nn.Parameter]) -> torch
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,
+        fused=cfg.fused,
     )
 
 

@@ -9,8 +9,11 @@ from mone_train.config import Config
 
 def configure_torch(cfg: Config) -> None:
     """Intra-op threads and megatron's ``jit_fuser`` (which is torch.compile)."""
-    if cfg.trainer.num_threads is not None:
-        torch.set_num_threads(cfg.trainer.num_threads)
+    # Set even when it is torch's default: a process that never called torch.set_num_threads
+    # computes some kernels (SDPA's CPU backward among them) with other rounding than one that
+    # did, and checkpoint saves set it and back (checkpoint.single_threaded_collectives), so a
+    # run's numbers would otherwise depend on whether and when it saved.
+    torch.set_num_threads(cfg.trainer.num_threads or torch.get_num_threads())
     import torch._dynamo as dynamo
 
     compile_enabled = cfg.trainer.compile

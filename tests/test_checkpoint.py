@@ -169,3 +169,90 @@ def test_bad_checkpoints_end_in_one_clear_error(tmp_path):
     # Nothing of the original run was touched by the failed starts.
     assert json.loads((checkpoint / MARKER).read_text())["step"] == 5
     assert not (tmp_path / "a" / "metrics.jsonl").exists()
+
+
+# A gathered object of 200 kB: gloo copies it with a torch op inside its own worker thread.
+_GLOO_THREAD_PROBE = """
+import json, os, sys
+import torch
+import torch.distributed as dist
+from mone_train.checkpoint import single_threaded_collectives
+
+torch.set_num_threads(2)
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+dist.init_process_group("gloo", rank=0, world_size=1)
+torch.ones(1000, 1000).sum()  # the main thread's OpenMP team exists before counting
+
+def gather(group):
+    dist.all_gather_object([None], bytes(200_000), group=group)
+
+grown = {}
+for name, fn in (("guarded", single_threaded_collectives(gather)), ("plain", gather)):
+    group = dist.new_group([0], backend="gloo")  # fresh gloo worker threads
+    dist.barrier(group=group)
+    before = len(os.listdir("/proc/self/task"))
+    fn(group)
+    grown[name] = len(os.listdir("/proc/self/task")) - before
+print(json.dumps({"grown": grown, "threads_after": torch.get_num_threads()}))
+dist.destroy_process_group()
+"""
+
+
+def test_collectives_in_saves_start_no_openmp_team_in_gloo_threads():
+    """The after-save slowdown's cause and its guard, on real gloo threads: a large gathered
+    object makes the worker thread start an OpenMP team (one more thread libgomp manages, which
+    shortens its spin-wait process-wide), unless torch's thread count is 1 while it runs."""
+    from tests.distributed import free_port
+
+    out = subprocess.run(
+        [sys.executable, "-c", _GLOO_THREAD_PROBE, str(free_port())],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["grown"]["plain"] >= 1, result  # the phenomenon exists on this torch
+    assert result["grown"]["guarded"] == 0, result
+    assert result["threads_after"] == 2  # the guard restores torch's setting
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_checkpoint_collectives_run_single_threaded(tmp_path, monkeypatch, async_save):
+    """Every object collective that megatron's or torch's checkpointing issues during saves,
+    asynchronous finalization and resume runs while torch's thread count is 1; training runs
+    with the configured count."""
+    import torch
+    import torch.distributed as dist
+
+    seen: list[tuple[str, int]] = []
+    for name in ("all_gather_object", "gather_object", "broadcast_object_list"):
+        real = getattr(dist, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if "checkpoint" in caller:
+                seen.append((_name, torch.get_num_threads()))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(dist, name, spy)
+    run_dir = tmp_path / "run"
+    common = ["trainer.num_threads=2", f"trainer.async_save={str(async_save).lower()}"]
+    _run(run_dir, *common, "trainer.steps=10", "trainer.save_interval=5")
+    _run(run_dir, *common, "trainer.steps=12", "trainer.save_interval=100")  # resumes
+    assert len(seen) >= 6, seen  # two saves and a load, several gathers each
+    assert {threads for _, threads in seen} == {1}, seen
+    assert torch.get_num_threads() == 2
+
+
+def test_saving_does_not_change_a_fresh_processes_numbers(tmp_path):
+    """Two fresh processes, one saving every 4 steps: identical losses. (Saves set torch's
+    thread count and back; a process that never set it rounds SDPA's backward differently at
+    the `small` model's attention shapes, not at `tiny`'s.)"""
+    env = {**os.environ, "TORCHDYNAMO_DISABLE": "1"}
+    for name, interval in (("saving", 4), ("not-saving", 0)):
+        subprocess.run(
+            [sys.executable, "-m", "mone_train.train", *BASE, "trainer.steps=8",
+             "model=small", "trainer.seq_length=256", "trainer.eval_interval=8",
+             f"trainer.run_dir={tmp_path / name}", f"trainer.save_interval={interval}"],
+            cwd=REPO, env=env, check=True, capture_output=True, timeout=300,
+        )  # fmt: skip
+    assert losses(tmp_path / "saving") == losses(tmp_path / "not-saving")

@@ -45,6 +45,7 @@ def test_optimizer_updates_fp32_masters_and_rounds_them_into_bf16_weights(
              "weight_decay": 0.0},
         ],
         lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
+        fused=cfg.optim.fused,
     )  # fmt: skip
     t = cfg.trainer
     tokenizer = tokenizer_from_config(cfg.data.tokenizer)
