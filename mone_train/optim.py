@@ -31,6 +31,15 @@ def master_of(param: torch.nn.Parameter) -> torch.Tensor:
 def build_optimizer(cfg: OptimConfig, params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
     """AdamW over the parameters' fp32 masters, in ``params`` order (with sharding: the ones
     this rank owns); weight decay on matrices only (norm scales and biases are not decayed)."""
+    if cfg.fused:
+        # torch's fused CPU kernel silently computes wrong updates on strided tensors.
+        for p in params:
+            for tensor in (master_of(p), getattr(p, "main_grad", None)):
+                if tensor is not None and not tensor.is_contiguous():
+                    raise ValueError(
+                        f"optim.fused=true needs contiguous weights and gradients; a "
+                        f"{tuple(tensor.shape)} tensor is strided (set optim.fused=false)"
+                    )
     decay = [master_of(p) for p in params if p.requires_grad and p.dim() >= 2]
     no_decay = [master_of(p) for p in params if p.requires_grad and p.dim() < 2]
     return torch.optim.AdamW(

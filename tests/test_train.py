@@ -85,6 +85,33 @@ def test_lr_schedule_warms_up_then_decays_to_min():
     assert lr_at(50, linear, 100) == pytest.approx(0.5)
 
 
+def test_fused_adamw_matches_torch_default_and_refuses_strided_weights():
+    """optim.fused: torch's fused kernel, the default AdamW's updates to 1e-6; a strided weight
+    (on which the fused CPU kernel computes wrong updates) is refused, not silently stepped."""
+    import torch
+
+    from mone_train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    start = [torch.randn(64, 32), torch.randn(32)]
+    grads = [torch.randn_like(w) for w in start]
+    results = []
+    for fused in (True, False):
+        weights = [torch.nn.Parameter(w.clone()) for w in start]
+        optimizer = build_optimizer(OptimConfig(fused=fused, lr=0.1), weights)
+        for _ in range(3):
+            for w, g in zip(weights, grads):
+                w.grad = g.clone()
+            optimizer.step()
+        results.append(weights)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    strided = torch.nn.Parameter(torch.randn(32, 64).t())
+    with pytest.raises(ValueError, match=r"optim.fused=true needs contiguous.*\(64, 32\)"):
+        build_optimizer(OptimConfig(fused=True), [strided])
+    build_optimizer(OptimConfig(fused=False), [strided])
+
+
 def test_each_step_sees_only_its_own_gradient(megatron_single):
     """Regression: the optimizer reads DDP's buffer through param.grad; left attached, the next
     backward accumulated into it and DDP's hook added it again (gradients doubled)."""
