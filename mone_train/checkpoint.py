@@ -18,7 +18,6 @@ checkpoint saved at one expert-parallel size loads at another.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -60,20 +59,14 @@ def single_threaded_collectives(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with _intra_op_threads(1):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
             return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(previous)
 
     return wrapper
-
-
-@contextlib.contextmanager
-def _intra_op_threads(count: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @dataclass
