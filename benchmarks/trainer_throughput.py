@@ -2,14 +2,20 @@
 
 Contenders, run in turn within each round (in a rotating order) over several rounds:
 
-    bare/moe                 megatron-core GPTModel with its own attention (DotProductAttention)
-                             and experts (SequentialMLP) + torch AdamW, nothing else: the reference
+    bare/moe                 megatron-core GPTModel with its own attention (DotProductAttention),
+                             norms (torch.nn.RMSNorm), unfused RoPE and experts (SequentialMLP)
+                             + torch AdamW, nothing else: the reference
     trainer/moe              mone-train's full step loop (DDP buffers, clipping, logging), moe=moe
     trainer/mone             the same with moe=mone (rho = 0.5, NG-LBL on): the default
-                             `make train` model (SDPA attention; grouped experts with CUDA only)
+                             `make train` model (SDPA attention, fused RMSNorm and RoPE, the
+                             fused CPU MoNE kernel; grouped experts with CUDA only)
     trainer/mone-no-health   moe=mone with logging.health_metrics=false (the health metrics' cost)
   with the speed-path ablations (skip them with --no-ablations):
     trainer/mone-megatron-attn   moe=mone with model.attention=megatron (what SDPA buys)
+    trainer/mone-torch-norm      moe=mone with model.norm=torch (what the fused RMSNorm buys)
+    trainer/mone-unfused-rope    moe=mone with model.rope_fusion=false (what the fused RoPE buys)
+    trainer/mone-reference-act   moe=mone with moe.kernel_impl=reference (what the fused CPU
+                                 MoNE kernel buys over the eager PyTorch reference)
     trainer/mone-grouped         moe=mone with moe.grouped_gemm=true
     trainer/mone-sequential      moe=mone with moe.grouped_gemm=false (what grouped experts buy;
                                  on CPU this is the default, so it also shows the noise floor)
@@ -59,7 +65,14 @@ def bare_loop(steps: int, warmup: int, overrides: list[str]) -> float:
 
     # megatron's own attention core and experts, whatever the trainer's defaults are.
     cfg = compose_config(
-        ["moe=moe", *overrides, "model.attention=megatron", "moe.grouped_gemm=false"]
+        [
+            "moe=moe",
+            *overrides,
+            "model.attention=megatron",
+            "model.norm=torch",
+            "model.rope_fusion=false",
+            "moe.grouped_gemm=false",
+        ]
     )
     t = cfg.trainer
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -128,6 +141,9 @@ def trainer(flavour: str, steps: int, warmup: int, workdir: Path, overrides: lis
 HEALTH = "health metrics on / off, step time"
 EFFECTS = (
     ("SDPA attention vs megatron's core", "trainer/mone", "trainer/mone-megatron-attn"),
+    ("fused RMSNorm vs torch.nn.RMSNorm", "trainer/mone", "trainer/mone-torch-norm"),
+    ("fused RoPE vs megatron's unfused", "trainer/mone", "trainer/mone-unfused-rope"),
+    ("fused CPU MoNE kernel vs reference", "trainer/mone", "trainer/mone-reference-act"),
     ("grouped vs sequential experts", "trainer/mone-grouped", "trainer/mone-sequential"),
     ("MoNE / MoE step time, grouped experts", "trainer/moe-grouped", "trainer/mone-grouped"),
     (HEALTH, "trainer/mone-no-health", "trainer/mone"),
@@ -150,6 +166,9 @@ def contenders(args: argparse.Namespace, workdir: Path) -> dict:
     }
     if args.ablations:
         table["trainer/mone-megatron-attn"] = mone("model.attention=megatron")
+        table["trainer/mone-torch-norm"] = mone("model.norm=torch")
+        table["trainer/mone-unfused-rope"] = mone("model.rope_fusion=false")
+        table["trainer/mone-reference-act"] = mone("moe.kernel_impl=reference")
         table["trainer/mone-grouped"] = mone("moe.grouped_gemm=true")
         table["trainer/mone-sequential"] = mone("moe.grouped_gemm=false")
         table["trainer/moe-grouped"] = lambda: trainer(

@@ -3,9 +3,10 @@
 Layers call :func:`neuron_topk_swiglu` (one group of rows) or
 :func:`neuron_topk_swiglu_grouped` (one group per local expert) only. ``impl``:
 
-- ``auto``: the Triton kernel for CUDA tensors, the PyTorch reference for CPU tensors (the
-  Triton interpreter is far too slow to train with);
+- ``auto``: the Triton kernel for CUDA tensors, the fused C++ operator for CPU tensors (built
+  on first use; the PyTorch reference, with one warning, where it cannot be built);
 - ``triton``: the Triton kernel, also on CPU when ``TRITON_INTERPRET=1`` (how the tests run it);
+- ``cpu``: the fused C++ operator (:mod:`mone_kernels.cpu_kernel`), CPU tensors only;
 - ``reference``: the PyTorch reference anywhere.
 
 Legend: T rows of one expert, N rows of all experts stacked, F neurons, K kept per row,
@@ -14,24 +15,27 @@ B = ceil(F / 8) bytes of a packed mask row.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import NamedTuple
 
 import torch
 
+from mone_kernels.cpu_kernel import cpu_kernel_error, neuron_topk_swiglu_cpu
 from mone_kernels.reference import neuron_topk_swiglu_reference
+from mone_kernels.rules import IMPLS
 from mone_kernels.triton_topk_swiglu import (
     neuron_topk_swiglu_triton,
     triton_runnable,
     unpack_mask,
 )
 
-IMPLS = ("auto", "reference", "triton")
-
 
 class MoNEActivation(NamedTuple):
     """Result for one expert's rows.
 
-    ``h``: [T, F] masked SwiGLU product in the input dtype. ``mask``: [T, F] bool selection,
+    ``h``: [T, F] masked SwiGLU product in the input dtype (times the row scale when one was
+    given). ``mask``: [T, F] bool selection,
     or None when not asked for (``with_mask=False``) or when K = F. ``balance``: the expert's
     NG-LBL, a differentiable fp32 scalar, or None when not asked for.
     """
@@ -46,13 +50,34 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     if impl not in IMPLS:
         raise ValueError(f"kernel impl={impl!r} is not one of {list(IMPLS)}")
     if impl == "auto":
-        return "triton" if device.type == "cuda" and triton_runnable(device) else "reference"
+        if device.type == "cuda" and triton_runnable(device):
+            return "triton"
+        if device.type == "cpu":
+            error = cpu_kernel_error()
+            if error is None:
+                return "cpu"
+            _warn_cpu_fallback(error)
+        return "reference"
     if impl == "triton" and not triton_runnable(device):
         raise RuntimeError(
             f"kernel impl='triton' cannot run on {device}: it needs a CUDA device, or "
             "TRITON_INTERPRET=1 set before triton is imported (CPU, for tests)"
         )
+    if impl == "cpu":
+        if device.type != "cpu":
+            raise RuntimeError(f"kernel impl='cpu' cannot run on {device}: it takes CPU tensors")
+        error = cpu_kernel_error()
+        if error is not None:
+            raise RuntimeError(f"kernel impl='cpu': the C++ operator could not be built ({error})")
     return impl
+
+
+@functools.cache
+def _warn_cpu_fallback(error: str) -> None:
+    warnings.warn(
+        f"MoNE CPU kernel unavailable ({error}); using the PyTorch reference (slower)",
+        stacklevel=3,
+    )
 
 
 def neuron_topk_swiglu(
@@ -61,13 +86,15 @@ def neuron_topk_swiglu(
     impl: str = "auto",
     with_balance: bool = False,
     with_mask: bool = True,
+    row_scale_T: torch.Tensor | None = None,
 ) -> MoNEActivation:
     """MoNE activation ``(SiLU(gate) * top-k mask) * up`` for every row of ``[T, 2F]``.
 
     See :mod:`mone_kernels.reference` for the exact definition, the tie rule and the balance
     loss (which treats all ``T`` rows as one expert's tokens).
     """
-    return neuron_topk_swiglu_grouped([fc1_T2F], k, impl, with_balance, with_mask)[0]
+    row_scales = None if row_scale_T is None else [row_scale_T]
+    return neuron_topk_swiglu_grouped([fc1_T2F], k, impl, with_balance, with_mask, row_scales)[0]
 
 
 def neuron_topk_swiglu_grouped(
@@ -76,23 +103,39 @@ def neuron_topk_swiglu_grouped(
     impl: str = "auto",
     with_balance: bool = False,
     with_mask: bool = True,
+    row_scales: list[torch.Tensor] | None = None,
 ) -> list[MoNEActivation]:
     """The MoNE activation for several experts at once, one ``fc1_T2F`` chunk each.
+
+    ``row_scales`` (optional, one differentiable ``[T]`` tensor per chunk) multiplies each
+    row's ``h``, as ``(h * row_scale_T[:, None]).to(h.dtype)``: the experts' router
+    probabilities. The CPU operator applies it in its own pass; the other paths after it.
 
     Rows are independent, so ``h`` and ``mask`` equal one call on the concatenation; the
     balance loss is per expert. The Triton path concatenates and launches once for all
     experts, and computes the balance loss from the packed mask it saves anyway: the
     ``[T, F]`` bool mask is built only when ``with_mask`` asks for it (health metrics). The
-    reference runs chunk by chunk (on CPU there is no launch to save, and concatenating
-    would only copy); its mask is a by-product and is dropped unless asked for.
+    CPU operator and the reference run chunk by chunk; their mask is a by-product and is
+    dropped unless asked for.
     """
     if not fc1_chunks:
         return []
     num_neurons = fc1_chunks[0].shape[-1] // 2
-    if resolve_impl(impl, fc1_chunks[0].device) == "reference" or k == num_neurons:
+    resolved = resolve_impl(impl, fc1_chunks[0].device)
+    if resolved != "triton" or k == num_neurons:
+        # Chunk by chunk: on CPU there is no launch to save, and concatenating would only copy.
+        one_expert = neuron_topk_swiglu_cpu if resolved == "cpu" else neuron_topk_swiglu_reference
+        if k == num_neurons:
+            one_expert = neuron_topk_swiglu_reference  # the plain SwiGLU
+        fused_scale = one_expert is neuron_topk_swiglu_cpu
         results = []
-        for fc1_T2F in fc1_chunks:
-            h_TF, mask_TF, balance = neuron_topk_swiglu_reference(fc1_T2F, k, with_balance)
+        for e, fc1_T2F in enumerate(fc1_chunks):
+            row_scale_T = None if row_scales is None else row_scales[e]
+            if fused_scale:
+                h_TF, mask_TF, balance = one_expert(fc1_T2F, k, with_balance, row_scale_T)
+            else:
+                h_TF, mask_TF, balance = one_expert(fc1_T2F, k, with_balance)
+                h_TF = _scaled(h_TF, row_scale_T)
             results.append(MoNEActivation(h_TF, mask_TF if with_mask else None, balance))
         return results
     row_counts = [fc1_T2F.shape[0] for fc1_T2F in fc1_chunks]
@@ -103,9 +146,19 @@ def neuron_topk_swiglu_grouped(
     masks = unpack_mask(mask_NB, num_neurons).split(row_counts) if with_mask else None
     balances = _balance_from_shares(shares_N, row_counts, num_neurons, k) if with_balance else None
     return [
-        MoNEActivation(h_TF, masks[e] if masks else None, balances[e] if balances else None)
+        MoNEActivation(
+            _scaled(h_TF, None if row_scales is None else row_scales[e]),
+            masks[e] if masks else None,
+            balances[e] if balances else None,
+        )
         for e, h_TF in enumerate(h_NF.split(row_counts))
     ]
+
+
+def _scaled(h_TF: torch.Tensor, row_scale_T: torch.Tensor | None) -> torch.Tensor:
+    if row_scale_T is None:
+        return h_TF
+    return (h_TF * row_scale_T.unsqueeze(-1)).to(h_TF.dtype)
 
 
 def _balance_from_shares(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-IMPLS = ("auto", "reference", "triton")
+IMPLS = ("auto", "cpu", "reference", "triton")
 
 
 def num_kept_neurons(neuron_keep_ratio: float, num_neurons: int) -> int:

@@ -27,6 +27,7 @@ BACKENDS = ("nccl", "gloo")
 DATA_SOURCES = ("stdlib", "indexed")
 TOKENIZER_KINDS = ("byte", "hf", "sentencepiece")
 ATTENTION_CORES = ("sdpa", "megatron")  # torch's fused SDPA | megatron's DotProductAttention
+NORMS = ("fused", "torch")  # our RMSNorm (fused backward on CPU) | megatron's torch.nn.RMSNorm
 
 
 def _require(ok: bool, key: str, value: Any, valid: str) -> None:
@@ -61,6 +62,8 @@ class ModelConfig:
     tie_embeddings: bool = False
     dropout: float = 0.0
     attention: str = "sdpa"  # core attention: sdpa (torch's fused kernels) | megatron (baddbmm)
+    norm: str = "fused"  # RMSNorm: fused (ours; fused backward on CPU) | torch (megatron's)
+    rope_fusion: bool = True  # megatron's apply_rope_fusion (TE's kernel, or ours on CPU)
 
     def validate(self) -> None:
         """Shape rules of the transformer and its MoE layers."""
@@ -113,6 +116,7 @@ class ModelConfig:
             self.attention,
             f"one of {list(ATTENTION_CORES)}",
         )
+        _require(self.norm in NORMS, "model.norm", self.norm, f"one of {list(NORMS)}")
         _require(
             self.init_method_std > 0, "model.init_method_std", self.init_method_std, "a number > 0"
         )

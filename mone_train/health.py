@@ -16,7 +16,7 @@ activated expert is used). ``load/imbalance`` and ``neurons/utilisation`` (no la
 worst layer's imbalance and the mean utilisation over layers, for the terminal line.
 
 Costs are small by construction (measured on CPU: benchmarks/health_overhead.py): the router
-hook adds one column sum per layer, the MoNE hook one ``any`` over each expert's mask, and
+hook adds one column sum per layer, the MoNE hook one column max over each expert's mask, and
 |SiLU(gate)| is histogrammed on at most ``GATE_ROWS`` sampled rows per expert call (fixed
 log-spaced bins, so memory is bounded). Counters stay on the compute device; they are summed
 (or OR-ed) across ranks and copied to the host only at log time, one all-reduce per kind.
@@ -120,7 +120,8 @@ class HealthMonitor:
         used = self._used[layer]
         for i, mask in enumerate(masks):
             if mask is not None and mask.shape[0] > 0:
-                used[offset + i] |= mask.any(dim=0)
+                # A column max over uint8 is ~20x faster on CPU than bool any(dim=0).
+                used[offset + i] |= mask.view(torch.uint8).amax(dim=0).bool()
 
     def observe_gate(self, fc1: torch.Tensor) -> None:
         """Histogram |SiLU(gate)| of up to GATE_ROWS rows of one expert's ``fc1 [T, 2F]``."""

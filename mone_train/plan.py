@@ -62,6 +62,8 @@ class Shape:
     bytes_per_act: int
     grouped: bool  # experts as grouped GEMMs (their weights stacked per forward)
     packed_mask: bool  # MoNE's Triton path (1-bit mask); the reference keeps a bool mask
+    cpu_mone_kernel: bool  # MoNE's fused CPU operator (the router probability applied inside)
+    fused_norm: bool  # our RMSNorm's CPU operator (keeps the fp32 input and rstd only)
     balance: bool  # NG-LBL statistics are kept for backward
     megatron_experts: bool  # megatron's SequentialMLP (plain MoE, not grouped)
     sdpa: bool
@@ -83,6 +85,7 @@ def shape_of(
     kept = num_kept_neurons(moe.neuron_keep_ratio if mone else 1.0, m.moe_ffn_hidden_size)
     sparse = kept < m.moe_ffn_hidden_size
     triton = moe.kernel_impl == "triton" or (moe.kernel_impl == "auto" and device == "cuda")
+    cpu = device == "cpu"
     grouped = moe.grouped_on(device)
     return Shape(
         num_layers=m.num_layers,
@@ -104,6 +107,8 @@ def shape_of(
         bytes_per_act=PRECISION_BYTES[t.precision][0],
         grouped=grouped,
         packed_mask=sparse and triton,
+        cpu_mone_kernel=sparse and cpu and moe.kernel_impl in ("auto", "cpu"),
+        fused_norm=cpu and m.norm == "fused",
         balance=mone and sparse and moe.ng_lbl_coeff > 0,
         megatron_experts=not mone and not grouped,
         sdpa=m.attention == "sdpa",
@@ -186,13 +191,21 @@ def model_state_bytes(
 # ---------------------------------------------------------------------------- activations
 
 
+def norm_bytes(shape: Shape) -> int:
+    """What one RMSNorm keeps for backward."""
+    T, h, p = shape.tokens, shape.hidden, shape.bytes_per_act
+    if shape.fused_norm:  # our CPU operator: the fp32 input (x itself when fp32) and rstd
+        return T * h * FP32 + T * FP32
+    return 2 * T * h * p + T * FP32  # torch's RMSNorm keeps x and x * rstd, and rstd
+
+
 def attention_bytes(shape: Shape) -> int:
     """What one self-attention block keeps for backward (its input norm included)."""
     T, h, p, d = shape.tokens, shape.hidden, shape.bytes_per_act, shape.head_dim
-    norm = 2 * T * h * p + T * FP32  # torch's RMSNorm keeps x and x * rstd, and rstd
+    norm = norm_bytes(shape)
     qkv_in = T * h * p
     qkv_out = T * (shape.heads + 2 * shape.groups) * d * p  # v is a view: the whole storage stays
-    q_k_rope = T * (shape.heads + shape.groups) * d * p
+    q_k_rope = T * (shape.heads + shape.groups) * d * p  # RoPE's outputs, kept by the core
     out = T * h * p  # also linear_proj's input (a view)
     if shape.sdpa:  # flash / memory-efficient kernels: the output and a logsumexp per row
         core = out + shape.micro_batch * shape.heads * shape.seq * FP32
@@ -213,8 +226,8 @@ def moe_layer_bytes(shape: Shape) -> dict[str, int]:
     if shape.megatron_experts:  # SwiGLU keeps SiLU(gate); the scaled product feeds fc2
         experts += 3 * N * F * p
         mask = 0
-    else:  # h and h * prob; the reference (CPU, and rho = 1) keeps a bool mask, Triton 1 bit
-        experts += 2 * N * F * p
+    else:  # h and h * prob (the CPU operator: h * prob only); a bool mask, Triton's 1 bit
+        experts += (1 if shape.cpu_mone_kernel else 2) * N * F * p
         mask = N * math.ceil(F / 8) if shape.packed_mask else N * F
         if shape.balance:  # per-row sums and shares (+ the row's expert), per-expert counts
             rows = 3 if shape.packed_mask else 2
@@ -222,7 +235,7 @@ def moe_layer_bytes(shape: Shape) -> dict[str, int]:
     if shape.grouped:  # torch.stack of the local experts' fc1 and fc2 weights, every forward
         experts += shape.local_experts * 3 * F * h * p
     return {
-        "norm": 2 * T * h * p + T * FP32,
+        "norm": norm_bytes(shape),
         "router": router,
         "dispatch": dispatch,
         "experts": experts,
@@ -241,14 +254,14 @@ def moe_backward_bytes(shape: Shape) -> int:
 def dense_mlp_bytes(shape: Shape) -> int:
     """A dense SwiGLU MLP layer (those that ``moe_layer_freq`` leaves dense), norm included."""
     T, h, p = shape.tokens, shape.hidden, shape.bytes_per_act
-    return 2 * T * h * p + T * FP32 + T * h * p + T * shape.ffn * 4 * p
+    return norm_bytes(shape) + T * h * p + T * shape.ffn * 4 * p
 
 
 def loss_bytes(shape: Shape) -> tuple[int, int]:
     """(kept for backward, alive only at the end of the forward) by the final norm, the output
     layer and megatron's cross-entropy (its softmax in fp32)."""
     T, h, p, V = shape.tokens, shape.hidden, shape.bytes_per_act, shape.vocab
-    kept = 2 * T * h * p + T * FP32 + T * h * p + T * V * FP32 + T
+    kept = norm_bytes(shape) + T * h * p + T * V * FP32 + T
     logits = T * V * p + (T * V * FP32 if p < FP32 else 0)  # + the fp32 copy of bf16 logits
     return kept, logits
 

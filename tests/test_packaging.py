@@ -29,6 +29,11 @@ def test_a_wheel_install_trains_from_another_directory(tmp_path):
         check=True,
     )  # fmt: skip
     assert (site / "mone_train" / "configs" / "config.yaml").is_file()
+    # The CPU operators' sources travel with the package (built on first use from there).
+    from mone_kernels.cpu_kernel import SOURCES
+
+    for source in SOURCES:
+        assert (site / "mone_kernels" / "csrc" / source.name).is_file(), source.name
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     # The installed copy comes before the checkout's editable finder on the import path.

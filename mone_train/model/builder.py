@@ -6,7 +6,11 @@ submodule's class is swapped for :class:`GroupedMoNEExperts` (``moe.grouped_gemm
 with CUDA) or :class:`MoNEExperts`. Router, token dispatcher, auxiliary loss, expert parallelism and
 checkpoint layout therefore stay megatron-core's. With ``model.attention=sdpa`` the
 self-attention's ``core_attention`` submodule is :class:`SDPAttention` (torch's fused
-attention) instead of megatron's ``DotProductAttention``; neither holds parameters.
+attention) instead of megatron's ``DotProductAttention``; neither holds parameters. With
+``model.norm=fused`` the norms (two per layer and the final one) are :class:`RMSNorm` (fused
+backward on CPU) instead of megatron's ``WrappedTorchNorm``; same parameter names and values.
+``model.rope_fusion`` turns on megatron's RoPE fusion, served on CPU by our one-pass kernel
+(:mod:`mone_train.model.rope`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from mone_train.config import Config
@@ -31,6 +36,8 @@ from mone_train.model.attention import SDPAttention
 from mone_train.model.grouped_experts import GroupedMoNEExperts
 from mone_train.model.init import init_parameters_by_name
 from mone_train.model.mone_experts import MoNEExperts
+from mone_train.model.norm import RMSNorm
+from mone_train.model.rope import install_fused_rope
 
 
 def num_moe_layers(cfg: Config) -> int:
@@ -58,6 +65,8 @@ def recompute_settings(recompute: str) -> dict:
 def transformer_config(cfg: Config) -> TransformerConfig:
     """megatron-core TransformerConfig for this run (TP = PP = 1, alltoall dispatcher)."""
     m, t = cfg.model, cfg.trainer
+    if m.rope_fusion:
+        install_fused_rope()
     return TransformerConfig(
         **recompute_settings(t.recompute),
         num_layers=m.num_layers,
@@ -68,6 +77,7 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         hidden_dropout=m.dropout,
         attention_dropout=m.dropout,
         normalization="RMSNorm",
+        apply_rope_fusion=m.rope_fusion,
         add_bias_linear=False,
         gated_linear_unit=True,
         activation_func=F.silu,
@@ -112,8 +122,10 @@ def _experts_module(cfg: Config) -> tuple[type, dict] | None:
     }
 
 
-def _swap_layer_spec(spec: ModuleSpec, sdpa: bool, experts: tuple[type, dict] | None) -> ModuleSpec:
-    """A copy of megatron's layer spec with our core attention and experts plugged in."""
+def _swap_layer_spec(
+    spec: ModuleSpec, sdpa: bool, experts: tuple[type, dict] | None, fused_norm: bool
+) -> ModuleSpec:
+    """A copy of megatron's layer spec with our core attention, experts and norms plugged in."""
     new_spec = copy.deepcopy(spec)
     if sdpa:
         attention = new_spec.submodules.self_attention.submodules
@@ -124,26 +136,34 @@ def _swap_layer_spec(spec: ModuleSpec, sdpa: bool, experts: tuple[type, dict] | 
         experts_spec = mlp.submodules.experts
         assert experts_spec.module is SequentialMLP, experts_spec.module
         experts_spec.module, experts_spec.params = experts
+    if fused_norm:
+        for name in ("input_layernorm", "pre_mlp_layernorm"):
+            if getattr(new_spec.submodules, name) is WrappedTorchNorm:
+                setattr(new_spec.submodules, name, RMSNorm)
     return new_spec
 
 
 def decoder_block_spec(cfg: Config, config: TransformerConfig) -> TransformerBlockSubmodules:
     """megatron-core's local decoder block spec with the core attention chosen by
-    ``cfg.model.attention`` and the experts chosen by ``cfg.moe``."""
+    ``cfg.model.attention``, the norms by ``cfg.model.norm`` and the experts by ``cfg.moe``."""
     block = get_gpt_decoder_block_spec(
         config, use_transformer_engine=False, normalization="RMSNorm"
     )
     sdpa = cfg.model.attention == "sdpa"
+    fused_norm = cfg.model.norm == "fused"
     experts = _experts_module(cfg)
-    if not sdpa and experts is None:
+    if not sdpa and not fused_norm and experts is None:
         return block
     swapped: dict[int, ModuleSpec] = {}  # layers share spec objects; copy each one once
     layer_specs = []
     for spec in block.layer_specs:
         if id(spec) not in swapped:
-            swapped[id(spec)] = _swap_layer_spec(spec, sdpa, experts)
+            swapped[id(spec)] = _swap_layer_spec(spec, sdpa, experts, fused_norm)
         layer_specs.append(swapped[id(spec)])
-    return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=block.layer_norm)
+    final_norm = block.layer_norm
+    if fused_norm and final_norm is WrappedTorchNorm:
+        final_norm = RMSNorm
+    return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=final_norm)
 
 
 def build_gpt_model(cfg: Config, vocab_size: int) -> GPTModel:

@@ -3,8 +3,8 @@
 The same function as :class:`MoNEExperts` (and, at rho = 1, as megatron-core's SequentialMLP),
 computed in three steps over all dispatched rows instead of a loop over experts:
 
-    fc1 of all local experts (one torch._grouped_mm)  ->  the MoNE activation (one dispatch
-    call)  ->  router probability  ->  fc2 of all local experts (one torch._grouped_mm)
+    fc1 of all local experts (one torch._grouped_mm)  ->  the MoNE activation times the router
+    probability (one dispatch call)  ->  fc2 of all local experts (one torch._grouped_mm)
 
 Parameters stay SequentialMLP's (``local_experts.<i>.linear_fc1.weight`` [2F, D] and
 ``linear_fc2.weight`` [D, F] per expert); the grouped weights are stacked from them at every
@@ -78,8 +78,7 @@ class GroupedMoNEExperts(MoNEExperts):
         w1_E2FD = torch.stack([expert.linear_fc1.weight for expert in self.local_experts])
         fc1_N2F = grouped_linear(x_ND, w1_E2FD, ends_E)
         self._call_fc1_hooks(x_ND, fc1_N2F, counts)
-        h_NF, activations = self._activation(fc1_N2F, counts, with_balance, with_mask)
-        h_NF = (h_NF * probs_N.unsqueeze(-1)).to(h_NF.dtype)
+        h_NF, activations = self._activation(fc1_N2F, probs_N, counts, with_balance, with_mask)
         w2_EDF = torch.stack([expert.linear_fc2.weight for expert in self.local_experts])
         out_ND = grouped_linear(h_NF, w2_EDF, ends_E)
         if with_mask:
@@ -89,20 +88,28 @@ class GroupedMoNEExperts(MoNEExperts):
         return out_ND, None
 
     def _activation(
-        self, fc1_N2F: torch.Tensor, counts: list[int], with_balance: bool, with_mask: bool
+        self,
+        fc1_N2F: torch.Tensor,
+        probs_N: torch.Tensor,
+        counts: list[int],
+        with_balance: bool,
+        with_mask: bool,
     ) -> tuple[torch.Tensor, list[MoNEActivation]]:
-        """([N, F] masked SwiGLU product of all rows, the activation of each local expert).
+        """([N, F] masked SwiGLU product of all rows times their router probability, the
+        activation of each local expert).
 
         Rows are independent, so without the per-expert balance loss one call covers all rows
         (its mask is split per expert afterwards); with it, one chunk per expert.
         """
         chunks = list(fc1_N2F.split(counts)) if with_balance else [fc1_N2F]
+        scales = list(probs_N.split(counts)) if with_balance else [probs_N]
         activations = neuron_topk_swiglu_grouped(
             chunks,
             self.num_kept,
             impl=self.kernel_impl,
             with_balance=with_balance,
             with_mask=with_mask,
+            row_scales=scales,
         )
         if len(activations) == 1:
             h_NF = activations[0].h

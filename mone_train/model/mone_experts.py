@@ -141,8 +141,8 @@ def experts_forward(
 ) -> tuple[torch.Tensor, list[MoNEActivation], list[int]]:
     """The MoNE computation of any SwiGLU ``SequentialMLP`` (its own weights) with K = ``num_kept``.
 
-    fc1 of every local expert -> the MoNE activation over all their rows -> router probability
-    -> fc2 per expert. ``fc1_observer(local_expert, fc1_T2F)`` sees each expert's fc1 output
+    fc1 of every local expert -> the MoNE activation over all their rows, times the router
+    probability (in the activation's pass where the implementation fuses it) -> fc2 per expert. ``fc1_observer(local_expert, fc1_T2F)`` sees each expert's fc1 output
     before any selection (the analysis tools histogram |SiLU(gate)| from it). Returns the
     [N, D] output, the activation of each local expert and the rows each received.
     """
@@ -159,11 +159,15 @@ def experts_forward(
         for i, fc1_T2F in enumerate(fc1_chunks):
             fc1_observer(i, fc1_T2F)
     activations = neuron_topk_swiglu_grouped(
-        fc1_chunks, num_kept, impl=impl, with_balance=with_balance, with_mask=with_mask
+        fc1_chunks,
+        num_kept,
+        impl=impl,
+        with_balance=with_balance,
+        with_mask=with_mask,
+        row_scales=list(probs_chunks),  # h times the router probability, as megatron's experts
     )
     out_chunks = [
-        expert.linear_fc2((act.h * probs_T.unsqueeze(-1)).to(act.h.dtype))[0]
-        for expert, act, probs_T in zip(experts.local_experts, activations, probs_chunks)
+        expert.linear_fc2(act.h)[0] for expert, act in zip(experts.local_experts, activations)
     ]
     out_ND = out_chunks[0] if len(out_chunks) == 1 else torch.cat(out_chunks, dim=0)
     return out_ND, activations, counts
