@@ -138,51 +138,25 @@ def test_dropout_uses_megatrons_rng_tracker_in_training_only(megatron_single):
     assert torch.equal(torch.get_rng_state(), default_state)
 
 
-def _gpt(attention: str, num_query_groups: int):
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    from mone_train.model.builder import build_gpt_model
-
-    cfg = compose_config(
-        [
-            "model=tiny",
-            "moe=moe",
-            f"model.attention={attention}",
-            f"model.num_query_groups={num_query_groups}",
-        ]
-    )
-    torch.manual_seed(0)
-    model_parallel_cuda_manual_seed(0)
-    return build_gpt_model(cfg, 258)
-
-
 @pytest.mark.parametrize("num_query_groups", [4, 2])
 def test_gpt_model_with_sdpa_core_matches_megatron_core(megatron_single, num_query_groups):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     from mone_train.model.attention import SDPAttention
-    from mone_train.model.lm import causal_mask
+    from tests.gpt_parity import loss_and_grads, tiny_gpt
 
-    reference = _gpt("megatron", num_query_groups)
-    model = _gpt("sdpa", num_query_groups)
+    groups = f"model.num_query_groups={num_query_groups}"
+    reference = tiny_gpt("moe=moe", "model.attention=megatron", groups)
+    model = tiny_gpt("moe=moe", "model.attention=sdpa", groups)
     model.load_state_dict(reference.state_dict())
     assert sum(isinstance(m, DotProductAttention) for m in reference.modules()) == 2
     assert sum(isinstance(m, SDPAttention) for m in model.modules()) == 2
     assert not any(isinstance(m, DotProductAttention) for m in model.modules())
-    torch.manual_seed(5)
-    seq = 32
-    tokens = torch.randint(0, 258, (2, seq))
-    positions = torch.arange(seq)[None].expand(2, seq)
-    mask = causal_mask(seq, torch.device("cpu"))
-    losses = []
-    for net in (reference, model):
-        loss = net(tokens, positions, mask, labels=tokens)
-        loss.mean().backward()
-        losses.append(loss.detach())
-    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=1e-5)
-    grads = {name: p.grad for name, p in reference.named_parameters()}
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, grads[name], rtol=0, atol=1e-5, msg=name)
+    loss_ref, grads = loss_and_grads(reference)
+    loss, got = loss_and_grads(model)
+    torch.testing.assert_close(loss, loss_ref, rtol=0, atol=1e-5)
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, grads[name], rtol=0, atol=1e-5, msg=name)
 
 
 def test_attention_choice_is_validated():

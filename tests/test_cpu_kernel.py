@@ -7,7 +7,6 @@ gradients are sums taken in another order (1e-6 / 1e-5).
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -202,33 +201,13 @@ def test_without_a_compiler_auto_warns_once_and_uses_the_reference(tmp_path):
     assert error.startswith("kernel impl='cpu': the C++ operator could not be built")
 
 
-@pytest.mark.slow  # about 40 s on 2 CPU cores: two 5-step training runs
+@pytest.mark.slow  # about 15 s on 2 CPU cores: two 5-step training runs
 def test_five_training_steps_match_the_reference_path(tmp_path):
     pytest.importorskip("megatron.core")
-    from mone_train.preflight import compose_config
-    from mone_train.trainer import run
+    from tests.gpt_parity import kernel_run_losses
 
-    losses = {}
-    for impl in ("reference", "cpu"):
-        run_dir = tmp_path / impl
-        cfg = compose_config(
-            [
-                "model=tiny",
-                "trainer=smoke",
-                "trainer.steps=5",
-                "trainer.log_interval=1",
-                "trainer.eval_interval=5",
-                "trainer.eval_iters=1",
-                f"moe.kernel_impl={impl}",
-                f"trainer.run_dir={run_dir}",
-                "logging.wandb_mode=disabled",
-            ]
-        )
-        run(cfg)
-        records = [
-            json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-        ]
-        losses[impl] = [r.get("loss", r.get("val_loss")) for r in records]
-    assert len(losses["cpu"]) == 6
-    for got, want in zip(losses["cpu"], losses["reference"]):
+    reference = kernel_run_losses(tmp_path / "reference", "reference")
+    fused = kernel_run_losses(tmp_path / "cpu", "cpu")
+    assert len(fused) == 6
+    for got, want in zip(fused, reference):
         assert abs(got - want) <= 1e-5

@@ -76,24 +76,12 @@ def test_operators_pass_torch_library_checks():
     )
 
 
-def _gpt(norm: str):
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    from mone_train.model.builder import build_gpt_model
-
-    cfg = compose_config(["model=tiny", "moe=mone", f"model.norm={norm}"])
-    torch.manual_seed(0)
-    model_parallel_cuda_manual_seed(0)
-    return build_gpt_model(cfg, 258)
-
-
 def test_gpt_model_with_fused_norm_matches_megatrons_norm(megatron_single):
-    from mone_train.model.lm import causal_mask
     from mone_train.model.norm import RMSNorm
+    from tests.gpt_parity import loss_and_grads, tiny_gpt
 
-    reference, model = _gpt("torch"), _gpt("fused")
+    reference, model = tiny_gpt("moe=mone", "model.norm=torch"), tiny_gpt("moe=mone")
     assert list(model.state_dict()) == list(reference.state_dict())
-    model.load_state_dict(reference.state_dict())
     # 2 per layer and the final one; none of megatron's torch.nn.RMSNorm left.
     assert sum(isinstance(m, RMSNorm) for m in model.modules()) == 5
     assert sum(isinstance(m, torch.nn.RMSNorm) for m in reference.modules()) == 5
@@ -102,21 +90,12 @@ def test_gpt_model_with_fused_norm_matches_megatrons_norm(megatron_single):
         for name, p in reference.named_parameters():
             if "layernorm" in name:
                 p.normal_(1.0, 0.3)
-        model.load_state_dict(reference.state_dict())
-    torch.manual_seed(5)
-    seq = 32
-    tokens = torch.randint(0, 258, (2, seq))
-    positions = torch.arange(seq)[None].expand(2, seq)
-    mask = causal_mask(seq, torch.device("cpu"))
-    losses = []
-    for net in (reference, model):
-        loss = net(tokens, positions, mask, labels=tokens)
-        loss.mean().backward()
-        losses.append(loss.detach())
-    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=1e-5)
-    grads = {name: p.grad for name, p in reference.named_parameters()}
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, grads[name], rtol=0, atol=1e-5, msg=name)
+    model.load_state_dict(reference.state_dict())
+    loss_ref, grads = loss_and_grads(reference)
+    loss, got = loss_and_grads(model)
+    torch.testing.assert_close(loss, loss_ref, rtol=0, atol=1e-5)
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, grads[name], rtol=0, atol=1e-5, msg=name)
 
 
 def test_norm_choice_is_validated():

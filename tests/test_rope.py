@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from mone_kernels.cpu_kernel import cpu_kernel_error
-from mone_train.preflight import compose_config
 
 pytestmark = pytest.mark.skipif(
     cpu_kernel_error() is not None, reason=f"CPU kernel not buildable: {cpu_kernel_error()}"
@@ -64,37 +63,19 @@ def test_operators_pass_torch_library_checks():
     torch.library.opcheck(torch.ops.mone_cpu.rope_bwd.default, (x, cos, sin))
 
 
-def _gpt(rope_fusion: bool):
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    from mone_train.model.builder import build_gpt_model
-
-    cfg = compose_config(["model=tiny", "moe=moe", f"model.rope_fusion={rope_fusion}"])
-    torch.manual_seed(0)
-    model_parallel_cuda_manual_seed(0)
-    return build_gpt_model(cfg, 258)
-
-
 def test_gpt_model_with_fused_rope_is_bit_identical(megatron_single):
     from megatron.core.models.common.embeddings import rope_utils
 
-    from mone_train.model.lm import causal_mask
     from mone_train.model.rope import fused_apply_rotary_pos_emb
+    from tests.gpt_parity import loss_and_grads, tiny_gpt
 
-    model, reference = _gpt(True), _gpt(False)
+    model = tiny_gpt("moe=moe", "model.rope_fusion=true")
+    reference = tiny_gpt("moe=moe", "model.rope_fusion=false")
     assert model.config.apply_rope_fusion and not reference.config.apply_rope_fusion
     assert rope_utils.fused_apply_rotary_pos_emb is fused_apply_rotary_pos_emb
     reference.load_state_dict(model.state_dict())
-    torch.manual_seed(5)
-    tokens = torch.randint(0, 258, (2, 32))
-    positions = torch.arange(32)[None].expand(2, 32)
-    mask = causal_mask(32, torch.device("cpu"))
-    losses = []
-    for net in (reference, model):
-        loss = net(tokens, positions, mask, labels=tokens)
-        loss.mean().backward()
-        losses.append(loss.detach())
-    assert torch.equal(losses[0], losses[1])
-    grads = {name: p.grad for name, p in reference.named_parameters()}
-    for name, p in model.named_parameters():
-        assert torch.equal(p.grad, grads[name]), name
+    loss_ref, grads = loss_and_grads(reference)
+    loss, got = loss_and_grads(model)
+    assert torch.equal(loss, loss_ref)
+    for name, grad in got.items():
+        assert torch.equal(grad, grads[name]), name

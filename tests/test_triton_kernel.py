@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -225,33 +223,10 @@ def test_custom_ops_pass_torch_library_checks():
 @pytest.mark.slow  # about 40 s on 2 CPU cores: two 5-step training runs
 def test_five_training_steps_match_the_reference_path(tmp_path):
     pytest.importorskip("megatron.core")
-    from mone_train.preflight import compose_config
-    from mone_train.trainer import run
+    from tests.gpt_parity import kernel_run_losses
 
-    losses = {}
-    for impl in ("reference", "triton"):
-        run_dir = tmp_path / impl
-        cfg = compose_config(
-            [
-                "model=tiny",
-                "trainer=smoke",
-                "trainer.steps=5",
-                "trainer.log_interval=1",
-                "trainer.eval_interval=5",
-                "trainer.eval_iters=1",
-                "trainer.micro_batch_size=4",
-                "trainer.global_batch_size=4",
-                "trainer.seq_length=32",
-                f"moe.kernel_impl={impl}",
-                f"trainer.run_dir={run_dir}",
-                "logging.wandb_mode=disabled",
-            ]
-        )
-        run(cfg)
-        records = [
-            json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-        ]
-        losses[impl] = [r.get("loss", r.get("val_loss")) for r in records]
-    assert len(losses["triton"]) == 6
-    for got, want in zip(losses["triton"], losses["reference"]):
+    reference = kernel_run_losses(tmp_path / "reference", "reference")
+    triton = kernel_run_losses(tmp_path / "triton", "triton")
+    assert len(triton) == 6
+    for got, want in zip(triton, reference):
         assert abs(got - want) <= 1e-5
