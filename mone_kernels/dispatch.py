@@ -35,9 +35,9 @@ class MoNEActivation(NamedTuple):
     """Result for one expert's rows.
 
     ``h``: [T, F] masked SwiGLU product in the input dtype (times the row scale when one was
-    given). ``mask``: [T, F] bool selection,
-    or None when not asked for (``with_mask=False``) or when K = F. ``balance``: the expert's
-    NG-LBL, a differentiable fp32 scalar, or None when not asked for.
+    given). ``mask``: [T, F] bool selection, or None when not asked for (``with_mask=False``)
+    or when K = F. ``balance``: the expert's NG-LBL, a differentiable fp32 scalar, or None
+    when not asked for.
     """
 
     h: torch.Tensor

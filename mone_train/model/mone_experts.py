@@ -142,9 +142,10 @@ def experts_forward(
     """The MoNE computation of any SwiGLU ``SequentialMLP`` (its own weights) with K = ``num_kept``.
 
     fc1 of every local expert -> the MoNE activation over all their rows, times the router
-    probability (in the activation's pass where the implementation fuses it) -> fc2 per expert. ``fc1_observer(local_expert, fc1_T2F)`` sees each expert's fc1 output
-    before any selection (the analysis tools histogram |SiLU(gate)| from it). Returns the
-    [N, D] output, the activation of each local expert and the rows each received.
+    probability (inside the activation's pass where the implementation fuses it) -> fc2 per
+    expert. ``fc1_observer(local_expert, fc1_T2F)`` sees each expert's fc1 output before any
+    selection (the analysis tools histogram |SiLU(gate)| from it). Returns the [N, D] output,
+    the activation of each local expert and the rows each received.
     """
     if experts.num_local_experts == 1:
         counts = [x_ND.shape[0]]
