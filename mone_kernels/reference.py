@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference of the MoNE activation; also the CPU path.
+"""Plain-PyTorch reference of the MoNE activation (the other paths are tested against it).
 
 Legend: T rows (tokens routed to one expert, or any stack of rows), F neurons, K kept per row.
 
