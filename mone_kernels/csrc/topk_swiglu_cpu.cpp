@@ -12,9 +12,13 @@
 //
 // The eager reference makes ~10 memory-bound passes over [T, F] per direction plus a
 // selection; here each row is read once (twice with the balance statistics: c needs every row),
-// its selection done in cache with std::nth_element on the scores' bit patterns (non-negative
-// IEEE floats order like their bits read as int32, so the selection is exact), and the rows are
-// split over torch's intra-op threads. fp32 only; the Python wrapper upcasts like the reference.
+// its selection done in cache by a bit-by-bit search of the K-th largest score's bit pattern
+// (non-negative IEEE floats order like their bits read as integers, so the selection is exact;
+// the Triton kernel searches the same way), and the rows are split over torch's intra-op
+// threads. fp32 only; the Python wrapper upcasts like the reference.
+//
+// The search has a portable version and an AVX-512 one, chosen at load time by the CPU; set
+// MONE_CPU_KERNEL_NO_AVX512=1 to force the portable one (the tests check both).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -30,6 +34,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <tuple>
@@ -71,7 +76,7 @@ inline int64_t count_at_least(const uint32_t* v, int64_t n, uint32_t x) {
 // The k-th largest of n non-negative floats given as bit patterns (which order like the
 // floats), exactly: the largest x with #(v >= x) >= k, found bit by bit. The 8 exponent bits
 // are searched over the whole row, the 23 mantissa bits over the row's values with that
-// exponent only (gathered into cand, n entries of scratch).
+// exponent only (gathered into cand: n + 16 entries of scratch, zero-padded to whole vectors).
 inline uint32_t kth_largest_bits(const uint32_t* v, int64_t n, int64_t k, uint32_t* cand) {
   uint32_t kth = 0;
   for (int bit = 30; bit >= 23; --bit) {
@@ -145,7 +150,8 @@ MONE_AVX512 uint32_t kth_largest_bits_avx512(const uint32_t* v, int64_t n, int64
   return kth;
 }
 
-const bool kUseAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("popcnt");
+const bool kUseAvx512 = std::getenv("MONE_CPU_KERNEL_NO_AVX512") == nullptr &&
+                        __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("popcnt");
 #else
 constexpr bool kUseAvx512 = false;
 #endif
@@ -415,9 +421,12 @@ std::tuple<at::Tensor, at::Tensor> topk_swiglu_bwd(
   return {dfc1, drow_scale};
 }
 
+bool uses_avx512() { return kUseAvx512; }
+
 }  // namespace
 
 TORCH_LIBRARY(mone_cpu, m) {
+  m.def("uses_avx512() -> bool", &uses_avx512);
   m.def("topk_swiglu_fwd(Tensor g, Tensor up, int k, bool with_balance, Tensor? row_scale) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("topk_swiglu_bwd(Tensor dh, Tensor gate, Tensor up, Tensor mask, Tensor counts, "
