@@ -1,4 +1,4 @@
-"""Fused CPU operators built on first use: the MoNE activation, and RMSNorm.
+"""Fused CPU operators built on first use: the MoNE activation, RMSNorm and RoPE.
 
 The eager reference (:mod:`mone_kernels.reference`) makes about ten memory-bound passes over
 [T, F] per direction and hands the selection to numpy; on CPU that made the activation a fifth
@@ -16,10 +16,14 @@ unfused version makes about ten).
 
 Legend: T rows of one expert, F neurons, K kept per row; R rows, H hidden size.
 
-The operator is compiled with torch's C++ extension toolchain (a C++ compiler and ninja) the
-first time it is needed, about 10 s, and cached under ``$TORCH_EXTENSIONS_DIR`` (default
-``~/.cache/torch_extensions``), keyed by the source: later processes load it in milliseconds.
-Concurrent first uses (several ranks) wait on the builder's lock.
+The operators are compiled with torch's C++ extension toolchain (a C++ compiler and ninja) the
+first time one is needed, about 12 s, and cached under ``$TORCH_EXTENSIONS_DIR`` (default
+``~/.cache/torch_extensions``), keyed by the source: later processes load them in milliseconds.
+``-ffp-contract=off`` keeps every product and sum separately rounded, as torch's kernels are
+(the RoPE results are megatron's bit for bit).
+Concurrent first uses (several ranks) wait on the builder's lock. The selection has a portable
+and an AVX-512 version, picked by the CPU when the library loads (``torch.ops.mone_cpu.
+uses_avx512()`` says which); ``MONE_CPU_KERNEL_NO_AVX512=1`` forces the portable one.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ def _build() -> str | None:
         load(
             name=EXTENSION_NAME,
             sources=[str(source) for source in SOURCES],
-            extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],
+            extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],  # see the module docstring
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
         )
