@@ -51,7 +51,9 @@ def test_bf16_and_the_cases_left_to_megatron():
     assert y.dtype == dx.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(dx.float(), dx_ref.float(), rtol=2e-2, atol=2e-2)
-    for freqs, interleaved in ((_freqs(D // 2), False), (_freqs(), True)):  # partial, interleaved
+    per_sample = _freqs().expand(S, B, 1, D).contiguous()
+    # partial rotation, interleaved halves, one frequency row per (position, sample)
+    for freqs, interleaved in ((_freqs(D // 2), False), (_freqs(), True), (per_sample, False)):
         (y, dx), (y_ref, dx_ref) = _both(x, freqs, interleaved)
         assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref)
 

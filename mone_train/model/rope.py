@@ -5,7 +5,7 @@ With ``config.apply_rope_fusion`` megatron-core applies RoPE through
 None without it. :func:`install_fused_rope` fills that slot, only when it is empty, with
 :func:`fused_apply_rotary_pos_emb`: ``mone_kernels``' one-pass C++ operator for CPU tensors
 (megatron's own function, same bits), and megatron's unfused implementation for anything else
-(CUDA without TransformerEngine, interleaved or partial rotation). Models built without
+(CUDA without TransformerEngine, interleaved or partial rotation, per-sample frequencies). Models built without
 ``apply_rope_fusion`` (``model.rope_fusion=false``, or megatron-core used directly) keep the
 unfused path even after the slot is filled. Packed sequences (THD) are not covered: their
 slot stays empty, and megatron-core says so if asked.
@@ -28,7 +28,9 @@ def fused_apply_rotary_pos_emb(
         t.device.type == "cpu"
         and t.dim() == 4
         and not interleaved
-        and freqs.shape[-1] == t.shape[-1]
+        and freqs.dim() == 4
+        and freqs.shape[:3] == (t.shape[0], 1, 1)  # one frequency row per position
+        and freqs.shape[-1] == t.shape[-1]  # the whole head rotated
         and cpu_kernel_error() is None
     )
     if fused:
