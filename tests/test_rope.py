@@ -76,8 +76,26 @@ def test_gpt_model_with_fused_rope_is_bit_identical(megatron_single):
     assert model.config.apply_rope_fusion and not reference.config.apply_rope_fusion
     assert rope_utils.fused_apply_rotary_pos_emb is fused_apply_rotary_pos_emb
     reference.load_state_dict(model.state_dict())
+    assert "_RoPECPUBackward" in _graph_nodes(model) - _graph_nodes(reference)
     loss_ref, grads = loss_and_grads(reference)
     loss, got = loss_and_grads(model)
     assert torch.equal(loss, loss_ref)
     for name, grad in got.items():
         assert torch.equal(grad, grads[name]), name
+
+
+def _graph_nodes(model) -> set[str]:
+    """Names of the autograd nodes of one forward (which RoPE actually ran)."""
+    from mone_train.model.lm import causal_mask
+
+    tokens = torch.zeros(1, 8, dtype=torch.long)
+    loss = model(tokens, torch.arange(8)[None], causal_mask(8, torch.device("cpu")), labels=tokens)
+    names, todo, seen = set(), [loss.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(next_fn for next_fn, _ in node.next_functions)
+    return names
