@@ -172,6 +172,19 @@ def test_operators_pass_torch_library_checks():
         )
 
 
+def _probe(code: str, **env: str) -> str:
+    """stdout of ``code`` run by a fresh interpreter with ``env`` added (it must succeed)."""
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
 _PORTABLE_PROBE = """
 import torch
 from mone_kernels.cpu_kernel import cpu_kernel_error, neuron_topk_swiglu_cpu
@@ -192,16 +205,7 @@ print("same")
 @pytest.mark.slow  # a fresh interpreter: a few seconds
 def test_portable_selection_matches_the_reference():
     """The search without AVX-512 (what CPUs without it run), forced by the environment."""
-    env = {**os.environ, "MONE_CPU_KERNEL_NO_AVX512": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", _PORTABLE_PROBE],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["False", "same"]
+    assert _probe(_PORTABLE_PROBE, MONE_CPU_KERNEL_NO_AVX512="1").split() == ["False", "same"]
 
 
 def test_the_avx512_selection_runs_where_the_cpu_has_it():
@@ -228,20 +232,10 @@ except RuntimeError as err:
 
 @pytest.mark.slow  # a fresh interpreter and a failed build: about 10 s
 def test_without_a_compiler_auto_warns_once_and_uses_the_reference(tmp_path):
-    env = {
-        **os.environ,
-        "CXX": str(tmp_path / "no-such-compiler"),
-        "TORCH_EXTENSIONS_DIR": str(tmp_path),
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", _FALLBACK_PROBE],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    stdout = _probe(
+        _FALLBACK_PROBE, CXX=str(tmp_path / "no-such-compiler"), TORCH_EXTENSIONS_DIR=str(tmp_path)
     )
-    assert done.returncode == 0, done.stderr[-2000:]
-    warned, error = done.stdout.strip().splitlines()
+    warned, error = stdout.strip().splitlines()
     assert warned.startswith("1 MoNE CPU kernel unavailable") and "PyTorch reference" in warned
     assert error.startswith("kernel impl='cpu': the C++ operator could not be built")
 
