@@ -10,7 +10,7 @@ loops. The forward's SiLU stays torch's, so that the selection scores are the re
 and the mask is identical; the backward computes its sigmoid itself (Cephes' expf, ~1 ulp).
 
 ``csrc/rms_norm_cpu.cpp`` is RMSNorm with its backward fused too (torch fuses only the CPU
-forward; its backward was ~2.4 of its 3 ms at the ``small`` model's [4096, 128], nine per step),
+forward; its backward is the composite's chain of elementwise nodes),
 and ``csrc/rope_cpu.cpp`` rotary position embedding in one pass per direction (megatron-core's
 unfused version makes about ten).
 

@@ -124,17 +124,17 @@ def neuron_topk_swiglu_grouped(
     resolved = resolve_impl(impl, fc1_chunks[0].device)
     if resolved != "triton" or k == num_neurons:
         # Chunk by chunk: on CPU there is no launch to save, and concatenating would only copy.
-        one_expert = neuron_topk_swiglu_cpu if resolved == "cpu" else neuron_topk_swiglu_reference
-        if k == num_neurons:
-            one_expert = neuron_topk_swiglu_reference  # the plain SwiGLU
-        fused_scale = one_expert is neuron_topk_swiglu_cpu
+        # K = F is the plain SwiGLU, which the reference computes.
+        cpu = resolved == "cpu" and k < num_neurons
         results = []
         for e, fc1_T2F in enumerate(fc1_chunks):
             row_scale_T = None if row_scales is None else row_scales[e]
-            if fused_scale:
-                h_TF, mask_TF, balance = one_expert(fc1_T2F, k, with_balance, row_scale_T)
+            if cpu:
+                h_TF, mask_TF, balance = neuron_topk_swiglu_cpu(
+                    fc1_T2F, k, with_balance, row_scale_T
+                )
             else:
-                h_TF, mask_TF, balance = one_expert(fc1_T2F, k, with_balance)
+                h_TF, mask_TF, balance = neuron_topk_swiglu_reference(fc1_T2F, k, with_balance)
                 h_TF = _scaled(h_TF, row_scale_T)
             results.append(MoNEActivation(h_TF, mask_TF if with_mask else None, balance))
         return results

@@ -120,7 +120,7 @@ class HealthMonitor:
         used = self._used[layer]
         for i, mask in enumerate(masks):
             if mask is not None and mask.shape[0] > 0:
-                # A column max over uint8 is ~20x faster on CPU than bool any(dim=0).
+                # A column max over uint8: bool any(dim=0) is a slow strided reduction on CPU.
                 used[offset + i] |= mask.view(torch.uint8).amax(dim=0).bool()
 
     def observe_gate(self, fc1: torch.Tensor) -> None:

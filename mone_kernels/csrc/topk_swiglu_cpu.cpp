@@ -272,11 +272,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_swig
                      with_balance ? sums.data_ptr<float>() : nullptr,
                      row_scale.has_value() ? row_scale->data_ptr<float>() : nullptr};
   const int64_t blocks = num_blocks(T);
-  std::vector<float> partial_counts(blocks * F, 0.0f);
+  std::vector<float> partial_counts(with_balance ? blocks * F : 0, 0.0f);
   at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
     std::vector<uint32_t> scratch(2 * F + 16);
     for (int64_t b = block_begin; b < block_end; ++b)
-      fwd_rows(rows, T * b / blocks, T * (b + 1) / blocks, partial_counts.data() + b * F,
+      fwd_rows(rows, T * b / blocks, T * (b + 1) / blocks,
+               with_balance ? partial_counts.data() + b * F : nullptr,
                scratch.data(), scratch.data() + F);
   });
   if (!with_balance) return {h, mask, counts, sums, shares};
