@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info  # noqa: E402
+from machine import isa_tag, machine_info  # noqa: E402
 
 from mone_kernels import neuron_topk_swiglu_reference, num_kept_neurons  # noqa: E402
 from mone_kernels.cpu_kernel import cpu_kernel_error, neuron_topk_swiglu_cpu  # noqa: E402
@@ -185,9 +185,10 @@ def main() -> None:
                 )
 
     args.out.mkdir(parents=True, exist_ok=True)
-    tag = "gpu" if CUDA else "cpu"
+    machine = machine_info()
+    tag = ("gpu" if CUDA else "cpu") + isa_tag(machine)
     result = {
-        "machine": machine_info(),
+        "machine": machine,
         "copy_bandwidth_gbs": bandwidth,
         "dtype": args.dtype,
         "hidden": args.hidden,

@@ -36,6 +36,15 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
+    # The vector instructions torch's CPU kernels and ours run (ATEN_CPU_CAPABILITY and
+    # MONE_CPU_ISA cap them: one machine can measure the paths of a CPU without AVX-512).
+    info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    try:
+        from mone_kernels.cpu_build import cpu_isa, load_error
+
+        info["mone_cpu_isa"] = cpu_isa() if load_error() is None else None
+    except Exception:
+        info["mone_cpu_isa"] = None
     try:
         from importlib.metadata import version
 
@@ -43,3 +52,16 @@ def machine_info() -> dict:
     except Exception:
         pass
     return info
+
+
+def isa_tag(info: dict) -> str:
+    """A results-file suffix naming the CPU instruction paths that ran ('' on a GPU), e.g.
+    '-avx2' when torch and our operators both ran their AVX2 code."""
+    if info.get("gpu"):
+        return ""
+    torch_isa = {"default": "baseline"}.get(info["torch_cpu_capability"].lower(),
+                                            info["torch_cpu_capability"].lower())  # fmt: skip
+    ours = info.get("mone_cpu_isa")
+    if ours in (None, torch_isa):
+        return f"-{torch_isa}"
+    return f"-torch-{torch_isa}-mone-{ours}"

@@ -26,7 +26,10 @@ Targets: trainer/mone >= 1.2x bare (issue: the GPU speed path; DESIGN section 4)
 health metrics cost a few % at most. On a shared machine the speed drifts by 10-20% over
 minutes, so every ratio is taken within each round (paired) and the median over rounds is
 reported beside the median tokens/s. Prints a table and writes
-benchmarks/results/trainer_throughput_<device>.json.
+benchmarks/results/trainer_throughput_<device>[-<cpu isa>].json. The CPU paths measured are
+torch's (ATEN_CPU_CAPABILITY) and our operators' (MONE_CPU_ISA; it follows torch's when unset):
+`ATEN_CPU_CAPABILITY=avx2 python benchmarks/trainer_throughput.py` measures a CPU without
+AVX-512 on one that has it.
 
     python benchmarks/trainer_throughput.py [--steps 60] [--rounds 2] [--no-ablations]
 """
@@ -44,7 +47,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine_info  # noqa: E402
+from machine import isa_tag, machine_info  # noqa: E402
 
 from mone_train.preflight import compose_config  # noqa: E402
 
@@ -145,6 +148,7 @@ EFFECTS = (
     ("fused RoPE vs megatron's unfused", "trainer/mone", "trainer/mone-unfused-rope"),
     ("fused CPU MoNE kernel vs reference", "trainer/mone", "trainer/mone-reference-act"),
     ("grouped vs sequential experts", "trainer/mone-grouped", "trainer/mone-sequential"),
+    ("MoNE / MoE step time", "trainer/moe", "trainer/mone"),
     ("MoNE / MoE step time, grouped experts", "trainer/moe-grouped", "trainer/mone-grouped"),
     (HEALTH, "trainer/mone-no-health", "trainer/mone"),
 )
@@ -264,7 +268,7 @@ def report(args: argparse.Namespace, rows: list[dict], effects: dict, health_cos
     )
     device = "gpu" if torch.cuda.is_available() else "cpu"
     args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"trainer_throughput_{device}.json"
+    out = args.out / f"trainer_throughput_{device}{isa_tag(machine)}.json"
     out.write_text(
         json.dumps(
             {

@@ -5,8 +5,7 @@ The eager reference (:mod:`mone_kernels.reference`) makes about ten memory-bound
 of a training step. ``csrc/topk_swiglu_cpu.cpp`` does the same arithmetic row by row in cache
 (forward: selection by a bit-by-bit search of the K-th largest |g|, mask, h, balance statistics;
 backward: one pass writing both halves of the fc1 gradient), split over torch's intra-op
-threads (it links torch's own OpenMP runtime), with AVX-512 / AVX2 / baseline clones of the row
-loops. The forward's SiLU stays torch's, so that the selection scores are the reference's bits
+threads (it links torch's own OpenMP runtime). The forward's SiLU stays torch's, so that the selection scores are the reference's bits
 and the mask is identical; the backward computes its sigmoid itself (Cephes' expf, ~1 ulp).
 
 ``csrc/rms_norm_cpu.cpp`` is RMSNorm with its backward fused too (torch fuses only the CPU
@@ -16,55 +15,19 @@ unfused version makes about ten).
 
 Legend: T rows of one expert, F neurons, K kept per row; R rows, H hidden size.
 
-The operators are compiled with torch's C++ extension toolchain (a C++ compiler and ninja) the
-first time one is needed, about 12 s, and cached under ``$TORCH_EXTENSIONS_DIR`` (default
-``~/.cache/torch_extensions``), keyed by the source: later processes load them in milliseconds.
-``-ffp-contract=off`` keeps every product and sum separately rounded, as torch's kernels are
-(the RoPE results are megatron's bit for bit).
-Concurrent first uses (several ranks) wait on the builder's lock. The selection has a portable
-and an AVX-512 version, picked by the CPU when the library loads (``torch.ops.mone_cpu.
-uses_avx512()`` says which); ``MONE_CPU_KERNEL_NO_AVX512=1`` forces the portable one.
+How the library is built, cached and loaded (once per machine, with a lock the operating system
+releases), and how its AVX-512 / AVX2 / baseline row loops are chosen (the same bits from
+each): :mod:`mone_kernels.cpu_build`.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-SOURCES = [
-    Path(__file__).resolve().parent / "csrc" / name
-    for name in ("topk_swiglu_cpu.cpp", "rms_norm_cpu.cpp", "rope_cpu.cpp")
-]
-EXTENSION_NAME = "mone_cpu_kernels"
-
-log = logging.getLogger(__name__)
-
-
-@functools.cache
-def _build() -> str | None:
-    """Build (or load the cached build of) the operator once per process; the error, if any."""
-    from torch.utils.cpp_extension import load
-
-    start = time.perf_counter()
-    try:
-        load(
-            name=EXTENSION_NAME,
-            sources=[str(source) for source in SOURCES],
-            extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],  # see the module docstring
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-        )
-    except Exception as err:  # no compiler, no ninja, a failed build: the caller decides
-        message = str(err).strip().splitlines()
-        return f"{type(err).__name__}: {message[-1] if message else ''}"
-    _register_fakes()
-    log.info("MoNE CPU kernel ready in %.1f s", time.perf_counter() - start)
-    return None
+from mone_kernels.cpu_build import load_error
 
 
 def _register_fakes() -> None:
@@ -102,9 +65,13 @@ def _register_fakes() -> None:
         return dy.new_empty(dy.shape)
 
 
+@functools.cache
 def cpu_kernel_error() -> str | None:
-    """None when the CPU operator is usable in this process, else why not (one line)."""
-    return _build()
+    """None when the CPU operators are usable in this process, else why not (one line)."""
+    error = load_error()
+    if error is None:
+        _register_fakes()
+    return error
 
 
 class _NeuronTopkSwiGLUCPU(torch.autograd.Function):

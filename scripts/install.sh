@@ -40,5 +40,11 @@ echo "[install] $TORCH_PIN"
 echo "[install] mone-train and its pinned dependencies (deepspeed builds against torch)"
 "${PIP[@]}" install --no-build-isolation -e ".[dev,deepspeed,slurm]"
 
+# The C++ CPU operators, built once here rather than by the first training process (a process
+# killed while building must not leave anything that stops the next one; see
+# mone_kernels/cpu_build.py). Without a compiler training still works, on the PyTorch reference.
+"$VENV/bin/python" -m mone_kernels.cpu_build \
+  || echo "[install] the CPU operators could not be built; MoNE falls back to the PyTorch reference"
+
 echo "$FINGERPRINT" > "$STAMP"
 echo "[install] done: $VENV"

@@ -210,9 +210,10 @@ def test_collectives_in_saves_start_no_openmp_team_in_gloo_threads():
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["grown"]["plain"] >= 1, result  # the phenomenon exists on this torch
     assert result["grown"]["guarded"] == 0, result
     assert result["threads_after"] == 2  # the guard restores torch's setting
+    if result["grown"]["plain"] < 1:  # depends on torch's build (OpenMP runtime, gloo copies)
+        pytest.skip(f"no OpenMP team starts in gloo's thread on this torch: {result}")
 
 
 @pytest.mark.parametrize("async_save", [False, True])

@@ -40,6 +40,12 @@ def _losses(records):
 
 @pytest.mark.parametrize("flavour", ["moe", "mone"])
 def test_expert_parallel_matches_data_parallel(tmp_path, flavour):
+    """5 steps, losses within 1e-5 (about 20 fp32 ulps of a loss near 5): the layouts differ
+    only in the order of floating-point sums, so the weights differ in the last bits at most.
+    A last-bit difference changes a discrete choice (a token's experts, or for MoNE its K-th
+    neuron) only when two scores are within that bit of each other, which over a few steps of
+    the tiny model (a few thousand token-expert rows) is improbable; hence 5 steps, not more.
+    The same reason makes the health metrics (counts of those choices) exactly equal."""
     # NG-LBL is a statistic over the tokens an expert receives on its rank, so it differs
     # between layouts by definition; the neuron top-k itself is per token and must not.
     common = [
@@ -73,6 +79,11 @@ def test_expert_parallel_matches_data_parallel(tmp_path, flavour):
 
 
 def test_two_data_parallel_ranks_match_one_process_with_twice_the_batch(tmp_path):
+    """5 steps (default moe=mone), losses within 1e-5 (about 20 fp32 ulps of a loss near 5):
+    both layouts sum the same gradients in another order, so the weights differ in the last
+    bits at most; that flips a token's K-th neuron only when two |SiLU(gate)| values are within
+    that bit of each other, improbable over a few steps of the tiny model (a few thousand
+    token-expert rows); hence 5 steps, not more."""
     no_aux = ["model.aux_loss_coeff=0", "moe.ng_lbl_coeff=0"]
     single = _train(
         tmp_path, "one", 1, *no_aux, "trainer.micro_batch_size=8", "trainer.global_batch_size=8"

@@ -77,10 +77,15 @@ def test_operators_pass_torch_library_checks():
 
 
 def test_gpt_model_with_fused_norm_matches_megatrons_norm(megatron_single):
+    """Plain MoE: the fused norm is not bitwise torch's, and under MoNE a last-bit difference
+    can flip a near-tied K-th neuron and move a gradient by far more than 1e-5. With moe=moe
+    the only discrete choice is the router's top-2 of 4 experts for 64 tokens (a near-tie there
+    is improbable), so results differ by rounding only: 1e-5 is about 20 fp32 ulps of a
+    per-token loss near 5.5, and gradients are below 1."""
     from mone_train.model.norm import RMSNorm
     from tests.gpt_parity import loss_and_grads, tiny_gpt
 
-    reference, model = tiny_gpt("moe=mone", "model.norm=torch"), tiny_gpt("moe=mone")
+    reference, model = tiny_gpt("moe=moe", "model.norm=torch"), tiny_gpt("moe=moe")
     assert list(model.state_dict()) == list(reference.state_dict())
     # 2 per layer and the final one; none of megatron's torch.nn.RMSNorm left.
     assert sum(isinstance(m, RMSNorm) for m in model.modules()) == 5

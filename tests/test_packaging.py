@@ -30,9 +30,9 @@ def test_a_wheel_install_trains_from_another_directory(tmp_path):
     )  # fmt: skip
     assert (site / "mone_train" / "configs" / "config.yaml").is_file()
     # The CPU operators' sources travel with the package (built on first use from there).
-    from mone_kernels.cpu_kernel import SOURCES
+    from mone_kernels.cpu_build import HEADERS, SOURCES
 
-    for source in SOURCES:
+    for source in [*SOURCES, *HEADERS]:
         assert (site / "mone_kernels" / "csrc" / source.name).is_file(), source.name
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

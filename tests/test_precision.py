@@ -70,27 +70,38 @@ def test_optimizer_updates_fp32_masters_and_rounds_them_into_bf16_weights(
     assert (matrix != matrix.to(torch.bfloat16).float()).float().mean() > 0.9
 
 
+# bf16's unit roundoff: a bf16 number is within a relative 2^-8 of the value it rounds (8
+# significand bits). A loss computed through bf16 weights and activations from the same fp32
+# masters is bounded by that relative rounding of the loss, as long as the two runs' weights
+# have not drifted apart: every bf16-vs-fp32 comparison below stays where that holds.
+BF16_ROUNDOFF = 2.0**-8
+
+
 @pytest.mark.slow  # trains
 def test_bf16_training_tracks_fp32(tmp_path):
-    """60 smoke steps of `tiny` (MoNE, sequence 32): training loss averaged over 10-step windows
-    within 0.03 nats of fp32 for the first 40 steps and 0.05 after, every validation loss within
-    0.05. The runs agree to 1e-3 for 40 steps, then bf16 rounding flips neuron selections and
-    the trajectories part like different seeds: fp32 at seeds 1, 2, 3 ends at validation 3.012,
-    2.781, 2.894 and last window 2.908, 3.015, 2.921 (std 0.058; fused CPU kernels, 2026-11-30).
-    bf16 vs fp32 measured: windows up to 0.034 (the last), validation up to 0.035."""
-    import statistics
+    """Plain MoE (no neuron selection) for 30 `tiny` steps: every training loss and every
+    validation loss of bf16 (fp32 masters) within bf16's unit roundoff (relative) of fp32.
 
-    _run(tmp_path / "fp32", "trainer.steps=60")
-    _run(tmp_path / "bf16", "trainer.steps=60", "trainer.precision=bf16")
-    runs = [metrics(tmp_path / name) for name in ("fp32", "bf16")]
-    train = [[r["loss"] for r in records if "loss" in r] for records in runs]
-    val = [[r["val_loss"] for r in records if "val_loss" in r] for records in runs]
-    assert len(train[0]) == len(train[1]) == 60 and len(val[0]) == len(val[1]) == 6
-    assert train[0] != train[1]  # bf16 really ran
-    for start in range(0, 60, 10):
-        window = [statistics.fmean(losses[start : start + 10]) for losses in train]
-        assert abs(window[0] - window[1]) < (0.03 if start < 40 else 0.05), (start, window)
-    assert max(abs(a - b) for a, b in zip(*val)) < 0.05, val
+    Why this holds on any CPU: the masters get the same AdamW updates up to the rounding of the
+    gradients, and Adam's update is normalised (its size is the learning rate, not the gradient),
+    so over a few dozen steps at a small learning rate the weights stay within a bf16 rounding
+    of each other; expert routing is a soft top-2 over 4 experts, so a rare near-tie flip moves
+    a token's output by the small difference of two near-equal router scores. MoNE keeps the
+    top half of 128 neurons per token, where near-ties are the rule, so its trajectories part
+    like two seeds after a few dozen steps: MoNE is compared on its first step only (same
+    masters). The end-of-run quality claim (bf16 within 0.02 nats of fp32 on a real run, with
+    seeds) is benchmarks/precision_quality.py's."""
+    for flavour, steps in (("moe", 30), ("mone", 1)):
+        for precision in ("fp32", "bf16"):
+            _run(tmp_path / f"{flavour}-{precision}", f"moe={flavour}", f"trainer.steps={steps}",
+                 f"trainer.precision={precision}", "trainer.eval_interval=10")  # fmt: skip
+        runs = [metrics(tmp_path / f"{flavour}-{p}") for p in ("fp32", "bf16")]
+        for key in ("loss", "val_loss"):
+            fp32, bf16 = ([r[key] for r in records if key in r] for records in runs)
+            assert len(fp32) == len(bf16) == (steps if key == "loss" else max(1, steps // 10))
+            assert fp32 != bf16  # bf16 really ran
+            for step, (want, got) in enumerate(zip(fp32, bf16)):
+                assert abs(got - want) <= BF16_ROUNDOFF * want, (flavour, key, step, want, got)
 
 
 @pytest.mark.slow  # trains
@@ -114,7 +125,8 @@ def test_bf16_resume_is_bit_exact_and_checkpoints_hold_fp32(tmp_path):
 @pytest.mark.parametrize("saved,loaded", [("fp32", "bf16"), ("bf16", "fp32")])
 def test_checkpoints_load_across_precisions(tmp_path, saved, loaded):
     """Checkpoints hold fp32 weights in both precisions; a run in the other precision resumes
-    from them and evaluates within bf16's rounding of the saving run (measured: <= 0.003)."""
+    from them and evaluates the same weights within bf16's unit roundoff of the saving run's
+    loss (relative; see BF16_ROUNDOFF)."""
     source = tmp_path / "source"
     _run(source, "trainer.steps=10", "trainer.save_interval=10", f"trainer.precision={saved}")
     saved_val = [r["val_loss"] for r in metrics(source) if "val_loss" in r][-1]
@@ -124,4 +136,4 @@ def test_checkpoints_load_across_precisions(tmp_path, saved, loaded):
          f"trainer.precision={loaded}")  # fmt: skip
     loaded_val = [r["val_loss"] for r in metrics(target) if "val_loss" in r][-1]
     assert loaded_val != saved_val  # evaluated in the other precision
-    assert abs(loaded_val - saved_val) < 0.02
+    assert abs(loaded_val - saved_val) <= BF16_ROUNDOFF * saved_val

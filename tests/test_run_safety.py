@@ -159,6 +159,9 @@ def test_the_same_command_goes_on_after_a_kill_at_any_moment(tmp_path):
         return [r["val_loss"] for r in _strict_records(run_dir) if "val_loss" in r][-1]
 
     reference = final_val_loss(tmp_path / "uninterrupted")
+    # Each window spans whole steps or a forked writer's run, not a moment: 4 steps and a save
+    # before the first checkpoint; .tmp-step_* lives from a save's start until a later step
+    # finalizes the forked writer (async_save), three saves to catch; steps 8-16 between saves.
     moments = {
         "before the first checkpoint": lambda d: _steps_logged(d) >= 2 and not _complete(d),
         "inside a save": lambda d: any((d / CHECKPOINTS).glob(".tmp-step_*")),
@@ -218,6 +221,7 @@ def test_a_signal_to_the_launcher_saves_once_exits_75_and_the_job_resumes(tmp_pa
     deadline = time.monotonic() + 180
     while _steps_logged(tmp_path) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
+    # 58 steps left: the signal reaches the workers well before the run could end.
     proc.send_signal(signal.SIGUSR1)  # as SLURM's --signal=USR1@T does to a job step's task
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == EXIT_PREEMPTED, out[-3000:]
@@ -240,6 +244,7 @@ def test_one_killed_rank_ends_the_job_and_the_same_command_resumes(tmp_path):
     deadline = time.monotonic() + 180
     while not _complete(tmp_path) and time.monotonic() < deadline:
         time.sleep(0.05)
+    # The step-5 save completes a step or two later (async): over 20 steps and 4 saves left.
     (torchrun,) = psutil.Process(proc.pid).children()  # the launcher script's one child
     workers = torchrun.children()  # direct children only: not the checkpoint writers
     assert len(workers) == 2

@@ -7,13 +7,16 @@
 //
 // Rows go to torch's intra-op threads in fixed blocks of kBlockRows; each block keeps its own
 // partial dw and the partials are summed in block order, so results do not depend on the
-// thread count. fp32 only: the Python wrapper upcasts other dtypes.
+// thread count (nor on the instruction set: cpu_isa.h). fp32 only: the Python wrapper upcasts
+// other dtypes.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
+
+#include "cpu_isa.h"
 
 #include <cmath>
 #include <cstdint>
@@ -25,13 +28,9 @@ namespace {
 constexpr int64_t kBlockRows = 32;
 constexpr int64_t kLanes = 16;
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MONE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MONE_CLONES
-#endif
+using mone_isa::Isa;
 
-inline float dot(const float* a, const float* b, int64_t n) {
+MONE_ALWAYS_INLINE float dot(const float* a, const float* b, int64_t n) {
   float lanes[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes)
@@ -42,8 +41,9 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return total;
 }
 
-MONE_CLONES void fwd_rows(const float* x, const float* w, float* y, float* rstd, int64_t H,
-                          double eps, int64_t begin, int64_t end) {
+template <Isa I>
+MONE_ALWAYS_INLINE void fwd_rows_body(const float* x, const float* w, float* y, float* rstd,
+                                      int64_t H, double eps, int64_t begin, int64_t end) {
   for (int64_t r = begin; r < end; ++r) {
     const float* x_r = x + r * H;
     float* y_r = y + r * H;
@@ -54,9 +54,12 @@ MONE_CLONES void fwd_rows(const float* x, const float* w, float* y, float* rstd,
   }
 }
 
-MONE_CLONES void bwd_rows(const float* dy, const float* x, const float* w, const float* rstd,
-                          float* dx, float* dw_partial, float* scratch, int64_t H,
-                          int64_t begin, int64_t end) {
+MONE_ISA_VARIANTS(fwd_rows, fwd_rows_body)
+
+template <Isa I>
+MONE_ALWAYS_INLINE void bwd_rows_body(const float* dy, const float* x, const float* w,
+                                      const float* rstd, float* dx, float* dw_partial,
+                                      float* scratch, int64_t H, int64_t begin, int64_t end) {
   for (int64_t r = begin; r < end; ++r) {
     const float *dy_r = dy + r * H, *x_r = x + r * H;
     float* dx_r = dx + r * H;
@@ -70,6 +73,8 @@ MONE_CLONES void bwd_rows(const float* dy, const float* x, const float* w, const
     for (int64_t j = 0; j < H; ++j) dx_r[j] = s * (dyw[j] - (x_r[j] * s) * c);
   }
 }
+
+MONE_ISA_VARIANTS(bwd_rows, bwd_rows_body)
 
 void check(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), name,

@@ -17,15 +17,13 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "cpu_isa.h"
+
 #include <cstdint>
 
 namespace {
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MONE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MONE_CLONES
-#endif
+using mone_isa::Isa;
 
 struct Rows {
   const float *x, *cos, *sin;
@@ -34,7 +32,9 @@ struct Rows {
 };
 
 // Rows [begin, end) of the flattened [S * B * H] head vectors.
-MONE_CLONES void rope_rows(const Rows& a, int64_t begin, int64_t end, bool backward) {
+template <Isa I>
+MONE_ALWAYS_INLINE void rope_rows_body(const Rows& a, int64_t begin, int64_t end,
+                                       bool backward) {
   const int64_t half = a.D / 2;
   for (int64_t row = begin; row < end; ++row) {
     const int64_t s = row / (a.B * a.H), b = (row / a.H) % a.B, h = row % a.H;
@@ -51,6 +51,8 @@ MONE_CLONES void rope_rows(const Rows& a, int64_t begin, int64_t end, bool backw
     }
   }
 }
+
+MONE_ISA_VARIANTS(rope_rows, rope_rows_body)
 
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                 bool backward) {

@@ -17,8 +17,9 @@
 // the Triton kernel searches the same way), and the rows are split over torch's intra-op
 // threads. fp32 only; the Python wrapper upcasts like the reference.
 //
-// The search has a portable version and an AVX-512 one, chosen at load time by the CPU; set
-// MONE_CPU_KERNEL_NO_AVX512=1 to force the portable one (the tests check both).
+// The search has a portable version and hand-written AVX2 and AVX-512 ones; which one runs is
+// chosen at run time (cpu_isa.h: the best the CPU has, capped by MONE_CPU_ISA or
+// ATEN_CPU_CAPABILITY). All of them find the same threshold, so the results do not depend on it.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -26,32 +27,29 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include "cpu_isa.h"
+
+#ifdef MONE_X86_VARIANTS
 #include <immintrin.h>
-#define MONE_HAVE_AVX512_PATH 1
 #endif
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
 namespace {
 
+using mone_isa::Isa;
+
 constexpr float kTiny = 1.17549435e-38f;  // torch.finfo(torch.float32).tiny, as the reference
 constexpr int64_t kLanes = 16;            // independent partial sums: vectorisable reductions
-
-// The row loops are compiled for AVX-512, AVX2 and the x86-64 baseline; the loader picks the
-// best the CPU has at run time.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MONE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MONE_CLONES
-#endif
+constexpr int64_t kPad = 16;              // scratch past a row: whole vectors of the widest set
 
 // Row blocks: contiguous row ranges, one per intra-op thread at most, each with its own
 // partial neuron counts (integers in fp32: exact, so the order of the final sum is irrelevant).
@@ -64,52 +62,102 @@ void check_rows(const at::Tensor& t, const char* name, int64_t rows, int64_t col
               name, " must be a CPU float32 tensor");
   TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols,
               name, " must be [", rows, ", ", cols, "], got ", t.sizes());
-  TORCH_CHECK(t.stride(1) == 1 || cols <= 1, name, " rows must be contiguous");
+  // An empty tensor may carry any strides (numpy's zero-size arrays have 0): nothing is read.
+  TORCH_CHECK(t.stride(1) == 1 || cols <= 1 || rows == 0, name, " rows must be contiguous");
 }
 
-inline int64_t count_at_least(const uint32_t* v, int64_t n, uint32_t x) {
+// ---- The K-th largest of n non-negative floats, exactly -----------------------------------
+// Given as bit patterns (non-negative floats order like their bits), it is the largest x with
+// #(v >= x) >= k, found bit by bit. The 8 exponent bits are searched over the whole row, the
+// 23 mantissa bits over the row's values with that exponent only (gathered into cand: n + kPad
+// entries of scratch, zero-padded to a multiple of kPad; zeros are below every x searched).
+
+MONE_ALWAYS_INLINE int64_t count_at_least(const uint32_t* v, int64_t n, uint32_t x) {
   uint32_t count = 0;  // 32-bit lanes: the compare and the sum vectorise at full width
   for (int64_t j = 0; j < n; ++j) count += v[j] >= x;
   return count;
 }
 
-// The k-th largest of n non-negative floats given as bit patterns (which order like the
-// floats), exactly: the largest x with #(v >= x) >= k, found bit by bit. The 8 exponent bits
-// are searched over the whole row, the 23 mantissa bits over the row's values with that
-// exponent only (gathered into cand: n + 16 entries of scratch, zero-padded to whole vectors).
-inline uint32_t kth_largest_bits(const uint32_t* v, int64_t n, int64_t k, uint32_t* cand) {
-  uint32_t kth = 0;
-  for (int bit = 30; bit >= 23; --bit) {
-    const uint32_t x = kth | (1u << bit);
-    if (count_at_least(v, n, x) >= k) kth = x;
-  }
-  const uint32_t exponent = kth >> 23;
-  const int64_t above = count_at_least(v, n, (exponent + 1) << 23);
+MONE_ALWAYS_INLINE int64_t gather_bucket(const uint32_t* v, int64_t n, uint32_t exponent,
+                                         uint32_t* cand) {
   int64_t num_cand = 0;
   for (int64_t j = 0; j < n; ++j) {
     cand[num_cand] = v[j];
     num_cand += (v[j] >> 23) == exponent;
   }
-  const int64_t k_in_bucket = k - above;
-  while (num_cand % 16) cand[num_cand++] = 0;
-  for (int bit = 22; bit >= 0; --bit) {
-    const uint32_t x = kth | (1u << bit);
-    if (count_at_least(cand, num_cand, x) >= k_in_bucket) kth = x;
-  }
-  return kth;
+  return num_cand;
 }
 
-#ifdef MONE_HAVE_AVX512_PATH
-// The same search with AVX-512 written out: a pass's count is the popcount of compare masks
-// (no horizontal sum at its end), and the bucket's values are gathered with vector compress.
-// Lanes past n are masked off (they read as 0, below any x > 0 searched for).
-#define MONE_AVX512 __attribute__((target("avx512f,popcnt")))
+#ifdef MONE_X86_VARIANTS
+// AVX2 has no unsigned compare, no compare-into-mask and no compress. But the values are |g|
+// (sign bit clear: below 2^31) and every x searched is >= 1, so v >= x is the signed v > x - 1;
+// a pass's count accumulates the compares (-1 each) in vector lanes; the bucket's values are
+// gathered 8 at a time by a permutation looked up from the compare's 8-bit movemask.
 
-MONE_AVX512 inline __mmask16 lanes_from(int64_t j, int64_t n) {
+struct CompressTable {
+  std::array<std::array<uint8_t, 8>, 256> lanes{};  // for each 8-bit mask: its set lanes first
+  constexpr CompressTable() {
+    for (int mask = 0; mask < 256; ++mask) {
+      int next = 0;
+      for (int lane = 0; lane < 8; ++lane)
+        if (mask & (1 << lane)) lanes[mask][next++] = static_cast<uint8_t>(lane);
+    }
+  }
+};
+constexpr CompressTable kCompress{};
+
+MONE_TARGET_AVX2 inline int64_t count_at_least_avx2(const uint32_t* v, int64_t n,
+                                                                uint32_t x) {
+  const __m256i below = _mm256_set1_epi32(static_cast<int>(x - 1));
+  __m256i even = _mm256_setzero_si256(), odd = _mm256_setzero_si256();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m256i* p = reinterpret_cast<const __m256i*>(v + j);
+    even = _mm256_sub_epi32(even, _mm256_cmpgt_epi32(_mm256_loadu_si256(p), below));
+    odd = _mm256_sub_epi32(odd, _mm256_cmpgt_epi32(_mm256_loadu_si256(p + 1), below));
+  }
+  const __m256i both = _mm256_add_epi32(even, odd);
+  __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(both), _mm256_extracti128_si256(both, 1));
+  sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0x4e));
+  sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0xb1));
+  int64_t count = _mm_cvtsi128_si32(sum);
+  for (; j < n; ++j) count += v[j] >= x;
+  return count;
+}
+
+MONE_TARGET_AVX2 inline int64_t gather_bucket_avx2(const uint32_t* v, int64_t n,
+                                                               uint32_t exponent,
+                                                               uint32_t* cand) {
+  const __m256i bucket = _mm256_set1_epi32(static_cast<int>(exponent));
+  int64_t num_cand = 0, j = 0;
+  for (; j + 8 <= n; j += 8) {  // stores 8 lanes at cand + num_cand <= cand + j: in bounds
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j));
+    const int in = _mm256_movemask_ps(
+        _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_srli_epi32(x, 23), bucket)));
+    const __m256i order = _mm256_cvtepu8_epi32(
+        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kCompress.lanes[in].data())));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(cand + num_cand),
+                        _mm256_permutevar8x32_epi32(x, order));
+    num_cand += _mm_popcnt_u32(static_cast<unsigned>(in));
+  }
+  for (; j < n; ++j) {
+    cand[num_cand] = v[j];
+    num_cand += (v[j] >> 23) == exponent;
+  }
+  return num_cand;
+}
+
+// (These are called, not inlined, from the per-set copies of the search: GCC does not inline a
+// function for a wider target into the generic template before it is itself inlined.)
+
+// AVX-512: a pass's count is the popcount of compare masks, the bucket gathered by compress.
+// Lanes past n are masked off (they read as 0, below any x searched).
+MONE_TARGET_AVX512 inline __mmask16 lanes_from(int64_t j, int64_t n) {
   return j + 16 <= n ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (n - j)) - 1);
 }
 
-MONE_AVX512 inline int64_t count_at_least_avx512(const uint32_t* v, int64_t n, uint32_t x) {
+MONE_TARGET_AVX512 inline int64_t count_at_least_avx512(const uint32_t* v,
+                                                                    int64_t n, uint32_t x) {
   const __m512i threshold = _mm512_set1_epi32(static_cast<int>(x));
   int64_t even = 0, odd = 0;
   int64_t j = 0;
@@ -125,15 +173,10 @@ MONE_AVX512 inline int64_t count_at_least_avx512(const uint32_t* v, int64_t n, u
   return even + odd;
 }
 
-MONE_AVX512 uint32_t kth_largest_bits_avx512(const uint32_t* v, int64_t n, int64_t k,
-                                              uint32_t* cand) {
-  uint32_t kth = 0;
-  for (int bit = 30; bit >= 23; --bit) {
-    const uint32_t x = kth | (1u << bit);
-    if (count_at_least_avx512(v, n, x) >= k) kth = x;
-  }
-  const uint32_t exponent = kth >> 23;
-  const int64_t k_in_bucket = k - count_at_least_avx512(v, n, (exponent + 1) << 23);
+MONE_TARGET_AVX512 inline int64_t gather_bucket_avx512(const uint32_t* v,
+                                                                   int64_t n,
+                                                                   uint32_t exponent,
+                                                                   uint32_t* cand) {
   const __m512i bucket = _mm512_set1_epi32(static_cast<int>(exponent));
   int64_t num_cand = 0;
   for (int64_t j = 0; j < n; j += 16) {
@@ -143,20 +186,51 @@ MONE_AVX512 uint32_t kth_largest_bits_avx512(const uint32_t* v, int64_t n, int64
     _mm512_storeu_si512(cand + num_cand, _mm512_maskz_compress_epi32(in, x));
     num_cand += _mm_popcnt_u32(in);
   }
+  return num_cand;
+}
+#endif
+
+template <Isa I>
+MONE_ALWAYS_INLINE int64_t count_at_least_isa(const uint32_t* v, int64_t n, uint32_t x) {
+#ifdef MONE_X86_VARIANTS
+  if constexpr (I == Isa::kAvx512) return count_at_least_avx512(v, n, x);
+  if constexpr (I == Isa::kAvx2) return count_at_least_avx2(v, n, x);
+#endif
+  return count_at_least(v, n, x);
+}
+
+template <Isa I>
+MONE_ALWAYS_INLINE int64_t gather_bucket_isa(const uint32_t* v, int64_t n, uint32_t exponent,
+                                             uint32_t* cand) {
+#ifdef MONE_X86_VARIANTS
+  if constexpr (I == Isa::kAvx512) return gather_bucket_avx512(v, n, exponent, cand);
+  if constexpr (I == Isa::kAvx2) return gather_bucket_avx2(v, n, exponent, cand);
+#endif
+  return gather_bucket(v, n, exponent, cand);
+}
+
+template <Isa I>
+MONE_ALWAYS_INLINE uint32_t kth_largest_bits(const uint32_t* v, int64_t n, int64_t k,
+                                             uint32_t* cand) {
+  uint32_t kth = 0;
+  for (int bit = 30; bit >= 23; --bit) {
+    const uint32_t x = kth | (1u << bit);
+    if (count_at_least_isa<I>(v, n, x) >= k) kth = x;
+  }
+  const uint32_t exponent = kth >> 23;
+  const int64_t k_in_bucket = k - count_at_least_isa<I>(v, n, (exponent + 1) << 23);
+  int64_t num_cand = gather_bucket_isa<I>(v, n, exponent, cand);
+  while (num_cand % kPad) cand[num_cand++] = 0;
   for (int bit = 22; bit >= 0; --bit) {
     const uint32_t x = kth | (1u << bit);
-    if (count_at_least_avx512(cand, num_cand, x) >= k_in_bucket) kth = x;
+    if (count_at_least_isa<I>(cand, num_cand, x) >= k_in_bucket) kth = x;
   }
   return kth;
 }
 
-const bool kUseAvx512 = std::getenv("MONE_CPU_KERNEL_NO_AVX512") == nullptr &&
-                        __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("popcnt");
-#else
-constexpr bool kUseAvx512 = false;
-#endif
+// ---- Row loops -------------------------------------------------------------------------------
 
-inline float abs_sum(const float* x, int64_t n) {
+MONE_ALWAYS_INLINE float abs_sum(const float* x, int64_t n) {
   float lanes[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes)
@@ -167,7 +241,7 @@ inline float abs_sum(const float* x, int64_t n) {
   return total;
 }
 
-inline float abs_dot(const float* x, const float* w, int64_t n) {
+MONE_ALWAYS_INLINE float abs_dot(const float* x, const float* w, int64_t n) {
   float lanes[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes)
@@ -189,8 +263,9 @@ struct FwdRows {
 };
 
 // Rows [begin, end): selection, mask, h, and (with sums) row sums and neuron counts.
-MONE_CLONES void fwd_rows(const FwdRows& a, int64_t begin, int64_t end, float* counts,
-                          uint32_t* bits, uint32_t* cand) {
+template <Isa I>
+MONE_ALWAYS_INLINE void fwd_rows_body(const FwdRows& a, int64_t begin, int64_t end,
+                                      float* counts, uint32_t* bits, uint32_t* cand) {
   const int64_t F = a.F, k = a.k;
   for (int64_t t = begin; t < end; ++t) {
     const float* g_t = a.g + t * a.g_ld;
@@ -199,15 +274,7 @@ MONE_CLONES void fwd_rows(const FwdRows& a, int64_t begin, int64_t end, float* c
     uint8_t* m_t = a.mask + t * F;
     std::memcpy(bits, g_t, F * sizeof(float));
     for (int64_t j = 0; j < F; ++j) bits[j] &= 0x7fffffffu;  // |g|
-    uint32_t kth = 0;
-    if (k < F) {
-#ifdef MONE_HAVE_AVX512_PATH
-      kth = kUseAvx512 ? kth_largest_bits_avx512(bits, F, k, cand)
-                       : kth_largest_bits(bits, F, k, cand);
-#else
-      kth = kth_largest_bits(bits, F, k, cand);
-#endif
-    }
+    const uint32_t kth = k < F ? kth_largest_bits<I>(bits, F, k, cand) : 0;
     int64_t kept = 0;
     for (int64_t j = 0; j < F; ++j) {
       m_t[j] = bits[j] >= kth;
@@ -235,10 +302,15 @@ MONE_CLONES void fwd_rows(const FwdRows& a, int64_t begin, int64_t end, float* c
   }
 }
 
-MONE_CLONES void shares_rows(const float* g, int64_t g_ld, int64_t F, const float* counts,
-                             const float* sums, float* shares, int64_t begin, int64_t end) {
+MONE_ISA_VARIANTS(fwd_rows, fwd_rows_body)
+
+template <Isa I>
+MONE_ALWAYS_INLINE void shares_rows_body(const float* g, int64_t g_ld, int64_t F,
+                                         const float* counts, const float* sums, float* shares,
+                                         int64_t begin, int64_t end) {
   for (int64_t t = begin; t < end; ++t) shares[t] = abs_dot(g + t * g_ld, counts, F) / sums[t];
 }
+MONE_ISA_VARIANTS(shares_rows, shares_rows_body)
 
 void check_row_scale(const std::optional<at::Tensor>& row_scale, int64_t T) {
   if (row_scale.has_value()) {
@@ -274,7 +346,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_swig
   const int64_t blocks = num_blocks(T);
   std::vector<float> partial_counts(with_balance ? blocks * F : 0, 0.0f);
   at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
-    std::vector<uint32_t> scratch(2 * F + 16);
+    std::vector<uint32_t> scratch(2 * F + kPad);
     for (int64_t b = block_begin; b < block_end; ++b)
       fwd_rows(rows, T * b / blocks, T * (b + 1) / blocks,
                with_balance ? partial_counts.data() + b * F : nullptr,
@@ -295,7 +367,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_swig
 // sigmoid(x) = 1 / (1 + exp(-x)) with a vectorisable exp (Cephes' expf: x = n ln2 + r,
 // a degree-6 polynomial in r, 2^n through the exponent bits; about 1 ulp). Only gradients use
 // it (the forward's SiLU is torch's, so that the selection sees the reference's scores).
-inline float sigmoid(float x) {
+MONE_ALWAYS_INLINE float sigmoid(float x) {
   const float z = std::min(std::max(-x, -87.0f), 88.0f);
   const float round = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to integer
   const float n = (z * 1.44269504088896341f + round) - round;
@@ -324,7 +396,43 @@ struct BwdRows {
   float* drow_scale;
 };
 
-MONE_CLONES void bwd_rows(const BwdRows& a, int64_t begin, int64_t end, float* scratch) {
+// The backward's loops, each over one row, with every pointer declared unaliased: the mask is
+// bytes, and a byte pointer may alias anything, which otherwise stops GCC from vectorising
+// any loop that reads it (it did, for AVX2 and the baseline).
+
+// dp = dh . (g m up) with g = x s (the gradient of the row's router probability).
+MONE_ALWAYS_INLINE float row_scale_grad(const float* __restrict dh, const float* __restrict x,
+                                        const float* __restrict s, const uint8_t* __restrict m,
+                                        const float* __restrict up, int64_t F) {
+  float lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= F; j += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const int64_t i = j + l;
+      lanes[l] += dh[i] * (((x[i] * s[i]) * static_cast<float>(m[i])) * up[i]);
+    }
+  float dp = 0.0f;
+  for (int64_t l = 0; l < kLanes; ++l) dp += lanes[l];
+  for (; j < F; ++j) dp += dh[j] * (((x[j] * s[j]) * static_cast<float>(m[j])) * up[j]);
+  return dp;
+}
+
+// d up = (dh [p]) m g and d g = (dh [p]) m up (d g becomes d gate below).
+template <bool kScaled>
+MONE_ALWAYS_INLINE void masked_grads(const float* __restrict dh, float p,
+                                     const float* __restrict x, const float* __restrict s,
+                                     const uint8_t* __restrict m, const float* __restrict up,
+                                     float* __restrict dgate, float* __restrict dup, int64_t F) {
+  for (int64_t j = 0; j < F; ++j) {
+    const float dhm = (kScaled ? dh[j] * p : dh[j]) * static_cast<float>(m[j]);
+    dup[j] = dhm * (x[j] * s[j]);
+    dgate[j] = dhm * up[j];
+  }
+}
+
+template <Isa I>
+MONE_ALWAYS_INLINE void bwd_rows_body(const BwdRows& a, int64_t begin, int64_t end,
+                                      float* scratch) {
   const int64_t F = a.F;
   for (int64_t t = begin; t < end; ++t) {
     const float *dh_t = a.dh + t * a.dh_ld, *x_t = a.gate + t * a.gate_ld;
@@ -337,29 +445,10 @@ MONE_CLONES void bwd_rows(const BwdRows& a, int64_t begin, int64_t end, float* s
     if (a.row_scale) {
       // h = (g m up) p: dp = dh . (g m up), and the rest sees dh p (in that order, as autograd
       // multiplies the incoming gradient by p before the activation's backward).
-      const float p = a.row_scale[t];
-      float lanes[kLanes] = {};
-      int64_t j = 0;
-      for (; j + kLanes <= F; j += kLanes)
-        for (int64_t l = 0; l < kLanes; ++l) {
-          const int64_t i = j + l;
-          lanes[l] += dh_t[i] * (((x_t[i] * s_t[i]) * static_cast<float>(m_t[i])) * up_t[i]);
-        }
-      float dp = 0.0f;
-      for (int64_t l = 0; l < kLanes; ++l) dp += lanes[l];
-      for (; j < F; ++j) dp += dh_t[j] * (((x_t[j] * s_t[j]) * static_cast<float>(m_t[j])) * up_t[j]);
-      a.drow_scale[t] = dp;
-      for (int64_t i = 0; i < F; ++i) {
-        const float dhm = (dh_t[i] * p) * static_cast<float>(m_t[i]);
-        dup_t[i] = dhm * (x_t[i] * s_t[i]);
-        dgate_t[i] = dhm * up_t[i];
-      }
+      a.drow_scale[t] = row_scale_grad(dh_t, x_t, s_t, m_t, up_t, F);
+      masked_grads<true>(dh_t, a.row_scale[t], x_t, s_t, m_t, up_t, dgate_t, dup_t, F);
     } else {
-      for (int64_t j = 0; j < F; ++j) {
-        const float dhm = dh_t[j] * static_cast<float>(m_t[j]);
-        dup_t[j] = dhm * (x_t[j] * s_t[j]);
-        dgate_t[j] = dhm * up_t[j];
-      }
+      masked_grads<false>(dh_t, 1.0f, x_t, s_t, m_t, up_t, dgate_t, dup_t, F);
     }
     if (a.counts) {
       // d balance / d g_tj = scale / s_t * (c_j - share_t) * sign(gate_tj)
@@ -376,6 +465,8 @@ MONE_CLONES void bwd_rows(const BwdRows& a, int64_t begin, int64_t end, float* s
     }
   }
 }
+
+MONE_ISA_VARIANTS(bwd_rows, bwd_rows_body)
 
 // Backward into a new [T, 2F] gradient of fc1 = [gate | up] (and, with row_scale, its [T]
 // gradient). With the balance term (balance_scale != 0; counts/sums/shares from the forward),
@@ -422,12 +513,22 @@ std::tuple<at::Tensor, at::Tensor> topk_swiglu_bwd(
   return {dfc1, drow_scale};
 }
 
-bool uses_avx512() { return kUseAvx512; }
+// The instruction set the row loops use now, and setting it (capped by the CPU; returns the
+// one in use afterwards). An unknown name is an error.
+std::string isa() { return mone_isa::isa_name(mone_isa::active()); }
+
+std::string set_isa(const std::string& name) {
+  const int wanted = mone_isa::parse_isa(name.c_str());
+  TORCH_CHECK(wanted >= 0, "unknown instruction set '", name, "': avx512, avx2 or baseline");
+  mone_isa::active_slot().store(static_cast<int>(mone_isa::capped(wanted)));
+  return isa();
+}
 
 }  // namespace
 
 TORCH_LIBRARY(mone_cpu, m) {
-  m.def("uses_avx512() -> bool", &uses_avx512);
+  m.def("isa() -> str", &isa);
+  m.def("set_isa(str name) -> str", &set_isa);
   m.def("topk_swiglu_fwd(Tensor g, Tensor up, int k, bool with_balance, Tensor? row_scale) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("topk_swiglu_bwd(Tensor dh, Tensor gate, Tensor up, Tensor mask, Tensor counts, "
