@@ -1,37 +1,34 @@
 """Trainer tokens/s against a bare megatron-core training loop on the same model.
 
-Contenders, run in turn within each round (in a rotating order) over several rounds:
+Contenders, built side by side in one process and stepped in turn (a few steps each, the order
+rotating every round) for many rounds, so that slow drifts of a shared machine's speed fall on
+all of them alike; every ratio is taken within a round (paired) and the median over rounds is
+reported with its interquartile range:
 
     bare/moe                 megatron-core GPTModel with its own attention (DotProductAttention),
                              norms (torch.nn.RMSNorm), unfused RoPE and experts (SequentialMLP)
                              + torch AdamW, nothing else: the reference
-    trainer/moe              mone-train's full step loop (DDP buffers, clipping, logging), moe=moe
+    trainer/moe              mone-train's full loop step (DDP buffers, clipping, metrics and
+                             health hooks, evaluation and checkpoint checks), moe=moe
     trainer/mone             the same with moe=mone (rho = 0.5, NG-LBL on): the default
                              `make train` model (SDPA attention, fused RMSNorm and RoPE, the
-                             fused CPU MoNE kernel; grouped experts with CUDA only)
+                             fused CPU MoNE kernel)
     trainer/mone-no-health   moe=mone with logging.health_metrics=false (the health metrics' cost)
-  with the speed-path ablations (skip them with --no-ablations):
-    trainer/mone-megatron-attn   moe=mone with model.attention=megatron (what SDPA buys)
-    trainer/mone-torch-norm      moe=mone with model.norm=torch (what the fused RMSNorm buys)
-    trainer/mone-unfused-rope    moe=mone with model.rope_fusion=false (what the fused RoPE buys)
-    trainer/mone-reference-act   moe=mone with moe.kernel_impl=reference (what the fused CPU
-                                 MoNE kernel buys over the eager PyTorch reference)
-    trainer/mone-grouped         moe=mone with moe.grouped_gemm=true
-    trainer/mone-sequential      moe=mone with moe.grouped_gemm=false (what grouped experts buy;
-                                 on CPU this is the default, so it also shows the noise floor)
-    trainer/moe-grouped          moe=moe with moe.grouped_gemm=true: MoE through the same
-                                 grouped experts, for the MoNE / MoE step-time ratio
+    trainer/deepseek-moe,    arch=deepseek (fine-grained experts, shared expert, sigmoid router
+    trainer/deepseek-mone    with loss-free balancing, dense first layer), MoE and MoNE
+  with the speed-path ablations (--ablations):
+    trainer/mone-megatron-attn, -torch-norm, -unfused-rope, -reference-act (the eager PyTorch
+    MoNE activation), -baseline-isa (our CPU operators' x86-64 baseline loops instead of the
+    best the CPU has), -grouped, and trainer/moe-grouped.
 
-Targets: trainer/mone >= 1.2x bare (issue: the GPU speed path; DESIGN section 4); the
-health metrics cost a few % at most. On a shared machine the speed drifts by 10-20% over
-minutes, so every ratio is taken within each round (paired) and the median over rounds is
-reported beside the median tokens/s. Prints a table and writes
-benchmarks/results/trainer_throughput_<device>[-<cpu isa>].json. The CPU paths measured are
-torch's (ATEN_CPU_CAPABILITY) and our operators' (MONE_CPU_ISA; it follows torch's when unset):
+Targets: trainer/mone >= 1.2x bare (DESIGN section 4) and MoNE / MoE step time <= 1.05, on the
+AVX2 path as on the AVX-512 one. Which CPU paths ran is in the JSON (`machine`): torch's
+(ATEN_CPU_CAPABILITY) and our operators' (MONE_CPU_ISA; it follows torch's when unset), so
 `ATEN_CPU_CAPABILITY=avx2 python benchmarks/trainer_throughput.py` measures a CPU without
-AVX-512 on one that has it.
+AVX-512 on one that has it. Prints a table and writes
+benchmarks/results/trainer_throughput_<device>-<isa>.json.
 
-    python benchmarks/trainer_throughput.py [--steps 60] [--rounds 2] [--no-ablations]
+    python benchmarks/trainer_throughput.py [--rounds 24] [--steps-per-turn 4] [--ablations]
 """
 
 from __future__ import annotations
@@ -42,6 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -52,236 +50,242 @@ from machine import isa_tag, machine_info  # noqa: E402
 from mone_train.preflight import compose_config  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+GOAL_VS_BARE = 1.2  # trainer/mone tokens/s over the bare loop's (DESIGN section 4)
+GOAL_MONE_OVER_MOE = 1.05  # MoNE / MoE step time
 
 
-def bare_loop(steps: int, warmup: int, overrides: list[str]) -> float:
-    """Tokens/s of a plain megatron-core forward/backward/AdamW loop on the same model."""
+class Stepper:
+    """A contender: ``step()`` runs one optimizer step and returns the tokens it trained on."""
+
+    def __init__(self, name: str, step: Callable[[], int], close: Callable[[], None]):
+        self.name, self.step, self.close = name, step, close
+
+
+def bare_stepper(overrides: list[str]) -> Stepper:
+    """A plain megatron-core forward/backward/AdamW loop on the same model."""
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from mone_train.data.corpus import prepare_stdlib_corpus
     from mone_train.data.dataset import build_gpt_datasets, micro_batches
     from mone_train.data.tokenizer import ByteTokenizer
-    from mone_train.distributed import init_distributed, shutdown_distributed
     from mone_train.model.builder import build_gpt_model
     from mone_train.model.lm import causal_mask
-    from mone_train.runtime import configure_torch
 
-    # megatron's own attention core and experts, whatever the trainer's defaults are.
+    # megatron's own attention core, norms, RoPE and experts, whatever the trainer's defaults.
     cfg = compose_config(
-        [
-            "moe=moe",
-            *overrides,
-            "model.attention=megatron",
-            "model.norm=torch",
-            "model.rope_fusion=false",
-            "moe.grouped_gemm=false",
-        ]
-    )
+        ["moe=moe", *overrides, "model.attention=megatron", "model.norm=torch",
+         "model.rope_fusion=false", "moe.grouped_gemm=false"]
+    )  # fmt: skip
     t = cfg.trainer
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    configure_torch(cfg)
-    init_distributed(1)
-    try:
-        corpus = prepare_stdlib_corpus(cfg.data.cache_dir, cfg.data.valid_every)
-        tokenizer = ByteTokenizer()
-        train_ds, _ = build_gpt_datasets(
-            corpus.train_prefix,
-            corpus.valid_prefix,
-            tokenizer,
-            t.seq_length,
-            t.seed,
-            steps * t.global_batch_size,
-            t.micro_batch_size,
-            Path(corpus.train_prefix).parent / "index-cache",
-        )
-        torch.manual_seed(t.seed)
-        model_parallel_cuda_manual_seed(t.seed)
-        model = build_gpt_model(cfg, tokenizer.vocab_size)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
-        mask = causal_mask(t.seq_length, device)
-        batches = micro_batches(train_ds, 0, t.micro_batch_size, 0, 1)
-        for step in range(steps):
-            if step == warmup:
-                start = time.perf_counter()
-            batch = {k: v.to(device) for k, v in next(batches).items()}
-            loss = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
-            loss.mean().backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-        return (steps - warmup) * t.micro_batch_size * t.seq_length / elapsed
-    finally:
-        shutdown_distributed()
+    corpus = prepare_stdlib_corpus(cfg.data.cache_dir, cfg.data.valid_every)
+    tokenizer = ByteTokenizer()
+    train_ds, _ = build_gpt_datasets(
+        corpus.train_prefix, corpus.valid_prefix, tokenizer, t.seq_length, t.seed,
+        20_000 * t.global_batch_size, t.micro_batch_size,
+        Path(corpus.train_prefix).parent / "index-cache",
+    )  # fmt: skip
+    torch.manual_seed(t.seed)
+    model_parallel_cuda_manual_seed(t.seed)
+    model = build_gpt_model(cfg, tokenizer.vocab_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
+    mask = causal_mask(t.seq_length, device)
+    batches = micro_batches(train_ds, 0, t.micro_batch_size, 0, 1)
+
+    def step() -> int:
+        batch = {k: v.to(device) for k, v in next(batches).items()}
+        loss = model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
+        loss.mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return t.micro_batch_size * t.seq_length
+
+    return Stepper("bare/moe", step, lambda: None)
 
 
-def trainer(flavour: str, steps: int, warmup: int, workdir: Path, overrides: list[str]) -> float:
-    """Tokens/s that mone-train's own log reports after the first interval."""
-    from mone_train.trainer import run
+def trainer_stepper(name: str, overrides: list[str], workdir: Path, info) -> Stepper:
+    """mone-train's Trainer, one loop step (``Trainer.step``) at a time."""
+    from tqdm import tqdm
 
-    run_dir = workdir / f"{flavour}-{time.monotonic_ns()}"
+    from mone_train.checkpointer import PreemptionFlag
+    from mone_train.trainer import Trainer
+
     cfg = compose_config(
-        [
-            f"moe={flavour}",
-            f"trainer.steps={steps}",
-            f"trainer.log_interval={warmup}",
-            f"trainer.eval_interval={steps}",
-            "trainer.eval_iters=1",
-            f"trainer.run_dir={run_dir}",
-            "logging.wandb_mode=disabled",
-            *overrides,
+        [*overrides, "trainer.steps=1000000", "trainer.log_interval=10",
+         "trainer.eval_interval=1000000", "trainer.eval_iters=1", "trainer.save_interval=0",
+         f"trainer.run_dir={workdir / name.replace('/', '-')}", "logging.wandb_mode=disabled"]
+    )  # fmt: skip
+    preemption = PreemptionFlag()
+    trainer = Trainer(cfg, info, preemption)
+    batches = trainer.batches()
+    trainer.model.train()
+    progress = tqdm(disable=True)
+    tokens = cfg.trainer.global_batch_size * cfg.trainer.seq_length
+
+    def step() -> int:
+        trainer.step(batches, progress)
+        return tokens
+
+    def close() -> None:
+        trainer.close()
+        preemption.restore()
+
+    return Stepper(name, step, close)
+
+
+def isa_stepper(stepper: Stepper, isa: str) -> Stepper:
+    """``stepper`` with our CPU operators' loops for ``isa`` (capped by the CPU)."""
+    from mone_kernels.cpu_build import using_isa
+
+    def step() -> int:
+        with using_isa(isa):
+            return stepper.step()
+
+    return Stepper(stepper.name, step, stepper.close)
+
+
+def contenders(args: argparse.Namespace, workdir: Path, info) -> list[Stepper]:
+    base = args.overrides
+
+    def trainer(name: str, *extra: str) -> Stepper:
+        return trainer_stepper(name, [*base, *extra], workdir, info)
+
+    steppers = [
+        bare_stepper(base),
+        trainer("trainer/moe", "moe=moe"),
+        trainer("trainer/mone", "moe=mone"),
+        trainer("trainer/mone-no-health", "moe=mone", "logging.health_metrics=false"),
+        trainer("trainer/deepseek-moe", "arch=deepseek", "moe=moe"),
+        trainer("trainer/deepseek-mone", "arch=deepseek", "moe=mone"),
+    ]
+    if args.ablations:
+        steppers += [
+            trainer("trainer/mone-megatron-attn", "model.attention=megatron"),
+            trainer("trainer/mone-torch-norm", "model.norm=torch"),
+            trainer("trainer/mone-unfused-rope", "model.rope_fusion=false"),
+            trainer("trainer/mone-reference-act", "moe.kernel_impl=reference"),
+            isa_stepper(trainer("trainer/mone-baseline-isa"), "baseline"),
+            trainer("trainer/mone-grouped", "moe.grouped_gemm=true"),
+            trainer("trainer/moe-grouped", "moe=moe", "moe.grouped_gemm=true"),
         ]
-    )
-    run(cfg)
-    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-    rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]
-    return statistics.mean(rates)
+    return steppers
 
 
-# Paired ratios printed under the table: (name, contender a, contender b) -> tokens/s of a over
-# tokens/s of b, i.e. step time of b over step time of a (above 1: a is faster).
-HEALTH = "health metrics on / off, step time"
+# Paired ratios: (name, a, b) -> tokens/s of a over tokens/s of b = step time of b over a's.
 EFFECTS = (
+    ("MoNE / MoE step time", "trainer/moe", "trainer/mone"),
+    ("MoNE / MoE step time, DeepSeek-style", "trainer/deepseek-moe", "trainer/deepseek-mone"),
+    ("MoNE / MoE step time, grouped experts", "trainer/moe-grouped", "trainer/mone-grouped"),
+    ("health metrics on / off, step time", "trainer/mone-no-health", "trainer/mone"),
     ("SDPA attention vs megatron's core", "trainer/mone", "trainer/mone-megatron-attn"),
     ("fused RMSNorm vs torch.nn.RMSNorm", "trainer/mone", "trainer/mone-torch-norm"),
     ("fused RoPE vs megatron's unfused", "trainer/mone", "trainer/mone-unfused-rope"),
     ("fused CPU MoNE kernel vs reference", "trainer/mone", "trainer/mone-reference-act"),
-    ("grouped vs sequential experts", "trainer/mone-grouped", "trainer/mone-sequential"),
-    ("MoNE / MoE step time", "trainer/moe", "trainer/mone"),
-    ("MoNE / MoE step time, grouped experts", "trainer/moe-grouped", "trainer/mone-grouped"),
-    (HEALTH, "trainer/mone-no-health", "trainer/mone"),
+    ("best CPU ISA vs the x86-64 baseline", "trainer/mone", "trainer/mone-baseline-isa"),
+    ("grouped vs sequential experts", "trainer/mone-grouped", "trainer/mone"),
 )
-GOAL_VS_BARE = 1.2  # trainer/mone tokens/s over the bare loop's (DESIGN section 4)
 
 
-def contenders(args: argparse.Namespace, workdir: Path) -> dict:
-    """Name -> zero-argument function returning tokens/s."""
-    steps, warmup, overrides = args.steps, args.warmup, args.overrides
-
-    def mone(*extra: str):
-        return lambda: trainer("mone", steps, warmup, workdir, [*overrides, *extra])
-
-    table = {
-        "bare/moe": lambda: bare_loop(steps, warmup, overrides),
-        "trainer/moe": lambda: trainer("moe", steps, warmup, workdir, overrides),
-        "trainer/mone": mone(),
-        "trainer/mone-no-health": mone("logging.health_metrics=false"),
-    }
-    if args.ablations:
-        table["trainer/mone-megatron-attn"] = mone("model.attention=megatron")
-        table["trainer/mone-torch-norm"] = mone("model.norm=torch")
-        table["trainer/mone-unfused-rope"] = mone("model.rope_fusion=false")
-        table["trainer/mone-reference-act"] = mone("moe.kernel_impl=reference")
-        table["trainer/mone-grouped"] = mone("moe.grouped_gemm=true")
-        table["trainer/mone-sequential"] = mone("moe.grouped_gemm=false")
-        table["trainer/moe-grouped"] = lambda: trainer(
-            "moe", steps, warmup, workdir, [*overrides, "moe.grouped_gemm=true"]
-        )
-    return table
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(25th percentile, median, 75th percentile)."""
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
 
 
-def paired_effects(results: dict[str, list[float]]) -> dict[str, dict]:
-    """The EFFECTS whose contenders ran: median and per-round ratios of tokens/s."""
+def measure(steppers: list[Stepper], rounds: int, per_turn: int, warmup: int) -> dict:
+    """Tokens/s of every contender in every round."""
+    for stepper in steppers:  # warm-up: first-step allocations, caches, kernel builds
+        for _ in range(warmup):
+            stepper.step()
+    rates: dict[str, list[float]] = {s.name: [] for s in steppers}
+    for r in range(rounds):
+        order = steppers[r % len(steppers) :] + steppers[: r % len(steppers)]
+        for stepper in order:
+            start, tokens = time.perf_counter(), 0
+            for _ in range(per_turn):
+                tokens += stepper.step()
+            rates[stepper.name].append(tokens / (time.perf_counter() - start))
+        done = ", ".join(f"{n} {v[-1]:,.0f}" for n, v in rates.items())
+        print(f"round {r + 1}/{rounds}: {done}", flush=True)
+    return rates
+
+
+def summarise(rates: dict[str, list[float]]) -> tuple[list[dict], dict]:
+    rows = []
+    for name, values in rates.items():
+        ratios = [v / b for v, b in zip(values, rates["bare/moe"])]
+        q1, q2, q3 = quartiles(ratios)
+        rows.append({
+            "contender": name, "tokens_per_s": statistics.median(values),
+            "ratio_to_bare": q2, "ratio_to_bare_iqr": [q1, q3],
+            "rounds_tokens_per_s": values, "rounds_ratio_to_bare": ratios,
+        })  # fmt: skip
     effects = {}
     for name, num, den in EFFECTS:
-        if num in results and den in results:
-            ratios = [a / b for a, b in zip(results[num], results[den])]
-            effects[name] = {
-                "ratio": statistics.median(ratios),
-                "best_ratio": max(results[num]) / max(results[den]),
-                "rounds": ratios,
-                "of": [num, den],
-            }
-    return effects
+        if num in rates and den in rates:
+            ratios = [a / b for a, b in zip(rates[num], rates[den])]
+            q1, q2, q3 = quartiles(ratios)
+            effects[name] = {"ratio": q2, "iqr": [q1, q3], "rounds": ratios, "of": [num, den]}
+    return rows, effects
+
+
+def report(args: argparse.Namespace, rows: list[dict], effects: dict) -> None:
+    """Print the table and the paired effects; write the JSON."""
+    machine = machine_info()
+    where = machine["gpu"] or f"{machine['cpu']} ({machine['cpu_cores']} cores)"
+    paths = f"torch {machine['torch_cpu_capability']}, MoNE operators {machine['mone_cpu_isa']}"
+    print(f"\nTrainer throughput, `small` model {' '.join(args.overrides)}, {where} ({paths})")
+    print(f"{'contender':<30} {'tokens/s':>10} {'vs bare':>8}   (medians of {args.rounds} "
+          f"paired rounds; interquartile range)")  # fmt: skip
+    for row in rows:
+        q1, q3 = row["ratio_to_bare_iqr"]
+        print(f"{row['contender']:<30} {row['tokens_per_s']:>10,.0f} {row['ratio_to_bare']:>8.1%}"
+              f"   ({q1:.1%} - {q3:.1%})")  # fmt: skip
+    mone = next(row for row in rows if row["contender"] == "trainer/mone")
+    print(f"goal trainer/mone >= {GOAL_VS_BARE:.1f}x bare: {mone['ratio_to_bare']:.3f}x")
+    print("paired effects (median over rounds, interquartile range):")
+    for name, effect in effects.items():
+        q1, q3 = effect["iqr"]
+        print(f"  {name:<40} {effect['ratio']:.3f}  ({q1:.3f} - {q3:.3f})")
+    device = "gpu" if torch.cuda.is_available() else "cpu"
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"trainer_throughput_{device}{isa_tag(machine)}.json"
+    out.write_text(json.dumps(
+        {"machine": machine, "args": {**vars(args), "out": str(args.out)}, "results": rows,
+         "paired_effects": effects,
+         "goals": {"trainer_mone_vs_bare": GOAL_VS_BARE, "mone_over_moe": GOAL_MONE_OVER_MOE}},
+        indent=2,
+    ))  # fmt: skip
+    print(f"wrote {out}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=24)
+    parser.add_argument("--steps-per-turn", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=3, help="steps per contender, untimed")
     parser.add_argument("--overrides", nargs="*", default=[], help="Hydra overrides for all")
-    parser.add_argument("--no-ablations", dest="ablations", action="store_false")
+    parser.add_argument("--ablations", action="store_true", help="add the speed-path ablations")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    if args.steps % args.warmup:
-        parser.error("--steps must be a multiple of --warmup (the logging interval)")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        table = contenders(args, Path(tmp))
-        names = list(table)
-        results: dict[str, list[float]] = {name: [] for name in names}
-        for round_index in range(args.rounds):
-            order = names[round_index % len(names) :] + names[: round_index % len(names)]
-            for name in order:
-                results[name].append(table[name]())
+    from mone_train.distributed import init_distributed, shutdown_distributed
+    from mone_train.runtime import configure_torch
 
-    rows = []
-    for name, rates in results.items():
-        ratios = [rate / bare for rate, bare in zip(rates, results["bare/moe"])]
-        rows.append(
-            {
-                "contender": name,
-                "tokens_per_s": statistics.median(rates),
-                "ratio_to_bare": statistics.median(ratios),
-                "best_tokens_per_s": max(rates),
-                "best_ratio_to_bare": max(rates) / max(results["bare/moe"]),
-                "rounds_tokens_per_s": rates,
-                "rounds_ratio_to_bare": ratios,
-            }
-        )
-    effects = paired_effects(results)
-    health_cost = effects[HEALTH]["ratio"] - 1.0
-    report(args, rows, effects, health_cost)
-
-
-def report(args: argparse.Namespace, rows: list[dict], effects: dict, health_cost: float) -> None:
-    """Print the table and the paired effects; write the JSON."""
-    machine = machine_info()
-    where = machine["gpu"] or f"{machine['cpu']} ({machine['cpu_cores']} cores)"
-    print(f"\nTrainer throughput, `small` model {' '.join(args.overrides)}, {where}")
-    # Contention on a shared machine only ever slows a run down, so beside the medians of
-    # paired rounds the best round of each contender is shown (ratios of bests).
-    print(
-        f"{'contender':<27} {'tokens/s':>10} {'vs bare':>8} {'best':>10} {'vs best bare':>13}"
-        f"   (medians / bests over {args.rounds} rounds)"
-    )
-    for row in rows:
-        print(
-            f"{row['contender']:<27} {row['tokens_per_s']:>10,.0f} {row['ratio_to_bare']:>8.1%}"
-            f" {row['best_tokens_per_s']:>10,.0f} {row['best_ratio_to_bare']:>13.1%}"
-        )
-    mone = next(row for row in rows if row["contender"] == "trainer/mone")
-    print(
-        f"goal trainer/mone >= {GOAL_VS_BARE:.1f}x bare: {mone['ratio_to_bare']:.2f}x paired median,"
-        f" {mone['best_ratio_to_bare']:.2f}x of bests"
-    )
-    print("paired effects (median over rounds; ratio of bests; per-round values):")
-    for name, effect in effects.items():
-        rounds = ", ".join(f"{r:.3f}" for r in effect["rounds"])
-        print(f"  {name:<40} {effect['ratio']:.3f}  {effect['best_ratio']:.3f}  ({rounds})")
-    paired = effects[HEALTH]["rounds"]
-    print(
-        f"health metrics cost {health_cost:+.1%} of step time (median of paired rounds: "
-        f"{', '.join(f'{p - 1:+.1%}' for p in paired)})"
-    )
-    device = "gpu" if torch.cuda.is_available() else "cpu"
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"trainer_throughput_{device}{isa_tag(machine)}.json"
-    out.write_text(
-        json.dumps(
-            {
-                "machine": machine,
-                "args": {**vars(args), "out": str(args.out)},
-                "results": rows,
-                "paired_effects": effects,
-                "health_metrics_cost": {"median": health_cost, "rounds": [p - 1 for p in paired]},
-            },
-            indent=2,
-        )
-    )
-    print(f"wrote {out}")
+    configure_torch(compose_config(args.overrides))
+    info = init_distributed(1)
+    steppers = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            steppers = contenders(args, Path(tmp), info)
+            rates = measure(steppers, args.rounds, args.steps_per_turn, args.warmup)
+            for stepper in steppers:
+                stepper.close()
+    finally:
+        shutdown_distributed()
+    report(args, *summarise(rates))
 
 
 if __name__ == "__main__":

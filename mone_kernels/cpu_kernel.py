@@ -28,13 +28,14 @@ import torch
 import torch.nn.functional as F
 
 from mone_kernels.cpu_build import load_error
+from mone_kernels.reference import check_selection_weight
 
 
 def _register_fakes() -> None:
     """Shape functions, so that tracing (torch.compile, opcheck) can go through the operators."""
 
     @torch.library.register_fake("mone_cpu::topk_swiglu_fwd")
-    def _(g, up, k, with_balance, row_scale):
+    def _(g, up, k, with_balance, row_scale, weight):
         num_rows, num_neurons = g.shape
         stats = (num_neurons, num_rows, num_rows) if with_balance else (0, 0, 0)
         return (
@@ -80,7 +81,7 @@ class _NeuronTopkSwiGLUCPU(torch.autograd.Function):
     passes."""
 
     @staticmethod
-    def forward(ctx, fc1_T2F, k: int, with_balance: bool, row_scale_T):
+    def forward(ctx, fc1_T2F, k: int, with_balance: bool, row_scale_T, weight_F):
         gate_TF, up_TF = fc1_T2F.float().chunk(2, dim=-1)
         num_rows, num_neurons = gate_TF.shape
         ctx.with_balance = with_balance and num_rows > 0
@@ -88,7 +89,7 @@ class _NeuronTopkSwiGLUCPU(torch.autograd.Function):
             ctx.row_scale_dtype = row_scale_T.dtype
             row_scale_T = row_scale_T.float().contiguous()
         h_TF, mask_TF, counts_F, sums_T, shares_T = torch.ops.mone_cpu.topk_swiglu_fwd(
-            F.silu(gate_TF), up_TF, k, ctx.with_balance, row_scale_T
+            F.silu(gate_TF), up_TF, k, ctx.with_balance, row_scale_T, weight_F
         )
         balance = torch.zeros((), device=fc1_T2F.device)
         if ctx.with_balance:
@@ -123,7 +124,7 @@ class _NeuronTopkSwiGLUCPU(torch.autograd.Function):
             drow_scale_T = None
         else:
             drow_scale_T = drow_scale_T.to(ctx.row_scale_dtype)
-        return dfc1_T2F.to(fc1_T2F.dtype), None, None, drow_scale_T
+        return dfc1_T2F.to(fc1_T2F.dtype), None, None, drow_scale_T, None
 
 
 def neuron_topk_swiglu_cpu(
@@ -131,20 +132,25 @@ def neuron_topk_swiglu_cpu(
     k: int,
     with_balance: bool = False,
     row_scale_T: torch.Tensor | None = None,
+    selection_weight_F: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The MoNE activation of :func:`mone_kernels.reference.neuron_topk_swiglu_reference`
     (same arguments and results; ``k < F``) through the fused CPU operator.
 
     ``row_scale_T`` ([T], optional, differentiable): a factor applied to each row of ``h``
     inside the same pass, as ``(h * row_scale_T[:, None]).to(h.dtype)`` would (the experts'
-    router probabilities); the balance loss does not see it.
+    router probabilities); the balance loss does not see it. ``selection_weight_F`` ([F] fp32,
+    positive, optional): the top-K is taken of ``|g| * w``.
     """
     if fc1_T2F.device.type != "cpu":
         raise ValueError(f"the CPU kernel needs CPU tensors, got {fc1_T2F.device}")
     error = cpu_kernel_error()
     if error is not None:
         raise RuntimeError(f"the MoNE CPU kernel could not be built: {error}")
-    h_TF, mask_TF, balance = _NeuronTopkSwiGLUCPU.apply(fc1_T2F, k, with_balance, row_scale_T)
+    check_selection_weight(selection_weight_F, fc1_T2F.shape[-1] // 2)
+    h_TF, mask_TF, balance = _NeuronTopkSwiGLUCPU.apply(
+        fc1_T2F, k, with_balance, row_scale_T, selection_weight_F
+    )
     return h_TF, mask_TF, (balance if with_balance else None)
 
 

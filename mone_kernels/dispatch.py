@@ -25,6 +25,7 @@ from mone_kernels.cpu_kernel import cpu_kernel_error, neuron_topk_swiglu_cpu
 from mone_kernels.reference import neuron_topk_swiglu_reference
 from mone_kernels.rules import IMPLS
 from mone_kernels.triton_topk_swiglu import (
+    expert_of_rows,
     neuron_topk_swiglu_triton,
     triton_runnable,
     unpack_mask,
@@ -87,14 +88,18 @@ def neuron_topk_swiglu(
     with_balance: bool = False,
     with_mask: bool = True,
     row_scale_T: torch.Tensor | None = None,
+    selection_weight_F: torch.Tensor | None = None,
 ) -> MoNEActivation:
     """MoNE activation ``(SiLU(gate) * top-k mask) * up`` for every row of ``[T, 2F]``.
 
-    See :mod:`mone_kernels.reference` for the exact definition, the tie rule and the balance
-    loss (which treats all ``T`` rows as one expert's tokens).
+    See :mod:`mone_kernels.reference` for the exact definition, the tie rule, the balance
+    loss (which treats all ``T`` rows as one expert's tokens) and the selection weights.
     """
     row_scales = None if row_scale_T is None else [row_scale_T]
-    return neuron_topk_swiglu_grouped([fc1_T2F], k, impl, with_balance, with_mask, row_scales)[0]
+    weights = None if selection_weight_F is None else [selection_weight_F]
+    return neuron_topk_swiglu_grouped(
+        [fc1_T2F], k, impl, with_balance, with_mask, row_scales, weights
+    )[0]
 
 
 def neuron_topk_swiglu_grouped(
@@ -104,12 +109,15 @@ def neuron_topk_swiglu_grouped(
     with_balance: bool = False,
     with_mask: bool = True,
     row_scales: list[torch.Tensor] | None = None,
+    selection_weights: list[torch.Tensor] | None = None,
 ) -> list[MoNEActivation]:
     """The MoNE activation for several experts at once, one ``fc1_T2F`` chunk each.
 
     ``row_scales`` (optional, one differentiable ``[T]`` tensor per chunk) multiplies each
     row's ``h``, as ``(h * row_scale_T[:, None]).to(h.dtype)``: the experts' router
     probabilities. The CPU operator applies it in its own pass; the other paths after it.
+    ``selection_weights`` (optional, one fp32 ``[F]`` positive tensor per chunk): that expert's
+    top-K is taken of ``|g| * w`` (the neuron-level balance bias; no gradient).
 
     Rows are independent, so ``h`` and ``mask`` equal one call on the concatenation; the
     balance loss is per expert. The Triton path concatenates and launches once for all
@@ -129,19 +137,25 @@ def neuron_topk_swiglu_grouped(
         results = []
         for e, fc1_T2F in enumerate(fc1_chunks):
             row_scale_T = None if row_scales is None else row_scales[e]
+            weight_F = None if selection_weights is None else selection_weights[e]
             if cpu:
                 h_TF, mask_TF, balance = neuron_topk_swiglu_cpu(
-                    fc1_T2F, k, with_balance, row_scale_T
+                    fc1_T2F, k, with_balance, row_scale_T, weight_F
                 )
             else:
-                h_TF, mask_TF, balance = neuron_topk_swiglu_reference(fc1_T2F, k, with_balance)
+                h_TF, mask_TF, balance = neuron_topk_swiglu_reference(
+                    fc1_T2F, k, with_balance, weight_F
+                )
                 h_TF = _scaled(h_TF, row_scale_T)
             results.append(MoNEActivation(h_TF, mask_TF if with_mask else None, balance))
         return results
     row_counts = [fc1_T2F.shape[0] for fc1_T2F in fc1_chunks]
     fc1_N2F = fc1_chunks[0] if len(fc1_chunks) == 1 else torch.cat(fc1_chunks, dim=0)
+    weights = None
+    if selection_weights is not None:
+        weights = (torch.stack(selection_weights), expert_of_rows(row_counts, fc1_N2F.device))
     h_NF, mask_NB, shares_N = neuron_topk_swiglu_triton(
-        fc1_N2F, k, row_counts if with_balance else None
+        fc1_N2F, k, row_counts if with_balance else None, weights
     )
     masks = unpack_mask(mask_NB, num_neurons).split(row_counts) if with_mask else None
     balances = _balance_from_shares(shares_N, row_counts, num_neurons, k) if with_balance else None

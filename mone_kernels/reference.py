@@ -7,6 +7,10 @@ Legend: T rows (tokens routed to one expert, or any stack of rows), F neurons, K
     mask_TF = top-K of |g_TF| per row, ties to the lower neuron index (exactly K per row)
     h_TF    = (g_TF * mask_TF) * up_TF
 
+With per-neuron selection weights w_F (the neuron-level loss-free balance, docs/method.md) the
+selection ranks ``|g_TF| * w_F`` instead of ``|g_TF|``; h, the balance loss and every gradient
+are otherwise unchanged (w only moves which neurons are kept).
+
 The mask is a constant for autograd, like expert routing: gradients reach the gate through the
 kept g only, and only the kept columns of ``up``. Arithmetic is fp32 whatever the input dtype.
 
@@ -81,12 +85,13 @@ class _NeuronTopkSwiGLU(torch.autograd.Function):
     """h = SiLU(gate) * mask * up (mask constant), and optionally the expert's balance loss."""
 
     @staticmethod
-    def forward(ctx, fc1_T2F: torch.Tensor, k: int, with_balance: bool):
+    def forward(ctx, fc1_T2F: torch.Tensor, k: int, with_balance: bool, weight_F):
         gate_TF, up_TF = fc1_T2F.float().chunk(2, dim=-1)
         num_rows, num_neurons = gate_TF.shape
         g_TF = F.silu(gate_TF)
         g_abs_TF = g_TF.abs()
-        mask_TF = _topk_mask_nonnegative(g_abs_TF, k)
+        score_TF = g_abs_TF if weight_F is None else g_abs_TF * weight_F
+        mask_TF = _topk_mask_nonnegative(score_TF, k)
         # Bool tensors convert to float several times faster through a uint8 view on CPU, and
         # multiplying by the float mask is ~10x faster there than torch.where / masked_fill.
         mask_f_TF = mask_TF.view(torch.uint8).to(torch.float32)
@@ -124,11 +129,25 @@ class _NeuronTopkSwiGLU(torch.autograd.Function):
             dg_TF.addcmul_(dabs_TF, torch.sign(gate_TF))
         # d SiLU(x) / dx in one fused pass, written into the gate half.
         torch.ops.aten.silu_backward.grad_input(dg_TF, gate_TF, grad_input=dgate_TF)
-        return dfc1_T2F.to(fc1_T2F.dtype), None, None
+        return dfc1_T2F.to(fc1_T2F.dtype), None, None, None
+
+
+def check_selection_weight(weight_F: torch.Tensor | None, num_neurons: int) -> None:
+    """Selection weights must be [F] fp32 and positive (they scale non-negative scores)."""
+    if weight_F is None:
+        return
+    if weight_F.shape != (num_neurons,) or weight_F.dtype != torch.float32:
+        raise ValueError(
+            f"selection weights must be a float32 [{num_neurons}] tensor, got "
+            f"{weight_F.dtype} {tuple(weight_F.shape)}"
+        )
 
 
 def neuron_topk_swiglu_reference(
-    fc1_T2F: torch.Tensor, k: int, with_balance: bool = False
+    fc1_T2F: torch.Tensor,
+    k: int,
+    with_balance: bool = False,
+    selection_weight_F: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """MoNE activation in plain PyTorch (fp32 inside, output in the input dtype).
 
@@ -136,6 +155,8 @@ def neuron_topk_swiglu_reference(
         fc1_T2F: [T, 2F] expert fc1 output, gate half first.
         k: neurons kept per row; ``k == F`` is the plain SwiGLU (no mask, no balance loss).
         with_balance: also return the balance loss L of these rows as one expert's tokens.
+        selection_weight_F: optional [F] fp32 positive weights; the top-K is then taken of
+            ``|g| * w`` (a constant: no gradient flows to it).
 
     Returns:
         h_TF: [T, F] masked SwiGLU product, differentiable w.r.t. ``fc1_T2F``.
@@ -150,7 +171,8 @@ def neuron_topk_swiglu_reference(
     if k == num_neurons:
         gate_TF, up_TF = fc1_T2F.float().chunk(2, dim=-1)
         return (F.silu(gate_TF) * up_TF).to(fc1_T2F.dtype), None, None
-    h_TF, mask_TF, balance = _NeuronTopkSwiGLU.apply(fc1_T2F, k, with_balance)
+    check_selection_weight(selection_weight_F, num_neurons)
+    h_TF, mask_TF, balance = _NeuronTopkSwiGLU.apply(fc1_T2F, k, with_balance, selection_weight_F)
     return h_TF, mask_TF, (balance if with_balance else None)
 
 

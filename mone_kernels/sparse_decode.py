@@ -12,6 +12,7 @@ The computation (the same as training's, docs/method.md):
 
     g_TF    = SiLU(x_TD W_gate^T)                  (fp32)
     mask_TF = top-K of |g_TF| per row, ties to the lower neuron index (exactly K per row)
+              (of |g_TF| * w_F with the expert's selection weights w, when it has them)
     h_TF    = g_TF * mask_TF * (x_TD W_up^T) * probs_T
     out_TD  = h_TF @ down_t_FD
 
@@ -98,12 +99,18 @@ def _check(x_TD: torch.Tensor, gate_up_2FD: torch.Tensor, down_t_FD: torch.Tenso
     return num_neurons
 
 
+def _scores(g_TF: torch.Tensor, selection_weight_F: torch.Tensor | None) -> torch.Tensor:
+    """The selection scores: |g|, or |g| * w (the neuron-level balance's weights)."""
+    return g_TF.abs() if selection_weight_F is None else g_TF.abs() * selection_weight_F.float()
+
+
 def dense_masked_expert_forward(
     x_TD: torch.Tensor,
     gate_up_2FD: torch.Tensor,
     down_t_FD: torch.Tensor,
     num_kept: int,
     probs_T: torch.Tensor | None = None,
+    selection_weight_F: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The expert over all F neurons with the top-K mask applied: [T, D] in ``x``'s dtype.
 
@@ -113,12 +120,13 @@ def dense_masked_expert_forward(
         down_t_FD: [F, D] W_down transposed.
         num_kept: K, neurons kept per row (K = F: the plain SwiGLU expert).
         probs_T: [T] router probabilities multiplied into the output, or None.
+        selection_weight_F: [F] positive selection weights (rank |g| * w), or None.
     """
     num_neurons = _check(x_TD, gate_up_2FD, down_t_FD, num_kept)
     gate_TF, up_TF = F.linear(x_TD, gate_up_2FD).float().chunk(2, dim=-1)
     g_TF = F.silu(gate_TF)
     if num_kept < num_neurons:
-        g_TF = g_TF * kept_neuron_mask(g_TF.abs(), num_kept)
+        g_TF = g_TF * kept_neuron_mask(_scores(g_TF, selection_weight_F), num_kept)
     h_TF = g_TF * up_TF
     if probs_T is not None:
         h_TF = h_TF * probs_T.float().unsqueeze(-1)
@@ -192,6 +200,7 @@ def sparse_expert_forward(
     down_t_FD: torch.Tensor,
     num_kept: int,
     probs_T: torch.Tensor | None = None,
+    selection_weight_F: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`dense_masked_expert_forward` reading only the kept neurons of W_up and W_down.
 
@@ -203,7 +212,7 @@ def sparse_expert_forward(
     if x_TD.shape[0] == 0:
         return x_TD.new_zeros(0, down_t_FD.shape[1])
     g_TF = F.silu(F.linear(x_TD, gate_up_2FD[:num_neurons]).float())
-    idx_TK = kept_neuron_indices(g_TF.abs(), num_kept)
+    idx_TK = kept_neuron_indices(_scores(g_TF, selection_weight_F), num_kept)
     u_TK = _row_dots(gate_up_2FD[num_neurons:], idx_TK, x_TD).float()
     h_TK = torch.gather(g_TF, 1, idx_TK) * u_TK
     if probs_T is not None:
@@ -237,9 +246,11 @@ def expert_forward(
     num_kept: int,
     probs_T: torch.Tensor | None = None,
     path: str = "auto",
+    selection_weight_F: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One MoNE expert on its [T, D] rows by the path :func:`use_sparse_path` chooses."""
     num_neurons, hidden = down_t_FD.shape
+    args = (x_TD, gate_up_2FD, down_t_FD, num_kept, probs_T, selection_weight_F)
     if use_sparse_path(x_TD.shape[0], num_kept, num_neurons, hidden, path):
-        return sparse_expert_forward(x_TD, gate_up_2FD, down_t_FD, num_kept, probs_T)
-    return dense_masked_expert_forward(x_TD, gate_up_2FD, down_t_FD, num_kept, probs_T)
+        return sparse_expert_forward(*args)
+    return dense_masked_expert_forward(*args)

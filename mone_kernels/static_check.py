@@ -160,6 +160,7 @@ _FIXED_PTR_TYPES = {
     "mask_ptr": "*u8",
     "offsets_ptr": "*i32",
     "expert_ptr": "*i32",
+    "weight_ptr": "*fp32",
     "counts_ptr": "*fp32",
     "sums_ptr": "*fp32",
     "shares_ptr": "*fp32",
@@ -178,6 +179,13 @@ def kernel_specs(num_neurons: int, dtype: str) -> list[KernelSpec]:
     return [
         KernelSpec(
             "forward", kernels._mone_fwd_kernel, kernels.forward_config(f), 3 * f * size + b
+        ),
+        # the neuron-level balance: + the row's expert index (its weights row stays in L2)
+        KernelSpec(
+            "forward+bias",
+            kernels._mone_fwd_kernel,
+            kernels.forward_config(f, weighted=True),
+            3 * f * size + b + 4,
         ),
         KernelSpec(
             "backward", kernels._mone_bwd_kernel, kernels.backward_config(f, False), bwd_bytes
@@ -200,7 +208,7 @@ def _launch_ints(num_neurons: int) -> dict:
     f, b = num_neurons, (num_neurons + 7) // 8
     return {
         "num_neurons": f, "stride_fc1": 2 * f, "stride_h": f, "stride_dh": f,
-        "stride_mask": b, "stride_dfc1": 2 * f, "stride_counts": f,
+        "stride_mask": b, "stride_dfc1": 2 * f, "stride_counts": f, "stride_weight": f,
     }  # fmt: skip
 
 

@@ -6,7 +6,8 @@ E local experts (each owns a contiguous run of rows).
 
 Forward, one CTA per BLOCK_N rows x BLOCK_F (>= F) columns, all arithmetic in fp32:
 
-    a = |SiLU(gate)| read as int32 bits (non-negative floats order like their bits)
+    a = |SiLU(gate)| read as int32 bits (non-negative floats order like their bits); with
+        selection weights, |SiLU(gate)| * w[expert of the row] (w > 0: still non-negative)
     t = the largest bit pattern with count(a >= t) >= K, built bit by bit from bit 30 down:
         31 passes of compare + row sum, exact, linear in F (no sort)
     keep = (a > t) | (a == t and column <= c)                                 ties: lower index
@@ -91,13 +92,17 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def forward_config(num_neurons: int) -> LaunchConfig:
-    """Tile of the forward kernel: whole rows, warps scaled so each thread holds <= 16 scores."""
+def forward_config(num_neurons: int, weighted: bool = False) -> LaunchConfig:
+    """Tile of the forward kernel: whole rows, warps scaled so each thread holds <= 16 scores;
+    ``weighted``: the selection ranks weighted scores (the neuron-level balance bias)."""
     block_f = max(16, _pow2(num_neurons))
     block_n = max(1, _FWD_MIN_TILE // block_f)
     threads = block_n * block_f // _FWD_ELEMS_PER_THREAD
     num_warps = min(_FWD_MAX_WARPS, max(_STREAM_WARPS, threads // 32))
-    constexprs = {"BLOCK_N": block_n, "BLOCK_F": block_f, "LOG2_F": block_f.bit_length() - 1}
+    constexprs = {
+        "BLOCK_N": block_n, "BLOCK_F": block_f, "LOG2_F": block_f.bit_length() - 1,
+        "WEIGHTED": weighted,
+    }  # fmt: skip
     max_regs = _FWD_MAX_REGS if num_neurons % 16 == 0 else _FWD_MAX_REGS_UNALIGNED
     return LaunchConfig(constexprs, num_warps, max_regs)
 
@@ -141,15 +146,19 @@ if HAVE_TRITON:
         fc1_ptr,
         h_ptr,
         mask_ptr,
+        weight_ptr,
+        expert_ptr,
         num_rows,
         num_neurons,
         num_kept,
         stride_fc1,
         stride_h,
         stride_mask,
+        stride_weight,
         BLOCK_N: tl.constexpr,
         BLOCK_F: tl.constexpr,
         LOG2_F: tl.constexpr,
+        WEIGHTED: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_F)
@@ -158,7 +167,12 @@ if HAVE_TRITON:
         gate_ptrs = fc1_ptr + rows.to(tl.int64)[:, None] * stride_fc1 + cols[None, :]
         # Upcast right after loading: fp32 inside whatever the storage dtype.
         gate = tl.load(gate_ptrs, mask=valid, other=0.0).to(tl.float32)
-        bits = tl.abs(gate * tl.sigmoid(gate)).to(tl.int32, bitcast=True)
+        score = tl.abs(gate * tl.sigmoid(gate))
+        if WEIGHTED:  # the neuron-level balance: rank |g| * w of the row's expert
+            expert = tl.load(expert_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+            w_ptrs = weight_ptr + expert[:, None] * stride_weight + cols[None, :]
+            score = score * tl.load(w_ptrs, mask=valid, other=1.0)
+        bits = score.to(tl.int32, bitcast=True)
         bits = tl.where(valid, bits, -1)  # padding never counts: every real score is >= 0
 
         threshold = tl.zeros([BLOCK_N], dtype=tl.int32)
@@ -344,27 +358,48 @@ def _check_fc1(fc1_N2F: torch.Tensor) -> int:
 
 
 @torch.library.custom_op("mone_kernels::neuron_topk_swiglu_fwd", mutates_args=())
-def neuron_topk_swiglu_fwd(fc1_N2F: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel: ``(h [N, F] in fc1's dtype, packed mask [N, ceil(F/8)] uint8)``."""
+def neuron_topk_swiglu_fwd(
+    fc1_N2F: torch.Tensor,
+    k: int,
+    weight_EF: torch.Tensor | None = None,
+    expert_N: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel: ``(h [N, F] in fc1's dtype, packed mask [N, ceil(F/8)] uint8)``.
+
+    With ``weight_EF`` (fp32 positive selection weights per expert) and ``expert_N`` (int32
+    expert of each row) the top-K is taken of ``|g| * weight_EF[expert_N]``.
+    """
     num_neurons = _check_fc1(fc1_N2F)
     if not 1 <= k <= num_neurons:
         raise ValueError(f"k={k} must be in [1, {num_neurons}]")
+    weighted = weight_EF is not None
+    if weighted != (expert_N is not None):
+        raise ValueError("selection weights need the expert of every row, and vice versa")
     fc1_N2F = fc1_N2F.contiguous()
     num_rows = fc1_N2F.shape[0]
     h_NF = fc1_N2F.new_empty(num_rows, num_neurons)
     mask_NB = fc1_N2F.new_empty(num_rows, (num_neurons + 7) // 8, dtype=torch.uint8)
     if num_rows:
-        config = forward_config(num_neurons)
+        config = forward_config(num_neurons, weighted)
+        if weighted:
+            weight_EF, expert_N = weight_EF.float().contiguous(), expert_N.contiguous()
+        else:  # never read: WEIGHTED is a compile-time False
+            weight_EF, expert_N = h_NF, mask_NB
         _mone_fwd_kernel[(triton.cdiv(num_rows, config.constexprs["BLOCK_N"]),)](
-            fc1_N2F, h_NF, mask_NB, num_rows, num_neurons, k,
-            fc1_N2F.stride(0), h_NF.stride(0), mask_NB.stride(0),
+            fc1_N2F, h_NF, mask_NB, weight_EF, expert_N, num_rows, num_neurons, k,
+            fc1_N2F.stride(0), h_NF.stride(0), mask_NB.stride(0), weight_EF.stride(0),
             **config.constexprs, num_warps=config.num_warps, maxnreg=config.maxnreg,
         )  # fmt: skip
     return h_NF, mask_NB
 
 
 @neuron_topk_swiglu_fwd.register_fake
-def _(fc1_N2F: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _(
+    fc1_N2F: torch.Tensor,
+    k: int,
+    weight_EF: torch.Tensor | None = None,
+    expert_N: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     num_rows, num_neurons = fc1_N2F.shape[0], fc1_N2F.shape[1] // 2
     return (
         fc1_N2F.new_empty(num_rows, num_neurons),
@@ -496,9 +531,13 @@ class NeuronTopkSwiGLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, fc1_N2F: torch.Tensor, k: int, row_counts: list[int] | None
+        ctx,
+        fc1_N2F: torch.Tensor,
+        k: int,
+        row_counts: list[int] | None,
+        weights: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        h_NF, mask_NB = neuron_topk_swiglu_fwd(fc1_N2F, k)
+        h_NF, mask_NB = neuron_topk_swiglu_fwd(fc1_N2F, k, *(weights or (None, None)))
         ctx.mark_non_differentiable(mask_NB)
         ctx.with_balance = row_counts is not None
         if not ctx.with_balance:
@@ -526,7 +565,7 @@ class NeuronTopkSwiGLUFunction(torch.autograd.Function):
             )
         else:
             dfc1 = neuron_topk_swiglu_bwd(fc1_N2F, mask_NB, dh_NF)
-        return dfc1, None, None
+        return dfc1, None, None, None
 
 
 def unpack_mask(mask_NB: torch.Tensor, num_neurons: int) -> torch.Tensor:
@@ -537,7 +576,10 @@ def unpack_mask(mask_NB: torch.Tensor, num_neurons: int) -> torch.Tensor:
 
 
 def neuron_topk_swiglu_triton(
-    fc1_N2F: torch.Tensor, k: int, row_counts: list[int] | None = None
+    fc1_N2F: torch.Tensor,
+    k: int,
+    row_counts: list[int] | None = None,
+    selection_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MoNE activation through the Triton kernels.
 
@@ -546,10 +588,12 @@ def neuron_topk_swiglu_triton(
         k: neurons kept per row.
         row_counts: rows of each expert (stacked in order) when the balance statistics are
             wanted; None skips them.
+        selection_weights: optional (``weight_EF`` [E, F] fp32 > 0, ``expert_N`` [N] int32):
+            rank ``|g| * weight_EF[expert of the row]`` (a constant, no gradient).
 
     Returns:
         ``h_NF`` [N, F], the packed mask [N, ceil(F/8)] uint8, and ``shares_N`` [N] fp32
         (differentiable; empty without ``row_counts``): expert e's balance loss is
         F / (T_e^2 K) times the sum of its rows' shares.
     """
-    return NeuronTopkSwiGLUFunction.apply(fc1_N2F, k, row_counts)
+    return NeuronTopkSwiGLUFunction.apply(fc1_N2F, k, row_counts, selection_weights)

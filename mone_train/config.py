@@ -28,6 +28,12 @@ DATA_SOURCES = ("stdlib", "indexed")
 TOKENIZER_KINDS = ("byte", "hf", "sentencepiece")
 ATTENTION_CORES = ("sdpa", "megatron")  # torch's fused SDPA | megatron's DotProductAttention
 NORMS = ("fused", "torch")  # our RMSNorm (fused backward on CPU) | megatron's torch.nn.RMSNorm
+ROUTER_SCORES = ("softmax", "sigmoid")
+# megatron-core's moe_router_load_balancing_type: per micro batch | per sequence | per global batch
+LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
+TOKEN_DROP_POLICIES = ("probs", "position")  # drop the lowest-probability | the latest tokens
+QK_NORMS = ("none", "head", "full")  # per attention head (Qwen3) | over all heads (OLMoE)
+NEURON_BALANCE = ("ng_lbl", "bias", "none")
 
 
 def _require(ok: bool, key: str, value: Any, valid: str) -> None:
@@ -43,9 +49,13 @@ def _require_positive(section: str, obj: Any, names: tuple[str, ...]) -> None:
 
 @dataclass
 class ModelConfig:
-    """Transformer shape. ``vocab_size: null`` takes the tokenizer's vocabulary."""
+    """Transformer shape (the ``model`` group: sizes) and MoE recipe (the ``arch`` group:
+    families, which write into this section too). ``vocab_size: null`` takes the tokenizer's."""
 
     name: str = "tiny"
+    family: str = "mixtral"  # the architecture family, mone_train/families/<family>/
+    # Routed experts of the size configs scale with it: g x experts, g x top-k, F / g neurons.
+    expert_granularity: int = 1
     num_layers: int = 2
     hidden_size: int = 64
     num_attention_heads: int = 4
@@ -64,6 +74,41 @@ class ModelConfig:
     attention: str = "sdpa"  # core attention: sdpa (torch's fused kernels) | megatron (baddbmm)
     norm: str = "fused"  # RMSNorm: fused (ours; fused backward on CPU) | torch (megatron's)
     rope_fusion: bool = True  # megatron's apply_rope_fusion (TE's kernel, or ours on CPU)
+    rotary_base: float = 10000.0  # RoPE theta
+    norm_epsilon: float = 1e-5  # RMSNorm epsilon (all norms)
+    qk_layernorm: str = "none"  # RMSNorm of queries and keys: none | head | full (all heads)
+    qkv_bias: bool = False  # biases on the query/key/value projection (Qwen2)
+    first_dense_layers: int = 0  # the first n layers have a dense MLP (DeepSeek)
+    # Shared experts: an always-on SwiGLU MLP of this width beside the routed ones (0: none),
+    # its output optionally scaled by sigmoid(w . x) (Qwen2-MoE's gate).
+    shared_expert_ffn_hidden_size: int = 0
+    shared_expert_gate: bool = False
+    router_score: str = "softmax"  # softmax | sigmoid
+    router_pre_softmax: bool = False  # softmax over all experts, then top-k (no renormalising)
+    router_topk_scaling: Optional[float] = None  # routing weights times this (DeepSeek-V3: 2.5)
+    router_num_groups: Optional[int] = None  # group-limited routing: expert groups ...
+    router_group_topk: Optional[int] = None  # ... of which each token may use this many
+    # Auxiliary-loss-free balancing: a per-expert bias on the sigmoid scores, for selection only,
+    # moved by router_bias_update_rate x sign(mean load - load) after every step.
+    router_expert_bias: bool = False
+    router_bias_update_rate: float = 1e-3
+    load_balancing: str = "aux_loss"  # aux_loss | seq_aux_loss | global_aux_loss | none
+    z_loss_coeff: float = 0.0  # router z-loss (OLMoE, ST-MoE)
+    # Token dropping: each expert takes at most capacity_factor x its even share of the tokens.
+    capacity_factor: Optional[float] = None
+    token_drop_policy: str = "probs"  # probs | position
+    pad_to_capacity: bool = False  # pad every expert's input to its capacity
+
+    def moe_layer_pattern(self) -> list[int]:
+        """1 for each MoE layer, 0 for each dense one: after the first ``first_dense_layers``
+        dense layers, every ``moe_layer_freq``-th layer is MoE, starting with the first."""
+        return [
+            int(
+                i >= self.first_dense_layers
+                and (i - self.first_dense_layers) % self.moe_layer_freq == 0
+            )
+            for i in range(self.num_layers)
+        ]
 
     def validate(self) -> None:
         """Shape rules of the transformer and its MoE layers."""
@@ -120,10 +165,72 @@ class ModelConfig:
         _require(
             self.init_method_std > 0, "model.init_method_std", self.init_method_std, "a number > 0"
         )
+        self._validate_recipe()
         if self.vocab_size is not None:
             _require(
                 self.vocab_size >= 2, "model.vocab_size", self.vocab_size, "null or an integer >= 2"
             )
+
+    def _validate_recipe(self) -> None:
+        """The MoE recipe: family, dense layers, shared experts, router, balancing, capacity."""
+        from mone_train.families import family_names
+
+        _require(self.family in family_names(), "model.family", self.family,
+                 f"one of {family_names()} (set it with arch=<family>)")  # fmt: skip
+        _require(self.expert_granularity >= 1, "model.expert_granularity",
+                 self.expert_granularity, "an integer >= 1")  # fmt: skip
+        _require(0 <= self.first_dense_layers < self.num_layers, "model.first_dense_layers",
+                 self.first_dense_layers,
+                 f"an integer in [0, model.num_layers={self.num_layers}) (one MoE layer at "
+                 "least)")  # fmt: skip
+        _require(self.shared_expert_ffn_hidden_size >= 0, "model.shared_expert_ffn_hidden_size",
+                 self.shared_expert_ffn_hidden_size, "0 (no shared expert) or a width >= 1")  # fmt: skip
+        if self.shared_expert_gate:
+            _require(self.shared_expert_ffn_hidden_size > 0, "model.shared_expert_gate", True,
+                     "false without a shared expert (model.shared_expert_ffn_hidden_size=0)")  # fmt: skip
+        _require(self.router_score in ROUTER_SCORES, "model.router_score", self.router_score,
+                 f"one of {list(ROUTER_SCORES)}")  # fmt: skip
+        if self.router_expert_bias:
+            _require(self.router_score == "sigmoid", "model.router_expert_bias", True,
+                     "false unless model.router_score=sigmoid (the bias shifts sigmoid scores)")  # fmt: skip
+        _require(self.router_bias_update_rate >= 0, "model.router_bias_update_rate",
+                 self.router_bias_update_rate, "a number >= 0")  # fmt: skip
+        if self.router_topk_scaling is not None:
+            _require(self.router_topk_scaling > 0, "model.router_topk_scaling",
+                     self.router_topk_scaling, "null or a number > 0")  # fmt: skip
+        self._validate_groups()
+        _require(self.load_balancing in LOAD_BALANCING, "model.load_balancing",
+                 self.load_balancing, f"one of {list(LOAD_BALANCING)}")  # fmt: skip
+        _require(self.z_loss_coeff >= 0, "model.z_loss_coeff", self.z_loss_coeff, "a number >= 0")
+        if self.capacity_factor is not None:
+            _require(self.capacity_factor > 0 and math.isfinite(self.capacity_factor),
+                     "model.capacity_factor", self.capacity_factor,
+                     "null (no token dropping) or a number > 0")  # fmt: skip
+        _require(self.token_drop_policy in TOKEN_DROP_POLICIES, "model.token_drop_policy",
+                 self.token_drop_policy, f"one of {list(TOKEN_DROP_POLICIES)}")  # fmt: skip
+        if self.pad_to_capacity:
+            _require(self.capacity_factor is not None, "model.pad_to_capacity", True,
+                     "false without model.capacity_factor")  # fmt: skip
+        _require(self.qk_layernorm in QK_NORMS, "model.qk_layernorm", self.qk_layernorm,
+                 f"one of {list(QK_NORMS)}")  # fmt: skip
+        _require(self.rotary_base > 0, "model.rotary_base", self.rotary_base, "a number > 0")
+        _require(self.norm_epsilon > 0, "model.norm_epsilon", self.norm_epsilon, "a number > 0")
+
+    def _validate_groups(self) -> None:
+        """Group-limited routing: groups divide the experts, the top-k spreads evenly over the
+        chosen groups (megatron takes top-k / group-top-k experts from each)."""
+        groups, group_topk = self.router_num_groups, self.router_group_topk
+        if groups is None and group_topk is None:
+            return
+        _require(groups is not None and group_topk is not None, "model.router_num_groups",
+                 groups, "set together with model.router_group_topk (or both null)")  # fmt: skip
+        _require(groups >= 1 and self.num_experts % groups == 0, "model.router_num_groups",
+                 groups, f"a divisor of model.num_experts={self.num_experts}")  # fmt: skip
+        per_group = self.num_experts // groups
+        _require(1 <= group_topk <= groups and self.router_topk % group_topk == 0
+                 and self.router_topk // group_topk <= per_group, "model.router_group_topk",
+                 group_topk, f"an integer in [1, {groups}] dividing model.router_topk="
+                 f"{self.router_topk} into at most {per_group} experts per group")  # fmt: skip
 
 
 @dataclass
@@ -138,6 +245,11 @@ class MoEConfig:
     # and results as the expert-by-expert loop). null: on with CUDA only (on CPU the grouped
     # GEMM is a loop over experts too and measured no faster, benchmarks/trainer_throughput.py).
     grouped_gemm: Optional[bool] = None
+    shared_expert_mone: bool = False  # keep the top-K neurons in shared experts too
+    # How neurons are kept in use: ng_lbl (the loss, weight ng_lbl_coeff) | bias (a per-neuron
+    # selection bias moved by neuron_bias_update_rate x the sign of the use error) | none.
+    neuron_balance: str = "ng_lbl"
+    neuron_bias_update_rate: float = 1e-3
 
     def grouped_on(self, device_type: str) -> bool:
         """Whether the experts run as grouped GEMMs on a ``device_type`` ('cuda', 'cpu') device."""
@@ -156,6 +268,23 @@ class MoEConfig:
         _require(
             self.kernel_impl in IMPLS, "moe.kernel_impl", self.kernel_impl, f"one of {list(IMPLS)}"
         )
+        _require(self.neuron_balance in NEURON_BALANCE, "moe.neuron_balance",
+                 self.neuron_balance, f"one of {list(NEURON_BALANCE)}")  # fmt: skip
+        _require(self.neuron_bias_update_rate >= 0, "moe.neuron_bias_update_rate",
+                 self.neuron_bias_update_rate, "a number >= 0")  # fmt: skip
+        if self.flavour == "moe":
+            _require(self.neuron_balance != "bias", "moe.neuron_balance", "bias",
+                     "ng_lbl or none with moe=moe (plain experts select no neurons)")  # fmt: skip
+            _require(not self.shared_expert_mone, "moe.shared_expert_mone", True,
+                     "false with moe=moe")  # fmt: skip
+
+    def ng_lbl_on(self) -> bool:
+        """Whether the neuron-granular balance loss is added."""
+        return self.flavour == "mone" and self.neuron_balance == "ng_lbl" and self.ng_lbl_coeff > 0
+
+    def neuron_bias_on(self) -> bool:
+        """Whether MoNE experts keep a per-neuron selection bias."""
+        return self.flavour == "mone" and self.neuron_balance == "bias"
 
 
 @dataclass
@@ -445,11 +574,33 @@ class Config:
 SCHEMA_NAME = "mone_train_schema"
 
 
-def register_configs() -> None:
-    """Register the schema that ``configs/config.yaml`` lists first in its defaults."""
-    from hydra.core.config_store import ConfigStore
+def _multiply(a: int, b: int) -> int:
+    return int(a) * int(b)
 
+
+def _split(total: int, parts: int) -> int:
+    """``total / parts`` when exact: the neurons of an expert split into ``parts`` experts."""
+    total, parts = int(total), int(parts)
+    if parts < 1 or total % parts:
+        raise ConfigError(
+            f"{total} does not split into model.expert_granularity={parts} equal parts "
+            "(choose a granularity that divides the size's moe_ffn_hidden_size)"
+        )
+    return total // parts
+
+
+def register_configs() -> None:
+    """Register the schema that ``configs/config.yaml`` lists first in its defaults, the
+    families' ``arch`` options, and the resolvers the size configs use (``mul``, ``div``)."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    from mone_train.families import register_arch_configs
+
+    OmegaConf.register_new_resolver("mul", _multiply, replace=True)
+    OmegaConf.register_new_resolver("div", _split, replace=True)
     ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
+    register_arch_configs()
 
 
 def validate(cfg: Config, world_size: int | None = None) -> None:

@@ -129,7 +129,9 @@ class TrainMetrics:
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens_per_s": interval.steps * self.tokens_per_step / elapsed,
-            "aux_loss": aux.get("load_balancing_loss"),
+            # megatron's balancing loss of whichever kind the recipe uses, and its z-loss
+            "aux_loss": next((aux[k] for k in AUX_LOSS_NAMES if k in aux), None),
+            "z_loss": aux.get("z_loss"),
             "ng_lbl": aux.get("ng_lbl"),
             # Expert-parallel token exchange of the whole job per step (0 at EP = 1).
             "a2a_bytes": job_total(interval.a2a_bytes, self.info) / interval.steps,
@@ -164,6 +166,11 @@ def job_total(value: float, info: DistInfo) -> float:
     return float(total)
 
 
+# megatron-core's tracker names of its balancing losses (model.load_balancing: aux_loss,
+# seq_aux_loss, global_aux_loss), logged unscaled as "aux_loss".
+AUX_LOSS_NAMES = ("load_balancing_loss", "seq_load_balancing_loss", "global_load_balancing_loss")
+
+
 def read_aux_losses(tracker: dict, num_moe: int, num_forwards: int) -> dict[str, float]:
     """Mean over MoE layers and forward passes of each tracked auxiliary loss."""
     out = {}
@@ -179,6 +186,7 @@ def read_aux_losses(tracker: dict, num_moe: int, num_forwards: int) -> dict[str,
 
 _OPTIONAL_FIELDS = (  # (record key, label, format) shown on the log line when present
     ("aux_loss", "aux", ".4f"),
+    ("z_loss", "z", ".4f"),
     ("ng_lbl", "ng_lbl", ".4f"),
     ("load/imbalance", "load max/mean", ".2f"),
     ("neurons/utilisation", "neuron util", ".3f"),

@@ -68,6 +68,11 @@ class Shape:
     megatron_experts: bool  # megatron's SequentialMLP (plain MoE, not grouped)
     sdpa: bool
     dropout: bool
+    shared: int = 0  # shared expert width S (0: none)
+    shared_gate: bool = False
+    shared_kept: int = 0  # K of a MoNE shared expert (S: dense)
+    qk_norm: str = "none"  # none | head | full
+    qkv_bias: bool = False
 
     @property
     def tokens(self) -> int:
@@ -87,9 +92,11 @@ def shape_of(
     triton = moe.kernel_impl == "triton" or (moe.kernel_impl == "auto" and device == "cuda")
     cpu = device == "cpu"
     grouped = moe.grouped_on(device)
+    shared = m.shared_expert_ffn_hidden_size
+    shared_mone = mone and moe.shared_expert_mone and shared
     return Shape(
         num_layers=m.num_layers,
-        num_moe_layers=len(range(0, m.num_layers, m.moe_layer_freq)),
+        num_moe_layers=sum(m.moe_layer_pattern()),
         hidden=m.hidden_size,
         heads=m.num_attention_heads,
         groups=m.num_query_groups or m.num_attention_heads,
@@ -113,6 +120,11 @@ def shape_of(
         megatron_experts=not mone and not grouped,
         sdpa=m.attention == "sdpa",
         dropout=m.dropout > 0,
+        shared=shared,
+        shared_gate=m.shared_expert_gate,
+        shared_kept=num_kept_neurons(moe.neuron_keep_ratio, shared) if shared_mone else shared,
+        qk_norm=m.qk_layernorm,
+        qkv_bias=m.qkv_bias,
     )
 
 
@@ -138,10 +150,16 @@ class ParamNumbers:
 
 def parameter_numbers(shape: Shape) -> ParamNumbers:
     """Parameters of megatron-core's GPTModel as built by ``mone_train.model.builder``:
-    RMSNorm weights, bias-free linears, fused QKV with grouped queries, rotary positions."""
+    RMSNorm weights, bias-free linears (but the q/k/v biases of ``qkv_bias``), fused QKV with
+    grouped queries, QK-norm weights per head or over all heads, rotary positions; a MoE layer
+    has its router, its routed experts and its shared expert (and the shared expert's gate)."""
     h, d = shape.hidden, shape.head_dim
-    attention = 2 * h + (shape.heads + 2 * shape.groups) * d * h + h * shape.heads * d
-    router = shape.experts * h
+    qkv_rows = (shape.heads + 2 * shape.groups) * d
+    attention = 2 * h + qkv_rows * h + h * shape.heads * d
+    attention += qkv_rows if shape.qkv_bias else 0
+    attention += {"none": 0, "head": 2 * d, "full": (shape.heads + shape.groups) * d}[shape.qk_norm]
+    # per MoE layer, replicated on every expert-parallel rank: the router and shared expert
+    moe_replicated = shape.experts * h + 3 * shape.shared * h + (h if shape.shared_gate else 0)
     dense_mlp = 3 * shape.ffn * h  # gated: fc1 [2 ffn, h], fc2 [h, ffn]
     one_expert = 3 * shape.neurons * h  # fc1 [2F, h], fc2 [h, F]
     num_dense_layers = shape.num_layers - shape.num_moe_layers
@@ -150,7 +168,7 @@ def parameter_numbers(shape: Shape) -> ParamNumbers:
         embeddings
         + h  # final norm
         + shape.num_layers * attention
-        + shape.num_moe_layers * router
+        + shape.num_moe_layers * moe_replicated
         + num_dense_layers * dense_mlp
     )
     return ParamNumbers(
@@ -213,7 +231,10 @@ def attention_bytes(shape: Shape) -> int:
         scores = shape.micro_batch * shape.heads * shape.seq * shape.seq
         expanded_kv = 2 * T * h * p if shape.groups < shape.heads else 0
         core = out + scores * p + (scores if shape.dropout else 0) + expanded_kv
-    return norm + qkv_in + qkv_out + q_k_rope + core
+    qk_norm = 0
+    if shape.qk_norm != "none":  # each norm keeps its input and the normalised values
+        qk_norm = 2 * T * (shape.heads + shape.groups) * d * p
+    return norm + qkv_in + qkv_out + qk_norm + q_k_rope + core
 
 
 def moe_layer_bytes(shape: Shape) -> dict[str, int]:
@@ -234,12 +255,17 @@ def moe_layer_bytes(shape: Shape) -> dict[str, int]:
             mask += rows * N * FP32 + shape.local_experts * F * FP32
     if shape.grouped:  # torch.stack of the local experts' fc1 and fc2 weights, every forward
         experts += shape.local_experts * 3 * F * h * p
+    S = shape.shared  # the shared expert sees the router's input: its fc1 output, SwiGLU's
+    shared = T * 3 * S * p if S else 0  # product (fc2's input); the gate's score and output
+    shared += T * (h * p + FP32) if shape.shared_gate else 0
+    shared += T * S if shape.shared_kept < S else 0  # a MoNE shared expert's bool mask
     return {
         "norm": norm_bytes(shape),
         "router": router,
         "dispatch": dispatch,
         "experts": experts,
         "mone_mask": mask,
+        "shared_expert": shared,
     }
 
 
@@ -354,6 +380,7 @@ def flops_per_token(shape: Shape) -> FlopsPerToken:
     per_layer_experts = shape.num_moe_layers * shape.topk
     routed = numbers.dense + per_layer_experts * 3 * h * F
     mone = numbers.dense + per_layer_experts * (h * F + 2 * h * K)
+    mone -= shape.num_moe_layers * 2 * h * (shape.shared - shape.shared_kept)  # MoNE shared
 
     def flops(params: int) -> float:
         return model_flops_per_token(params, shape.num_layers, h, shape.seq)
@@ -510,6 +537,7 @@ PART_LABELS = {
     "moe_dispatch": "MoE dispatch (maps, indices)",
     "moe_experts": "experts (fc1 in/out, act, fc2 in)",
     "moe_mone_mask": "MoNE mask + NG-LBL stats",
+    "moe_shared_expert": "shared expert (fc1 out, act, gate)",
     "moe_inputs": "MoE layer inputs (recompute)",
     "layer_inputs": "layer inputs (recompute)",
     "loss": "final norm, logits, fp32 cross-entropy",
@@ -564,6 +592,8 @@ def _activation_table(plan: Plan) -> list[str]:
     header = "".join(f"{rc:>9}" for rc in RECOMPUTE_SETTINGS)
     lines = [f"{'activations of one micro batch (GiB), recompute:':<46}{header}"]
     for key in keys:
+        if not any(plan.activations[rc].parts.get(key, 0) for rc in RECOMPUTE_SETTINGS):
+            continue  # a part this model does not have (no shared expert, no dense layer)
         values = "".join(
             f"{_gib(plan.activations[rc].parts.get(key, 0)):>9}" for rc in RECOMPUTE_SETTINGS
         )

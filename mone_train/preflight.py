@@ -42,6 +42,9 @@ def describe_error(err: BaseException) -> str:
         chain.append(cause)
         cause = cause.__cause__ or cause.__context__
     for exc in chain:
+        if isinstance(exc, ConfigError):  # raised by our resolvers: already one line
+            return str(exc)
+    for exc in chain:
         if isinstance(exc, (ConfigAttributeError, ConfigKeyError)) and getattr(
             exc, "full_key", None
         ):

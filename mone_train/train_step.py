@@ -1,7 +1,9 @@
 """One optimizer step: micro batches -> DDP gradient buffers -> global norm and clipping -> AdamW.
 
-Gradients accumulate in megatron-core's DDP buffers and are all-reduced there; the norm covers
-every expert of every rank; clipping and AdamW then act on the buffers. A step whose loss or
+Gradients accumulate in megatron-core's DDP buffers and are all-reduced there (megatron's
+``finalize_model_grads``, which also moves the routers' expert biases of loss-free balancing);
+the norm covers every expert of every rank; clipping and AdamW then act on the buffers. The
+MoNE experts' neuron biases (``moe.neuron_balance=bias``) move after the counts of the step. A step whose loss or
 gradient norm is not finite applies no update: weights and optimizer state stay as they were
 (the trainer counts such steps and stops after too many in a row).
 """
@@ -16,11 +18,13 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from mone_train.distributed import DistInfo
 from mone_train.errors import TrainingDiverged
 from mone_train.model.lm import lm_loss
+from mone_train.model.neuron_balance import update_neuron_biases
 from mone_train.optim import (
     OptimizerSharding,
     attach_main_grads,
@@ -78,6 +82,7 @@ class TrainStep:
         self.owned = params if sharding is None else sharding.owned
         self.dp_group = parallel_state.get_data_parallel_group()
         self.ep_group = parallel_state.get_expert_model_parallel_group()
+        self.expert_dp_group = parallel_state.get_expert_data_parallel_group()
         # megatron scales its auxiliary losses' gradients by this (the mean over micro batches).
         MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / accum, device=info.device))
 
@@ -91,7 +96,8 @@ class TrainStep:
             loss_sum, count = lm_loss(self.model, next(batches), self.mask, self.info.device)
             (loss_sum / count / self.accum).backward()
             step_loss += torch.stack([loss_sum.detach().double(), count.double()])
-        self.model.finish_grad_sync()
+        finalize_model_grads([self.model])
+        update_neuron_biases(self.model, self.expert_dp_group)
         if self.info.dp_size > 1:
             dist.all_reduce(step_loss, group=self.dp_group)  # the loss of the global batch
         grad_norm = global_grad_norm(self.params, self.ep_group)

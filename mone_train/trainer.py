@@ -151,28 +151,41 @@ class Trainer:
         return self.finish(val_loss, test_loss)
 
     def _loop(self, progress: tqdm) -> float | None:
-        """The steps: train, count, log, evaluate, checkpoint. Returns the last val loss."""
-        t, info, state = self.cfg.trainer, self.info, self.state
-        batches = micro_batches(
-            self.data.train, state.consumed_samples, t.micro_batch_size, info.dp_rank, info.dp_size
-        )
+        """The steps up to ``trainer.steps``. Returns the last validation loss."""
         val_loss = None
+        batches = self.batches()
         self.model.train()
-        while state.step < t.steps:
-            lr = lr_at(state.step, self.cfg.optim, t.steps)
-            result = self.train_step(batches, lr)
-            state.step += 1
-            state.consumed_samples += t.global_batch_size
-            progress.update(1)
-            self.guard.count(result)
-            record = self.metrics.step_done(state, result, lr, self.guard.total)
-            if record is not None and record["loss"] is not None:
-                progress.set_postfix(loss=f"{record['loss']:.3f}")
-            # After too many skipped updates in a row: stop, naming the last good checkpoint.
-            self.guard.check(state.step, result, self.checkpointer.newest)
-            if self.evaluator.due(state.step):
-                val_loss = self.evaluate("val_loss", self.data.valid)
-            self.checkpoint(state)
+        while self.state.step < self.cfg.trainer.steps:
+            val_loss = self.step(batches, progress) or val_loss
+        return val_loss
+
+    def batches(self):
+        """This rank's micro batches from the current position of the run."""
+        t, info = self.cfg.trainer, self.info
+        return micro_batches(
+            self.data.train, self.state.consumed_samples, t.micro_batch_size, info.dp_rank,
+            info.dp_size,
+        )  # fmt: skip
+
+    def step(self, batches, progress: tqdm) -> float | None:
+        """One step of the loop: train, count, log, evaluate, checkpoint. Returns the
+        validation loss when this step evaluated."""
+        t, state = self.cfg.trainer, self.state
+        lr = lr_at(state.step, self.cfg.optim, t.steps)
+        result = self.train_step(batches, lr)
+        state.step += 1
+        state.consumed_samples += t.global_batch_size
+        progress.update(1)
+        self.guard.count(result)
+        record = self.metrics.step_done(state, result, lr, self.guard.total)
+        if record is not None and record["loss"] is not None:
+            progress.set_postfix(loss=f"{record['loss']:.3f}")
+        # After too many skipped updates in a row: stop, naming the last good checkpoint.
+        self.guard.check(state.step, result, self.checkpointer.newest)
+        val_loss = None
+        if self.evaluator.due(state.step):
+            val_loss = self.evaluate("val_loss", self.data.valid)
+        self.checkpoint(state)
         return val_loss
 
     def evaluate(self, key: str, dataset) -> float:

@@ -40,23 +40,24 @@ def test_kernel_benchmark_runs_on_cpu(tmp_path):
         tmp_path,
     )
     assert "the fused path is the C++ CPU operator" in out
-    data = json.loads((tmp_path / "kernel_bench_cpu.json").read_text())
+    (json_path,) = tmp_path.glob("kernel_bench_cpu-*.json")  # named by the CPU paths it ran
+    data = json.loads(json_path.read_text())
+    assert json_path.name == f"kernel_bench_cpu-{data['machine']['mone_cpu_isa']}.json"
     impls = {row["impl"] for row in data["rows"]}
     assert {"fused", "reference", "dense", "expert"} <= impls
-    assert (tmp_path / "kernel_bench_cpu.png").stat().st_size > 0
+    assert json_path.with_suffix(".png").stat().st_size > 0
 
 
 def test_trainer_throughput_benchmark_runs(tmp_path):
     out = _run(
         [
             "benchmarks/trainer_throughput.py",
-            "--steps",
-            "4",
-            "--warmup",
-            "2",
-            "--rounds",
+            "--steps-per-turn",
             "1",
-            "--no-ablations",
+            "--warmup",
+            "1",
+            "--rounds",
+            "2",
             "--overrides",
             "model=tiny",
             "trainer.seq_length=32",
@@ -66,15 +67,19 @@ def test_trainer_throughput_benchmark_runs(tmp_path):
         tmp_path,
     )
     assert "trainer/mone" in out
-    data = json.loads((tmp_path / "trainer_throughput_cpu.json").read_text())
+    (json_path,) = tmp_path.glob("trainer_throughput_cpu-*.json")
+    data = json.loads(json_path.read_text())
     assert [row["contender"] for row in data["results"]] == [
         "bare/moe",
         "trainer/moe",
         "trainer/mone",
         "trainer/mone-no-health",
+        "trainer/deepseek-moe",
+        "trainer/deepseek-mone",
     ]
-    assert "health metrics cost" in out and "median" in data["health_metrics_cost"]
-    assert data["machine"]["cpu_cores"] >= 1
+    assert all(len(row["rounds_tokens_per_s"]) == 2 for row in data["results"])
+    assert "MoNE / MoE step time, DeepSeek-style" in data["paired_effects"]
+    assert data["machine"]["cpu_cores"] >= 1 and data["machine"]["torch_cpu_capability"]
 
 
 def test_health_overhead_benchmark_runs(tmp_path):

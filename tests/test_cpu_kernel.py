@@ -190,6 +190,38 @@ def test_expanded_output_gradient_and_strided_input():
     assert torch.equal(mask, mask_ref) and torch.equal(h, h_ref)
 
 
+@pytest.mark.parametrize("rows, neurons, k", [(33, 257, 100), (7, 16, 1), (20, 96, 95)])
+def test_selection_weights_rank_weighted_scores_and_change_nothing_else(rows, neurons, k):
+    """With weights w the mask is the reference's top-K of |g| * w (bit for bit); h is
+    SiLU(gate) * up on that mask, unweighted; gradients and balance as without weights."""
+    fc1 = _fc1(rows, neurons, seed=rows)
+    fc1[0, :neurons] = 1.0  # all tied: the weights alone decide
+    weight = torch.rand(neurons, generator=torch.Generator().manual_seed(2)) * 4 + 0.25
+    dh = torch.randn(rows, neurons, generator=torch.Generator().manual_seed(3))
+    results = []
+    for fn in (neuron_topk_swiglu_cpu, neuron_topk_swiglu_reference):
+        x = fc1.clone().requires_grad_()
+        h, mask, balance = fn(x, k, True, selection_weight_F=weight)
+        ((h * dh).sum() + 0.5 * balance).backward()
+        results.append((h, mask, balance, x.grad))
+    (h, mask, balance, grad), (h_ref, mask_ref, balance_ref, grad_ref) = results
+    g = torch.nn.functional.silu(fc1[:, :neurons])
+    scores = g.abs() * weight
+    kth = scores.sort(dim=-1, descending=True, stable=True).values[:, k - 1 : k]
+    assert torch.equal(mask, mask_ref) and (mask.sum(-1) == k).all()
+    assert bool((scores[mask] >= kth.expand_as(scores)[mask]).all())
+    assert torch.equal(mask[0], torch.zeros(neurons, dtype=torch.bool).index_fill_(
+        0, weight.argsort(descending=True, stable=True)[:k], True))  # fmt: skip
+    assert torch.equal(h, h_ref) and torch.equal(h, g * mask * fc1[:, neurons:])
+    torch.testing.assert_close(balance, balance_ref, rtol=2 * (_gamma(rows) + 2 * _gamma(neurons)),
+                               atol=0)  # fmt: skip
+    allowed = 1e-5 * grad_ref.abs() + 1e-5
+    allowed[:, :neurons] += _gradient_tolerance(fc1, k, mask, 0.5)
+    assert ((grad - grad_ref).abs() <= allowed).all()
+    unit = neuron_topk_swiglu_cpu(fc1, k, selection_weight_F=torch.ones(neurons))
+    assert torch.equal(unit[1], neuron_topk_swiglu_cpu(fc1, k)[1])  # w = 1: the plain selection
+
+
 def test_an_empty_input_with_zero_strides_is_accepted():
     """numpy's zero-size arrays carry zero strides; the reference takes them, and so must the
     operator (it refused them as "rows must be contiguous")."""
@@ -198,7 +230,7 @@ def test_an_empty_input_with_zero_strides_is_accepted():
     x = torch.tensor(np.zeros((0, 32)), dtype=torch.float32).requires_grad_()
     assert x.stride() == (0, 0)
     h, mask, balance = neuron_topk_swiglu_cpu(x, 4, True)
-    assert h.shape == mask.shape == (0, 16) and float(balance) == 0.0
+    assert h.shape == mask.shape == (0, 16) and float(balance.detach()) == 0.0
     h.sum().backward()
     assert x.grad.shape == (0, 32)
 
@@ -226,10 +258,12 @@ def test_operators_pass_torch_library_checks():
     g = torch.nn.functional.silu(gate)
     for with_balance in (False, True):
         for scale in (None, torch.rand(6)):
-            torch.library.opcheck(
-                torch.ops.mone_cpu.topk_swiglu_fwd.default, (g, up, 5, with_balance, scale)
-            )
-    _, mask, counts, sums, shares = torch.ops.mone_cpu.topk_swiglu_fwd(g, up, 5, True, None)
+            for weight in (None, torch.rand(16) + 0.5):
+                torch.library.opcheck(
+                    torch.ops.mone_cpu.topk_swiglu_fwd.default,
+                    (g, up, 5, with_balance, scale, weight),
+                )
+    _, mask, counts, sums, shares = torch.ops.mone_cpu.topk_swiglu_fwd(g, up, 5, True, None, None)
     for scale in (None, torch.rand(6)):
         torch.library.opcheck(
             torch.ops.mone_cpu.topk_swiglu_bwd.default,

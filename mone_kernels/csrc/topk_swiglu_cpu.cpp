@@ -4,6 +4,7 @@
 //
 //     g_TF    = SiLU(gate_TF)                 (computed by torch before the call: same bits)
 //     mask_TF = top-K of |g_TF| per row, ties to the lower neuron index (exactly K per row)
+//               (of |g_TF| * w_F with selection weights w: the neuron-level balance bias)
 //     h_TF    = (g_TF * mask_TF) * up_TF
 //
 // and the expert's neuron-granular balance loss statistics
@@ -260,7 +261,20 @@ struct FwdRows {
   uint8_t* mask;
   float* sums;             // null without the balance statistics
   const float* row_scale;  // null: h unscaled; else h_t *= row_scale[t] (router probability)
+  const float* weight;     // null: select by |g|; else by |g| * weight[j] (> 0)
 };
+
+// The selection scores' bit patterns: |g|, or |g| * w (positive w keeps them non-negative).
+MONE_ALWAYS_INLINE void score_bits(const float* __restrict g, const float* __restrict w,
+                                   uint32_t* __restrict bits, int64_t F) {
+  if (w == nullptr) {
+    std::memcpy(bits, g, F * sizeof(float));
+    for (int64_t j = 0; j < F; ++j) bits[j] &= 0x7fffffffu;
+  } else {
+    float* scores = reinterpret_cast<float*>(bits);
+    for (int64_t j = 0; j < F; ++j) scores[j] = std::fabs(g[j]) * w[j];
+  }
+}
 
 // Rows [begin, end): selection, mask, h, and (with sums) row sums and neuron counts.
 template <Isa I>
@@ -272,8 +286,7 @@ MONE_ALWAYS_INLINE void fwd_rows_body(const FwdRows& a, int64_t begin, int64_t e
     const float* up_t = a.up + t * a.up_ld;
     float* h_t = a.h + t * F;
     uint8_t* m_t = a.mask + t * F;
-    std::memcpy(bits, g_t, F * sizeof(float));
-    for (int64_t j = 0; j < F; ++j) bits[j] &= 0x7fffffffu;  // |g|
+    score_bits(g_t, a.weight, bits, F);
     const uint32_t kth = k < F ? kth_largest_bits<I>(bits, F, k, cand) : 0;
     int64_t kept = 0;
     for (int64_t j = 0; j < F; ++j) {
@@ -321,15 +334,20 @@ void check_row_scale(const std::optional<at::Tensor>& row_scale, int64_t T) {
 
 // Forward. g and up: [T, F] fp32 with unit column stride (up is usually the right half of
 // fc1); row_scale: optional [T] factor of each row's h (the router probability, applied as
-// megatron's experts do after the activation). Returns h [T, F], mask [T, F] bool, and when
+// megatron's experts do after the activation); weight: optional [F] positive selection weights.
+// Returns h [T, F], mask [T, F] bool, and when
 // with_balance counts [F], sums [T], shares [T] (empty tensors otherwise).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_swiglu_fwd(
     const at::Tensor& g, const at::Tensor& up, int64_t k, bool with_balance,
-    const std::optional<at::Tensor>& row_scale) {
+    const std::optional<at::Tensor>& row_scale, const std::optional<at::Tensor>& weight) {
   const int64_t T = g.size(0), F = g.size(1);
   check_rows(g, "g", T, F);
   check_rows(up, "up", T, F);
   check_row_scale(row_scale, T);
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->scalar_type() == at::kFloat && weight->is_contiguous() &&
+                    weight->numel() == F, "weight must be a contiguous float32 [", F, "]");
+  }
   TORCH_CHECK(1 <= k && k <= F, "k=", k, " must be in [1, ", F, "]");
   const auto f32 = g.options();
   at::Tensor h = at::empty({T, F}, f32);
@@ -342,7 +360,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_swig
   const FwdRows rows{g.data_ptr<float>(), up.data_ptr<float>(), g.stride(0), up.stride(0), F, k,
                      h.data_ptr<float>(), reinterpret_cast<uint8_t*>(mask.data_ptr<bool>()),
                      with_balance ? sums.data_ptr<float>() : nullptr,
-                     row_scale.has_value() ? row_scale->data_ptr<float>() : nullptr};
+                     row_scale.has_value() ? row_scale->data_ptr<float>() : nullptr,
+                     weight.has_value() ? weight->data_ptr<float>() : nullptr};
   const int64_t blocks = num_blocks(T);
   std::vector<float> partial_counts(with_balance ? blocks * F : 0, 0.0f);
   at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
@@ -529,8 +548,8 @@ std::string set_isa(const std::string& name) {
 TORCH_LIBRARY(mone_cpu, m) {
   m.def("isa() -> str", &isa);
   m.def("set_isa(str name) -> str", &set_isa);
-  m.def("topk_swiglu_fwd(Tensor g, Tensor up, int k, bool with_balance, Tensor? row_scale) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("topk_swiglu_fwd(Tensor g, Tensor up, int k, bool with_balance, Tensor? row_scale, "
+        "Tensor? weight) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("topk_swiglu_bwd(Tensor dh, Tensor gate, Tensor up, Tensor mask, Tensor counts, "
         "Tensor sums, Tensor shares, float balance_scale, Tensor? row_scale) "
         "-> (Tensor, Tensor)");

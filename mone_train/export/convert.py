@@ -1,17 +1,21 @@
-"""megatron-core GPTModel weights -> a Hugging Face model's weights and config.
+"""megatron-core GPTModel weights <-> a Hugging Face model's weights and config.
 
-Two target architectures, chosen by :func:`architecture_for`:
+Two kinds of target, chosen by :func:`architecture_for`:
 
-- ``mixtral`` (transformers' own ``MixtralForCausalLM``, no remote code) when every layer is a MoE
-  layer and every neuron is kept (plain MoE, or MoNE at rho = 1). Its forward is megatron's:
-  RMSNorm, rotate-half RoPE, grouped-query attention without biases, router softmax over all
-  experts -> top-k -> renormalised over the k (= megatron's top-k over logits -> softmax over the
-  k), SwiGLU experts with fc1 = [gate | up]. The export test checks the logits to 1e-4.
-- ``mone`` (our ``modeling_mone.py``) otherwise: MoNE models (K < F), and models with dense
-  layers (``moe_layer_freq`` > 1), which Mixtral cannot express.
+- the family's own transformers class (``MixtralForCausalLM``, ``OlmoeForCausalLM``,
+  ``Qwen2MoeForCausalLM``, ``Qwen3MoeForCausalLM``; no remote code) when that class computes
+  exactly what was trained: every neuron kept (plain MoE, or MoNE at rho = 1) and nothing the
+  class lacks (``mone_train/families/<family>``, ``Family.native_mismatch``);
+- ``mone`` (our ``modeling_mone.py``) otherwise: MoNE models (K < F), the neuron-level balance
+  bias, DeepSeek-style models (transformers' DeepSeek-V3 class has latent attention only), and
+  any recipe option a family's class cannot express.
+
+Both sides share one layout of each layer's tensors; :func:`megatron_layer` reads megatron's
+names into it, :func:`hf_layer_names` names it for the target, and :func:`megatron_names`
+inverts that for import. The export test checks the logits against megatron's to 1e-4.
 
 Legend: H query heads, G query groups (key/value heads), Dh head size, D hidden size, E experts,
-F neurons per expert.
+F neurons per expert, S shared expert width, I dense MLP width.
 """
 
 from __future__ import annotations
@@ -23,13 +27,32 @@ import torch
 from mone_kernels.rules import num_kept_neurons
 from mone_train.config import Config
 from mone_train.export.errors import ExportError
+from mone_train.families import family_names, load_family
 
-ARCHITECTURES = ("mixtral", "mone")
-ROPE_BASE = 10000.0  # megatron-core GPTModel's rotary_base default; builder.py does not change it
-RMS_NORM_EPS = 1e-5  # megatron-core TransformerConfig.layernorm_epsilon default, as builder.py uses
+MONE = "mone"
 
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 _EXPERT = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)\.weight")
+
+# One decoder layer's tensors by neutral name -> megatron's name (``decoder.layers.i.`` + it).
+# Experts are stacked ([E, 2F, D] fc1, [E, D, F] fc2) from megatron's per-expert weights.
+MEGATRON_NAMES = {
+    "input_norm": "input_layernorm.weight",
+    "qkv": "self_attention.linear_qkv.weight",
+    "qkv_bias": "self_attention.linear_qkv.bias",
+    "q_norm": "self_attention.q_layernorm.weight",
+    "k_norm": "self_attention.k_layernorm.weight",
+    "o": "self_attention.linear_proj.weight",
+    "mlp_norm": "pre_mlp_layernorm.weight",
+    "router": "mlp.router.weight",
+    "expert_bias": "mlp.router.expert_bias",
+    "neuron_bias": "mlp.experts.neuron_bias",
+    "shared_fc1": "mlp.shared_experts.linear_fc1.weight",
+    "shared_fc2": "mlp.shared_experts.linear_fc2.weight",
+    "shared_gate": "mlp.shared_experts.gate_weight",
+    "dense_fc1": "mlp.linear_fc1.weight",
+    "dense_fc2": "mlp.linear_fc2.weight",
+}
 
 
 def num_kept(cfg: Config) -> int:
@@ -41,36 +64,142 @@ def num_kept(cfg: Config) -> int:
 
 
 def architecture_for(cfg: Config) -> str:
-    """``mixtral`` when transformers' Mixtral reproduces the model exactly, else ``mone``."""
-    keeps_all = num_kept(cfg) == cfg.model.moe_ffn_hidden_size
-    return "mixtral" if keeps_all and cfg.model.moe_layer_freq == 1 else "mone"
+    """The family's name when its transformers class reproduces the model exactly, else
+    ``mone`` (our modeling code)."""
+    return MONE if native_mismatch(cfg) else cfg.model.family
 
 
-def is_moe_layer(cfg: Config, layer: int) -> bool:
-    """megatron's rule for an integer ``moe_layer_freq``: layers 0, f, 2f, ... are MoE."""
-    return layer % cfg.model.moe_layer_freq == 0
+def native_mismatch(cfg: Config) -> str | None:
+    """Why the model cannot be its family's transformers class (None when it can)."""
+    return load_family(cfg.model.family).native_mismatch(cfg)
+
+
+def architectures() -> tuple[str, ...]:
+    """Every export target: the families with a transformers class, and ``mone``."""
+    native = tuple(name for name in family_names() if load_family(name).hf_class)
+    return (*native, MONE)
 
 
 def split_qkv(
-    qkv_weight: torch.Tensor, num_heads: int, num_groups: int
+    qkv: torch.Tensor, num_heads: int, num_groups: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """megatron's fused ``linear_qkv`` weight -> (q [H*Dh, D], k [G*Dh, D], v [G*Dh, D]).
+    """megatron's fused ``linear_qkv`` weight [rows, D] (or bias [rows]) -> (q, k, v).
 
     megatron interleaves by query group: for each group g its H/G query heads, then its key
     head, then its value head, each Dh rows. Query head h belongs to group h // (H/G), the
     grouping transformers' ``repeat_kv`` assumes.
     """
     heads_per_group = num_heads // num_groups
-    rows, hidden = qkv_weight.shape
-    head_dim = rows // (num_groups * (heads_per_group + 2))
-    w = qkv_weight.view(num_groups, heads_per_group + 2, head_dim, hidden)
-    q = w[:, :heads_per_group].reshape(num_heads * head_dim, hidden)
-    k = w[:, heads_per_group].reshape(num_groups * head_dim, hidden)
-    v = w[:, heads_per_group + 1].reshape(num_groups * head_dim, hidden)
+    head_dim = qkv.shape[0] // (num_groups * (heads_per_group + 2))
+    w = qkv.reshape(num_groups, heads_per_group + 2, head_dim, *qkv.shape[1:])
+    q = w[:, :heads_per_group].reshape(num_heads * head_dim, *qkv.shape[1:])
+    k = w[:, heads_per_group].reshape(num_groups * head_dim, *qkv.shape[1:])
+    v = w[:, heads_per_group + 1].reshape(num_groups * head_dim, *qkv.shape[1:])
     return q.clone(), k.clone(), v.clone()
 
 
-def _layer_tensors(cfg: Config, state: dict[str, torch.Tensor]) -> dict[int, dict[str, object]]:
+def join_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_groups: int
+) -> torch.Tensor:
+    """The inverse of :func:`split_qkv`: separate q, k, v -> megatron's fused layout."""
+    heads_per_group = num_heads // num_groups
+    head_dim = k.shape[0] // num_groups
+    rest = q.shape[1:]
+    parts = (
+        q.reshape(num_groups, heads_per_group, head_dim, *rest),
+        k.reshape(num_groups, 1, head_dim, *rest),
+        v.reshape(num_groups, 1, head_dim, *rest),
+    )
+    return torch.cat(parts, dim=1).reshape(-1, *rest).clone()
+
+
+def megatron_layer(cfg: Config, entry: dict, layer: int) -> dict[str, torch.Tensor]:
+    """One decoder layer's megatron tensors (``entry``: its keys without the layer prefix,
+    per-expert weights under ``entry['experts']``) -> the neutral layout (what it has)."""
+    out: dict[str, torch.Tensor] = {}
+    experts = entry.pop("experts")
+    for name, key in MEGATRON_NAMES.items():
+        if key in entry:
+            out[name] = entry.pop(key)
+    for name in ("qkv", "o", "input_norm", "mlp_norm"):
+        if name not in out:
+            raise ExportError(
+                f"decoder layer {layer} lacks megatron weight {MEGATRON_NAMES[name]!r}"
+            )
+    if cfg.model.moe_layer_pattern()[layer]:
+        if "router" not in out:
+            raise ExportError(f"MoE layer {layer} lacks megatron weight 'mlp.router.weight'")
+        if sorted(experts) != list(range(cfg.model.num_experts)):
+            raise ExportError(
+                f"decoder layer {layer} holds experts {sorted(experts)}, expected "
+                f"{cfg.model.num_experts} (was the checkpoint loaded at expert-parallel size 1?)"
+            )
+        out["experts_fc1"] = torch.stack([experts[e]["linear_fc1"] for e in sorted(experts)])
+        out["experts_fc2"] = torch.stack([experts[e]["linear_fc2"] for e in sorted(experts)])
+    elif "dense_fc1" not in out:
+        raise ExportError(f"dense layer {layer} lacks megatron weight 'mlp.linear_fc1.weight'")
+    leftover = [name for name in entry if not name.endswith("_extra_state")]
+    if leftover:
+        raise ExportError(f"decoder layer {layer}: megatron weight {leftover[0]!r} has no mapping")
+    return out
+
+
+def _attention_names(cfg: Config, t: dict, out: dict) -> None:
+    m = cfg.model
+    heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
+    q, k, v = split_qkv(t["qkv"], heads, groups)
+    out.update({"self_attn.q_proj.weight": q, "self_attn.k_proj.weight": k})
+    out.update({"self_attn.v_proj.weight": v, "self_attn.o_proj.weight": t["o"]})
+    if "qkv_bias" in t:
+        qb, kb, vb = split_qkv(t["qkv_bias"], heads, groups)
+        out.update({"self_attn.q_proj.bias": qb, "self_attn.k_proj.bias": kb})
+        out["self_attn.v_proj.bias"] = vb
+    if "q_norm" in t:
+        out["self_attn.q_norm.weight"] = t["q_norm"]
+        out["self_attn.k_norm.weight"] = t["k_norm"]
+    out["input_layernorm.weight"] = t["input_norm"]
+    out["post_attention_layernorm.weight"] = t["mlp_norm"]
+
+
+def _swiglu_names(prefix: str, fc1: torch.Tensor, fc2: torch.Tensor, fused: bool) -> dict:
+    """A SwiGLU MLP's weights: ours fuse [gate | up]; transformers' classes keep them apart."""
+    if fused:
+        return {f"{prefix}gate_up_proj.weight": fc1, f"{prefix}down_proj.weight": fc2}
+    gate, up = fc1.chunk(2, dim=0)
+    return {
+        f"{prefix}gate_proj.weight": gate.clone(),
+        f"{prefix}up_proj.weight": up.clone(),
+        f"{prefix}down_proj.weight": fc2,
+    }
+
+
+def hf_layer_names(cfg: Config, t: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
+    """The neutral layer layout -> Hugging Face names (relative to ``model.layers.i.``)."""
+    ours = arch == MONE
+    out: dict[str, torch.Tensor] = {}
+    _attention_names(cfg, t, out)
+    if "experts_fc1" not in t:
+        out.update(_swiglu_names("mlp.", t["dense_fc1"], t["dense_fc2"], fused=ours))
+        return out
+    out["mlp.experts.gate_up_proj"] = t["experts_fc1"]
+    if ours:
+        out["mlp.router.weight"] = t["router"]
+        out["mlp.experts.down_proj_t"] = t["experts_fc2"].transpose(1, 2).contiguous()
+        for name, hf in (("expert_bias", "mlp.router.expert_bias"),
+                         ("neuron_bias", "mlp.experts.neuron_bias")):  # fmt: skip
+            if name in t:
+                out[hf] = t[name]
+    else:
+        out["mlp.gate.weight"] = t["router"]
+        out["mlp.experts.down_proj"] = t["experts_fc2"]
+    if "shared_fc1" in t:
+        out.update(_swiglu_names("mlp.shared_expert.", t["shared_fc1"], t["shared_fc2"], ours))
+        if "shared_gate" in t:
+            out["mlp.shared_expert_gate.weight"] = t["shared_gate"]
+    return out
+
+
+def _layer_entries(cfg: Config, state: dict[str, torch.Tensor]) -> dict[int, dict[str, object]]:
     """Group megatron's per-layer weights: {layer: {name: tensor, "experts": {e: {fc: w}}}}."""
     layers: dict[int, dict[str, object]] = {}
     for key, tensor in state.items():
@@ -92,66 +221,12 @@ def _layer_tensors(cfg: Config, state: dict[str, torch.Tensor]) -> dict[int, dic
     return layers
 
 
-def _take(entry: dict, name: str, layer: int) -> torch.Tensor:
-    try:
-        return entry.pop(name)
-    except KeyError:
-        raise ExportError(f"decoder layer {layer} lacks megatron weight {name!r}") from None
-
-
-def _experts(entry: dict, cfg: Config, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """([E, 2F, D] stacked fc1, [E, D, F] stacked fc2) of one MoE layer."""
-    experts = entry.pop("experts")
-    if sorted(experts) != list(range(cfg.model.num_experts)):
-        raise ExportError(
-            f"decoder layer {layer} holds experts {sorted(experts)}, expected "
-            f"{cfg.model.num_experts} (was the checkpoint loaded at expert-parallel size 1?)"
-        )
-    fc1 = torch.stack([experts[e]["linear_fc1"] for e in range(cfg.model.num_experts)])
-    fc2 = torch.stack([experts[e]["linear_fc2"] for e in range(cfg.model.num_experts)])
-    return fc1, fc2
-
-
-def _convert_layer(cfg: Config, entry: dict, layer: int, arch: str) -> dict[str, torch.Tensor]:
-    """One decoder layer's weights under Hugging Face names (relative to ``model.layers.i.``)."""
-    num_heads = cfg.model.num_attention_heads
-    num_groups = cfg.model.num_query_groups or num_heads
-    q, k, v = split_qkv(
-        _take(entry, "self_attention.linear_qkv.weight", layer), num_heads, num_groups
-    )
-    out = {
-        "input_layernorm.weight": _take(entry, "input_layernorm.weight", layer),
-        "self_attn.q_proj.weight": q,
-        "self_attn.k_proj.weight": k,
-        "self_attn.v_proj.weight": v,
-        "self_attn.o_proj.weight": _take(entry, "self_attention.linear_proj.weight", layer),
-        "post_attention_layernorm.weight": _take(entry, "pre_mlp_layernorm.weight", layer),
-    }
-    if is_moe_layer(cfg, layer):
-        fc1, fc2 = _experts(entry, cfg, layer)
-        router = _take(entry, "mlp.router.weight", layer)
-        if arch == "mixtral":
-            out.update({"mlp.gate.weight": router, "mlp.experts.gate_up_proj": fc1})
-            out["mlp.experts.down_proj"] = fc2
-        else:
-            out.update({"mlp.router.weight": router, "mlp.experts.gate_up_proj": fc1})
-            out["mlp.experts.down_proj_t"] = fc2.transpose(1, 2).contiguous()
-    else:
-        entry.pop("experts")
-        out["mlp.gate_up_proj.weight"] = _take(entry, "mlp.linear_fc1.weight", layer)
-        out["mlp.down_proj.weight"] = _take(entry, "mlp.linear_fc2.weight", layer)
-    leftover = [name for name in entry if not name.endswith("_extra_state")]
-    if leftover:
-        raise ExportError(f"decoder layer {layer}: megatron weight {leftover[0]!r} has no mapping")
-    return {f"model.layers.{layer}.{name}": tensor for name, tensor in out.items()}
-
-
 def convert_state_dict(
     cfg: Config, state: dict[str, torch.Tensor], arch: str
 ) -> dict[str, torch.Tensor]:
     """megatron GPTModel ``state_dict()`` (all experts, EP = 1) -> Hugging Face state dict."""
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"architecture {arch!r} is not one of {ARCHITECTURES}")
+    if arch not in architectures():
+        raise ValueError(f"architecture {arch!r} is not one of {architectures()}")
     state = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
     out = {"model.embed_tokens.weight": state.pop("embedding.word_embeddings.weight")}
     out["model.norm.weight"] = state.pop("decoder.final_layernorm.weight")
@@ -160,8 +235,9 @@ def convert_state_dict(
         if output_layer is None:
             raise ExportError("the checkpoint lacks output_layer.weight (an untied model)")
         out["lm_head.weight"] = output_layer
-    for layer, entry in sorted(_layer_tensors(cfg, state).items()):
-        out.update(_convert_layer(cfg, entry, layer, arch))
+    for layer, entry in sorted(_layer_entries(cfg, state).items()):
+        names = hf_layer_names(cfg, megatron_layer(cfg, entry, layer), arch)
+        out.update({f"model.layers.{layer}.{name}": tensor for name, tensor in names.items()})
     unmapped = [k for k in state if not _LAYER.fullmatch(k)]
     if unmapped:
         raise ExportError(f"megatron weight {unmapped[0]!r} has no mapping")
@@ -169,7 +245,7 @@ def convert_state_dict(
 
 
 def hf_config_kwargs(cfg: Config, vocab_size: int, special: dict[str, int | None]) -> dict:
-    """Keyword arguments shared by both architectures' configs."""
+    """Keyword arguments shared by every target's config."""
     m = cfg.model
     return {
         "vocab_size": vocab_size,
@@ -179,7 +255,7 @@ def hf_config_kwargs(cfg: Config, vocab_size: int, special: dict[str, int | None
         "num_key_value_heads": m.num_query_groups or m.num_attention_heads,
         "head_dim": m.hidden_size // m.num_attention_heads,
         "max_position_embeddings": m.max_position_embeddings,
-        "rms_norm_eps": RMS_NORM_EPS,
+        "rms_norm_eps": m.norm_epsilon,
         "initializer_range": m.init_method_std,
         "tie_word_embeddings": m.tie_embeddings,
         "num_experts_per_tok": m.router_topk,
@@ -190,30 +266,40 @@ def hf_config_kwargs(cfg: Config, vocab_size: int, special: dict[str, int | None
 
 
 def hf_config(cfg: Config, vocab_size: int, special: dict[str, int | None], arch: str):
-    """The transformers config object of the export (``MixtralConfig`` or ``MoNEConfig``)."""
+    """The transformers config object of the export (the family's class's, or ``MoNEConfig``)."""
     common = hf_config_kwargs(cfg, vocab_size, special)
     m = cfg.model
-    if arch == "mixtral":
-        from transformers import MixtralConfig
+    if arch != MONE:
+        import transformers
 
-        return MixtralConfig(
-            **common,
-            intermediate_size=m.moe_ffn_hidden_size,
-            num_local_experts=m.num_experts,
-            rope_parameters={"rope_type": "default", "rope_theta": ROPE_BASE},
-            sliding_window=None,
-            router_jitter_noise=0.0,
-            router_aux_loss_coef=m.aux_loss_coeff,
-        )
+        family = load_family(arch)
+        config_class = getattr(transformers, family.hf_class.replace("ForCausalLM", "Config"))
+        rope = {"rope_type": "default", "rope_theta": m.rotary_base}
+        return config_class(**common, **family.hf_config_kwargs(cfg), rope_parameters=rope)
     from mone_train.export.remote_code.configuration_mone import MoNEConfig
 
+    shared_kept = None
+    if m.shared_expert_ffn_hidden_size and cfg.moe.shared_expert_mone:
+        shared_kept = num_kept_neurons(cfg.moe.neuron_keep_ratio, m.shared_expert_ffn_hidden_size)
     return MoNEConfig(
         **common,
         intermediate_size=m.ffn_hidden_size,
         moe_intermediate_size=m.moe_ffn_hidden_size,
         num_experts=m.num_experts,
-        moe_layer_freq=m.moe_layer_freq,
+        moe_layer_pattern=m.moe_layer_pattern(),
         neuron_keep_ratio=float(cfg.moe.neuron_keep_ratio if cfg.moe.flavour == "mone" else 1.0),
         num_kept_neurons=num_kept(cfg),
-        rope_theta=ROPE_BASE,
+        shared_expert_intermediate_size=m.shared_expert_ffn_hidden_size,
+        shared_expert_gate=m.shared_expert_gate,
+        shared_expert_num_kept=shared_kept,
+        router_score=m.router_score,
+        router_pre_softmax=m.router_pre_softmax,
+        router_topk_scaling=m.router_topk_scaling,
+        router_num_groups=m.router_num_groups,
+        router_group_topk=m.router_group_topk,
+        router_expert_bias=m.router_expert_bias,
+        neuron_bias=cfg.moe.neuron_bias_on() and num_kept(cfg) < m.moe_ffn_hidden_size,
+        qk_layernorm=m.qk_layernorm,
+        qkv_bias=m.qkv_bias,
+        rope_theta=m.rotary_base,
     )

@@ -23,9 +23,8 @@ from mone_train.checkpoint import (
 )
 from mone_train.config import Config
 from mone_train.distributed import init_distributed, shutdown_distributed
-from mone_train.export.convert import RMS_NORM_EPS, ROPE_BASE
 from mone_train.export.errors import ExportError
-from mone_train.model.builder import build_gpt_model
+from mone_train.model.builder import build_gpt_model, recipe_settings
 from mone_train.runtime import configure_torch
 
 
@@ -50,34 +49,36 @@ def describe_checkpoint(path: Path, key: str = "checkpoint") -> tuple[Path, dict
     return checkpoint, marker, cfg
 
 
-def check_semantics(model: torch.nn.Module) -> None:
+# The recipe settings (builder.recipe_settings) that change the forward pass of a trained model;
+# the export reproduces each as the config says. Token dropping (capacity) is training-time only.
+REPRODUCED_RECIPE = (
+    "moe_layer_freq", "moe_router_score_function", "moe_router_pre_softmax",
+    "moe_router_topk_scaling_factor", "moe_router_num_groups", "moe_router_group_topk",
+    "moe_router_enable_expert_bias", "moe_shared_expert_intermediate_size",
+    "moe_shared_expert_gate", "qk_layernorm", "add_qkv_bias", "layernorm_epsilon",
+)  # fmt: skip
+
+
+def check_semantics(model: torch.nn.Module, cfg: Config) -> None:
     """Raise ExportError if the built model differs from what the exported code reproduces."""
     config = model.config
     expected = {
         "normalization": "RMSNorm",
-        "layernorm_epsilon": RMS_NORM_EPS,
         "add_bias_linear": False,
-        "add_qkv_bias": False,
         "gated_linear_unit": True,
-        "qk_layernorm": False,
         "rotary_interleaved": False,
-        "moe_router_pre_softmax": False,
-        "moe_router_score_function": "softmax",
-        "moe_router_topk_scaling_factor": None,
-        "moe_expert_capacity_factor": None,
-        "moe_router_enable_expert_bias": False,
-        "moe_shared_expert_intermediate_size": None,
         "moe_apply_probs_on_input": False,
-        "moe_router_num_groups": None,
         "moe_input_jitter_eps": None,
         "softmax_scale": None,
         "apply_query_key_layer_scaling": False,
         "apply_residual_connection_post_layernorm": False,
     }
+    recipe = recipe_settings(cfg)
+    expected.update({name: recipe[name] for name in REPRODUCED_RECIPE})
     found = {name: getattr(config, name, None) for name in expected}
     found["rotary_base"] = getattr(model, "rotary_base", None)
     found["rotary_percent"] = getattr(model, "rotary_percent", None)
-    expected.update(rotary_base=ROPE_BASE, rotary_percent=1.0)
+    expected.update(rotary_base=cfg.model.rotary_base, rotary_percent=1.0)
     differing = [f"{k}={found[k]!r} (expected {v!r})" for k, v in expected.items() if found[k] != v]
     if differing:
         raise ExportError(
@@ -106,7 +107,7 @@ def megatron_checkpoint(path: Path, key: str = "checkpoint") -> Iterator[Megatro
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         load_model_weights(checkpoint, model, key=key)
-        check_semantics(model)
+        check_semantics(model, cfg)
         yield MegatronCheckpoint(checkpoint, marker.get("step"), cfg, int(vocab_size), model.eval())
     finally:
         if own_group:

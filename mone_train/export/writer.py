@@ -28,7 +28,13 @@ import torch
 from mone_train.data.tokenizer import tokenizer_from_config
 from mone_train.errors import ConfigError
 from mone_train.export import remote_code
-from mone_train.export.convert import architecture_for, convert_state_dict, hf_config, num_kept
+from mone_train.export.convert import (
+    MONE,
+    architecture_for,
+    convert_state_dict,
+    hf_config,
+    num_kept,
+)
 from mone_train.export.errors import ExportError
 from mone_train.export.megatron_source import MegatronCheckpoint, describe_checkpoint, read_weights
 from mone_train.export.tokenizer_files import write_tokenizer_files
@@ -72,10 +78,12 @@ def check_output(out: Path, overwrite: bool) -> None:
 
 
 def _model_class(arch: str):
-    if arch == "mixtral":
-        from transformers import MixtralForCausalLM
+    if arch != MONE:
+        import transformers
 
-        return MixtralForCausalLM
+        from mone_train.families import load_family
+
+        return getattr(transformers, load_family(arch).hf_class)
     from mone_train.export.remote_code.modeling_mone import MoNEForCausalLM
 
     return MoNEForCausalLM
@@ -148,10 +156,10 @@ def export_checkpoint(
     staging.mkdir()
     try:
         arch = architecture_for(loaded.cfg)
-        if arch == "mone":
+        if arch == MONE:
             model.config.auto_map = dict(AUTO_MAP)
         model.save_pretrained(staging)
-        if arch == "mone":
+        if arch == MONE:
             _write_code(staging)
         tokenizer_cfg = getattr(loaded.cfg.data, "tokenizer", None)
         write_tokenizer_files(tokenizer_cfg, staging, loaded.cfg.model.max_position_embeddings)

@@ -11,11 +11,17 @@ attention) instead of megatron's ``DotProductAttention``; neither holds paramete
 backward on CPU) instead of megatron's ``WrappedTorchNorm``; same parameter names and values.
 ``model.rope_fusion`` turns on megatron's RoPE fusion, served on CPU by our one-pass kernel
 (:mod:`mone_train.model.rope`).
+
+The MoE recipe of the family (``arch=``: shared experts, router, balancing, dense layers,
+QK-norm, token dropping) is megatron-core's own, set through its TransformerConfig
+(:func:`recipe_settings`); the spec swaps only what megatron has no module for: MoNE shared
+experts (``moe.shared_expert_mone``) and the QK-norm over all heads (``model.qk_layernorm=full``).
 """
 
 from __future__ import annotations
 
 import copy
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +33,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
@@ -37,12 +44,41 @@ from mone_train.model.grouped_experts import GroupedMoNEExperts
 from mone_train.model.init import init_parameters_by_name
 from mone_train.model.mone_experts import MoNEExperts
 from mone_train.model.norm import RMSNorm
+from mone_train.model.qk_norm import FullWidthKeyNorm, FullWidthQueryNorm
 from mone_train.model.rope import install_fused_rope
+from mone_train.model.shared_experts import MoNESharedExperts
 
 
 def num_moe_layers(cfg: Config) -> int:
-    """Layers that are MoE: every ``moe_layer_freq``-th, starting with the first."""
-    return len(range(0, cfg.model.num_layers, cfg.model.moe_layer_freq))
+    """Layers that are MoE (``ModelConfig.moe_layer_pattern``)."""
+    return sum(cfg.model.moe_layer_pattern())
+
+
+def recipe_settings(cfg: Config) -> dict:
+    """megatron-core's TransformerConfig fields for the model's MoE recipe (``arch=``)."""
+    m = cfg.model
+    balancing = m.load_balancing if m.aux_loss_coeff > 0 else "none"
+    return {
+        "moe_layer_freq": m.moe_layer_pattern(),
+        "moe_aux_loss_coeff": m.aux_loss_coeff if balancing != "none" else 0.0,
+        "moe_router_load_balancing_type": balancing,
+        "moe_z_loss_coeff": m.z_loss_coeff or None,
+        "moe_router_score_function": m.router_score,
+        "moe_router_pre_softmax": m.router_pre_softmax,
+        "moe_router_topk_scaling_factor": m.router_topk_scaling,
+        "moe_router_num_groups": m.router_num_groups,
+        "moe_router_group_topk": m.router_group_topk,
+        "moe_router_enable_expert_bias": m.router_expert_bias,
+        "moe_router_bias_update_rate": m.router_bias_update_rate,
+        "moe_expert_capacity_factor": m.capacity_factor,
+        "moe_token_drop_policy": m.token_drop_policy,
+        "moe_pad_expert_input_to_capacity": m.pad_to_capacity,
+        "moe_shared_expert_intermediate_size": m.shared_expert_ffn_hidden_size or None,
+        "moe_shared_expert_gate": m.shared_expert_gate,
+        "qk_layernorm": m.qk_layernorm != "none",
+        "add_qkv_bias": m.qkv_bias,
+        "layernorm_epsilon": m.norm_epsilon,
+    }
 
 
 def recompute_settings(recompute: str) -> dict:
@@ -69,6 +105,7 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         install_fused_rope()
     return TransformerConfig(
         **recompute_settings(t.recompute),
+        **recipe_settings(cfg),
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         num_attention_heads=m.num_attention_heads,
@@ -85,9 +122,6 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         num_moe_experts=m.num_experts,
         moe_router_topk=m.router_topk,
         moe_ffn_hidden_size=m.moe_ffn_hidden_size,
-        moe_layer_freq=m.moe_layer_freq,
-        moe_aux_loss_coeff=m.aux_loss_coeff,
-        moe_router_load_balancing_type="aux_loss" if m.aux_loss_coeff > 0 else "none",
         moe_token_dispatcher_type="alltoall",
         moe_router_dtype="fp32",  # router logits and softmax in fp32, as megatron recommends
         # These fusions need TransformerEngine or the grouped_gemm package (CUDA only); our own
@@ -116,27 +150,63 @@ def _experts_module(cfg: Config) -> tuple[type, dict] | None:
     module = GroupedMoNEExperts if grouped else MoNEExperts
     return module, {
         "neuron_keep_ratio": cfg.moe.neuron_keep_ratio if mone else 1.0,
-        "ng_lbl_coeff": cfg.moe.ng_lbl_coeff if mone else 0.0,
+        "ng_lbl_coeff": cfg.moe.ng_lbl_coeff if cfg.moe.ng_lbl_on() else 0.0,
         "num_moe_layers": num_moe_layers(cfg),
+        "kernel_impl": cfg.moe.kernel_impl,
+        "neuron_bias_update_rate": (
+            cfg.moe.neuron_bias_update_rate if cfg.moe.neuron_bias_on() else None
+        ),
+    }
+
+
+def _shared_experts_module(cfg: Config) -> tuple[type, dict] | None:
+    """The MoNE shared experts and their arguments; None keeps megatron's SharedExpertMLP."""
+    if not (cfg.moe.shared_expert_mone and cfg.model.shared_expert_ffn_hidden_size):
+        return None
+    return MoNESharedExperts, {
+        "neuron_keep_ratio": cfg.moe.neuron_keep_ratio,
         "kernel_impl": cfg.moe.kernel_impl,
     }
 
 
-def _swap_layer_spec(
-    spec: ModuleSpec, sdpa: bool, experts: tuple[type, dict] | None, fused_norm: bool
-) -> ModuleSpec:
+class _Swaps(NamedTuple):
+    """What :func:`_swap_layer_spec` plugs into megatron's layer spec (None: keep megatron's)."""
+
+    sdpa: bool
+    experts: tuple[type, dict] | None
+    shared_experts: tuple[type, dict] | None
+    fused_norm: bool
+    qk_norm: str
+
+    def changes_nothing(self) -> bool:
+        return not (self.sdpa or self.experts or self.shared_experts or self.fused_norm) and (
+            self.qk_norm != "full"
+        )
+
+
+def _swap_layer_spec(spec: ModuleSpec, swaps: _Swaps) -> ModuleSpec:
     """A copy of megatron's layer spec with our core attention, experts and norms plugged in."""
     new_spec = copy.deepcopy(spec)
-    if sdpa:
-        attention = new_spec.submodules.self_attention.submodules
+    attention = new_spec.submodules.self_attention.submodules
+    if swaps.sdpa:
         assert attention.core_attention is DotProductAttention, attention.core_attention
         attention.core_attention = SDPAttention
+    if swaps.qk_norm == "full":
+        attention.q_layernorm, attention.k_layernorm = FullWidthQueryNorm, FullWidthKeyNorm
+    elif swaps.qk_norm == "head" and swaps.fused_norm:
+        for name in ("q_layernorm", "k_layernorm"):
+            if getattr(attention, name) is WrappedTorchNorm:
+                setattr(attention, name, RMSNorm)
     mlp = new_spec.submodules.mlp
-    if experts is not None and mlp.module is MoELayer:
+    if swaps.experts is not None and mlp.module is MoELayer:
         experts_spec = mlp.submodules.experts
         assert experts_spec.module is SequentialMLP, experts_spec.module
-        experts_spec.module, experts_spec.params = experts
-    if fused_norm:
+        experts_spec.module, experts_spec.params = swaps.experts
+    if swaps.shared_experts is not None and mlp.module is MoELayer:
+        shared_spec = mlp.submodules.shared_experts
+        assert shared_spec.module is SharedExpertMLP, shared_spec.module
+        shared_spec.module, shared_spec.params = swaps.shared_experts
+    if swaps.fused_norm:
         for name in ("input_layernorm", "pre_mlp_layernorm"):
             if getattr(new_spec.submodules, name) is WrappedTorchNorm:
                 setattr(new_spec.submodules, name, RMSNorm)
@@ -149,19 +219,23 @@ def decoder_block_spec(cfg: Config, config: TransformerConfig) -> TransformerBlo
     block = get_gpt_decoder_block_spec(
         config, use_transformer_engine=False, normalization="RMSNorm"
     )
-    sdpa = cfg.model.attention == "sdpa"
-    fused_norm = cfg.model.norm == "fused"
-    experts = _experts_module(cfg)
-    if not sdpa and not fused_norm and experts is None:
+    swaps = _Swaps(
+        sdpa=cfg.model.attention == "sdpa",
+        experts=_experts_module(cfg),
+        shared_experts=_shared_experts_module(cfg),
+        fused_norm=cfg.model.norm == "fused",
+        qk_norm=cfg.model.qk_layernorm,
+    )
+    if swaps.changes_nothing():
         return block
     swapped: dict[int, ModuleSpec] = {}  # layers share spec objects; copy each one once
     layer_specs = []
     for spec in block.layer_specs:
         if id(spec) not in swapped:
-            swapped[id(spec)] = _swap_layer_spec(spec, sdpa, experts, fused_norm)
+            swapped[id(spec)] = _swap_layer_spec(spec, swaps)
         layer_specs.append(swapped[id(spec)])
     final_norm = block.layer_norm
-    if fused_norm and final_norm is WrappedTorchNorm:
+    if swaps.fused_norm and final_norm is WrappedTorchNorm:
         final_norm = RMSNorm
     return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=final_norm)
 
@@ -175,6 +249,7 @@ def build_gpt_model(cfg: Config, vocab_size: int) -> GPTModel:
         vocab_size=vocab_size,
         max_sequence_length=cfg.model.max_position_embeddings,
         position_embedding_type="rope",
+        rotary_base=cfg.model.rotary_base,
         share_embeddings_and_output_weights=cfg.model.tie_embeddings,
     )
     for module in model.modules():

@@ -81,8 +81,7 @@ class GroupedMoNEExperts(MoNEExperts):
         h_NF, activations = self._activation(fc1_N2F, probs_N, counts, with_balance, with_mask)
         w2_EDF = torch.stack([expert.linear_fc2.weight for expert in self.local_experts])
         out_ND = grouped_linear(h_NF, w2_EDF, ends_E)
-        if with_mask:
-            self.monitor([act.mask for act in activations])
+        self.observe_masks(activations, with_mask)
         if with_balance:
             out_ND = self._attach_ng_lbl(out_ND, activations, counts)
         return out_ND, None
@@ -98,11 +97,14 @@ class GroupedMoNEExperts(MoNEExperts):
         """([N, F] masked SwiGLU product of all rows times their router probability, the
         activation of each local expert).
 
-        Rows are independent, so without the per-expert balance loss one call covers all rows
-        (its mask is split per expert afterwards); with it, one chunk per expert.
+        Rows are independent, so without the per-expert balance loss or selection weights one
+        call covers all rows (its mask is split per expert afterwards); with them, one chunk
+        per expert.
         """
-        chunks = list(fc1_N2F.split(counts)) if with_balance else [fc1_N2F]
-        scales = list(probs_N.split(counts)) if with_balance else [probs_N]
+        weights = self.selection_weights()
+        per_expert = with_balance or weights is not None
+        chunks = list(fc1_N2F.split(counts)) if per_expert else [fc1_N2F]
+        scales = list(probs_N.split(counts)) if per_expert else [probs_N]
         activations = neuron_topk_swiglu_grouped(
             chunks,
             self.num_kept,
@@ -110,12 +112,13 @@ class GroupedMoNEExperts(MoNEExperts):
             with_balance=with_balance,
             with_mask=with_mask,
             row_scales=scales,
+            selection_weights=weights,
         )
         if len(activations) == 1:
             h_NF = activations[0].h
         else:
             h_NF = torch.cat([act.h for act in activations], dim=0)
-        if not with_balance:
+        if not per_expert:
             mask_NF = activations[0].mask
             masks = mask_NF.split(counts) if mask_NF is not None else [None] * len(counts)
             activations = [

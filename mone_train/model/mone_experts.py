@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.moe.experts import SequentialMLP
@@ -26,6 +27,7 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 
 from mone_kernels import MoNEActivation, neuron_topk_swiglu_grouped, num_kept_neurons
+from mone_train.model.neuron_balance import selection_weights
 
 NG_LBL_TRACKER_NAME = "ng_lbl"
 
@@ -39,6 +41,9 @@ class MoNEExperts(SequentialMLP):
         ng_lbl_coeff: beta of the neuron-granular load-balance loss (0 disables it).
         num_moe_layers: MoE layers in the model; NG-LBL is averaged over them.
         kernel_impl: implementation of the activation, see ``mone_kernels.IMPLS``.
+        neuron_bias_update_rate: with a number, the experts keep a per-neuron selection bias
+            (``neuron_bias`` [E_local, F], checkpointed along the expert axis) moved by this
+            rate (:mod:`mone_train.model.neuron_balance`); None: no bias.
     """
 
     def __init__(
@@ -52,6 +57,7 @@ class MoNEExperts(SequentialMLP):
         ng_lbl_coeff: float = 0.0,
         num_moe_layers: int = 1,
         kernel_impl: str = "auto",
+        neuron_bias_update_rate: float | None = None,
     ) -> None:
         super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection)
         if not (config.gated_linear_unit and config.activation_func is F.silu):
@@ -71,6 +77,14 @@ class MoNEExperts(SequentialMLP):
         self.num_layers = config.num_layers
         # Set by mone_train.health.HealthMonitor: called with the local experts' neuron masks.
         self.monitor = None
+        self.neuron_bias_update_rate = neuron_bias_update_rate
+        self.neuron_bias = None
+        if neuron_bias_update_rate is not None and self.num_kept < self.num_neurons:
+            shape = (num_local_experts, self.num_neurons)
+            self.register_buffer("neuron_bias", torch.zeros(shape, dtype=torch.float32))
+            # this step's selections per neuron, summed over the observed forwards
+            counts = torch.zeros(shape, dtype=torch.float32)
+            self.register_buffer("neuron_selections", counts, persistent=False)
 
     def forward(
         self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, probs_N: torch.Tensor
@@ -87,9 +101,9 @@ class MoNEExperts(SequentialMLP):
             impl=self.kernel_impl,
             with_balance=with_balance,
             with_mask=with_mask,
+            selection_weights=self.selection_weights(),
         )
-        if with_mask:
-            self.monitor([act.mask for act in activations])
+        self.observe_masks(activations, with_mask)
         if with_balance:
             out_ND = self._attach_ng_lbl(out_ND, activations, counts)
         return out_ND, None
@@ -105,9 +119,44 @@ class MoNEExperts(SequentialMLP):
         """
         observed = self.training and torch.is_grad_enabled()
         with_balance = observed and self.ng_lbl_coeff > 0 and self.num_kept < self.num_neurons
-        # The [N, F] bool mask is built only for the health monitor (the kernel packs its own).
-        with_mask = observed and self.monitor is not None
+        # The [N, F] bool mask is built only for the health monitor and the neuron bias's
+        # counts (the kernel packs its own).
+        with_mask = observed and (self.monitor is not None or self.neuron_bias is not None)
         return with_balance, with_mask
+
+    def selection_weights(self) -> list[torch.Tensor] | None:
+        """Per local expert, the neuron bias's selection weights; None without a bias."""
+        if self.neuron_bias is None:
+            return None
+        if self.neuron_bias.dtype != torch.float32:  # a bf16 cast of the model: keep fp32
+            self.neuron_bias.data = self.neuron_bias.data.float()
+        return selection_weights(self.neuron_bias)
+
+    def observe_masks(self, activations: list[MoNEActivation], with_mask: bool) -> None:
+        """Hand an observed forward's masks to the health monitor and count them for the bias."""
+        if not with_mask:
+            return
+        if self.monitor is not None:
+            self.monitor([act.mask for act in activations])
+        if self.neuron_bias is not None:
+            for e, act in enumerate(activations):
+                if act.mask is not None and act.mask.shape[0]:
+                    self.neuron_selections[e] += act.mask.sum(dim=0, dtype=torch.float32)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """SequentialMLP's, plus the neuron bias stacked along the global expert axis."""
+        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.neuron_bias is not None:
+            key = f"{prefix}neuron_bias"
+            sharded[key] = ShardedTensor.from_rank_offsets(
+                key,
+                self.neuron_bias,
+                *sharded_offsets,
+                (len(sharded_offsets), self.ep_group.rank(), self.ep_group.size()),
+                replica_id=(0, 0, self.dp_group.rank()),
+                prepend_axis_num=len(sharded_offsets),
+            )
+        return sharded
 
     def _attach_ng_lbl(
         self, out_ND: torch.Tensor, activations: list[MoNEActivation], counts: list[int]
@@ -138,6 +187,7 @@ def experts_forward(
     with_balance: bool = False,
     with_mask: bool = True,
     fc1_observer: Callable[[int, torch.Tensor], None] | None = None,
+    selection_weights: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[MoNEActivation], list[int]]:
     """The MoNE computation of any SwiGLU ``SequentialMLP`` (its own weights) with K = ``num_kept``.
 
@@ -166,6 +216,7 @@ def experts_forward(
         with_balance=with_balance,
         with_mask=with_mask,
         row_scales=list(probs_chunks),  # h times the router probability, as megatron's experts
+        selection_weights=selection_weights,
     )
     out_chunks = [
         expert.linear_fc2(act.h)[0] for expert, act in zip(experts.local_experts, activations)

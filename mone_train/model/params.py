@@ -3,6 +3,8 @@
 Per token and routed expert (D hidden, F neurons, K kept), plain MoE touches 3*D*F weights;
 MoNE touches all of W_gate (D*F) but only K rows of W_up and K columns of W_down (2*D*K). The
 activated MoE-layer parameter ratio is therefore (D*F + 2*D*K) / (3*D*F) = (1 + 2*rho) / 3.
+Shared experts and dense layers are activated for every token (a MoNE shared expert of width S
+keeping K_s touches D*S + 2*D*K_s of its weights).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 from mone_train.model.mone_experts import MoNEExperts
+from mone_train.model.shared_experts import MoNESharedExperts
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,11 @@ def count_parameters(model: torch.nn.Module, router_topk: int, ep_size: int = 1)
     activated_experts_moe = 0
     activated_experts = 0
     kept_ratio = 1.0
+    shared_skipped = 0  # weights a MoNE shared expert does not touch per token (2 D (S - K))
     for module in model.modules():
+        if isinstance(module, MoNESharedExperts):
+            hidden = module.linear_fc2.weight.shape[0]
+            shared_skipped += 2 * hidden * (module.num_neurons - module.num_kept)
         if not isinstance(module, SequentialMLP):
             continue
         expert_local += sum(p.numel() for p in module.parameters())
@@ -63,7 +70,7 @@ def count_parameters(model: torch.nn.Module, router_topk: int, ep_size: int = 1)
         total=dense + expert_local * ep_size,
         expert=expert_local * ep_size,
         activated_moe=dense + activated_experts_moe,
-        activated=dense + activated_experts,
+        activated=dense + activated_experts - shared_skipped,
         neuron_keep_ratio=kept_ratio,
         moe_layer_activated_ratio=(1 + 2 * kept_ratio) / 3,
     )

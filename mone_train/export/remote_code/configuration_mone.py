@@ -1,10 +1,14 @@
 """Configuration of a MoNE (Mixture of Neuron Experts) causal language model.
 
 A GPT-style decoder as mone-train trains it with megatron-core: RMSNorm, RoPE (non-interleaved),
-grouped-query attention without biases, SwiGLU MLPs; every ``moe_layer_freq``-th layer (from
-the first) is a mixture of experts with a top-k softmax router, the others are dense. Inside
+grouped-query attention (optionally with q/k/v biases and RMSNorm of queries and keys, per head
+or over all heads), SwiGLU MLPs; the layers marked 1 in ``moe_layer_pattern`` (or every
+``moe_layer_freq``-th from the first) are mixtures of experts with megatron-core's top-k
+router (softmax or sigmoid scores, optional pre-softmax, group-limited routing, expert bias,
+scaling) and optionally a shared expert (with a sigmoid gate), the others are dense. Inside
 every routed expert each token keeps only the ``num_kept_neurons`` neurons with the largest
-|SiLU(gate)| (all of them for a plain MoE model).
+|SiLU(gate)| (all of them for a plain MoE model), ranked by |SiLU(gate)| * exp(neuron bias)
+when the model was trained with the neuron-level balance bias.
 """
 
 from __future__ import annotations
@@ -30,7 +34,20 @@ class MoNEConfig(PreTrainedConfig):
     head_dim: int | None = None
     num_experts: int = 8
     num_experts_per_tok: int = 2
-    moe_layer_freq: int = 1  # layers 0, f, 2f, ... are MoE layers
+    moe_layer_freq: int = 1  # layers 0, f, 2f, ... are MoE layers (without a pattern)
+    moe_layer_pattern: list[int] | None = None  # 1: MoE layer, 0: dense, one per layer
+    shared_expert_intermediate_size: int = 0  # 0: no shared expert
+    shared_expert_gate: bool = False  # shared expert output times sigmoid(w . x)
+    shared_expert_num_kept: int | None = None  # K of a MoNE shared expert; None: all
+    router_score: str = "softmax"  # softmax | sigmoid
+    router_pre_softmax: bool = False
+    router_topk_scaling: float | None = None
+    router_num_groups: int | None = None
+    router_group_topk: int | None = None
+    router_expert_bias: bool = False  # sigmoid scores + bias choose the experts
+    neuron_bias: bool = False  # routed experts rank |g| * exp(bias) (their `neuron_bias`)
+    qk_layernorm: str = "none"  # none | head | full
+    qkv_bias: bool = False
     neuron_keep_ratio: float = 1.0  # rho, as trained (informative; num_kept_neurons decides)
     num_kept_neurons: int | None = None  # K; None keeps all F (a plain MoE model)
     decode_path: str = "auto"  # auto | dense | sparse
@@ -73,9 +90,20 @@ class MoNEConfig(PreTrainedConfig):
             )
         if self.decode_path not in DECODE_PATHS:
             raise ValueError(f"decode_path={self.decode_path!r} is not one of {DECODE_PATHS}")
+        if self.router_score not in ("softmax", "sigmoid"):
+            raise ValueError(f"router_score={self.router_score!r} is not softmax or sigmoid")
+        if self.qk_layernorm not in ("none", "head", "full"):
+            raise ValueError(f"qk_layernorm={self.qk_layernorm!r} is not none, head or full")
+        pattern = self.moe_layer_pattern
+        if pattern is not None and len(pattern) != self.num_hidden_layers:
+            raise ValueError(
+                f"moe_layer_pattern has {len(pattern)} entries for {self.num_hidden_layers} layers"
+            )
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Whether decoder layer ``layer_idx`` (0-based) is a mixture of experts."""
+        if self.moe_layer_pattern is not None:
+            return bool(self.moe_layer_pattern[layer_idx])
         return layer_idx % self.moe_layer_freq == 0
 
 

@@ -5,15 +5,22 @@ tested against megatron on the same tokens):
 
     embed -> N x [x + attn(RMSNorm(x)); x + mlp(RMSNorm(x))] -> RMSNorm -> lm_head
 
-- attention: q/k/v/o projections without bias (megatron's fused ``linear_qkv`` split per query
-  group at export), RoPE over the whole head (base ``rope_theta``, halves rotated, not
+- attention: q/k/v/o projections (megatron's fused ``linear_qkv`` split per query group at
+  export; q/k/v biases with ``qkv_bias``), RMSNorm of queries and keys per head or over all
+  heads (``qk_layernorm``), RoPE over the whole head (base ``rope_theta``, halves rotated, not
   interleaved), grouped-query attention, softmax scale 1/sqrt(head_dim), causal mask;
-- MoE layers (every ``moe_layer_freq``-th from the first): router logits in fp32 without bias,
-  top-k over the logits, softmax over the k chosen (megatron's default ``softmax`` score function
-  without pre-softmax), each chosen expert's output scaled by its probability and summed;
-- routed experts: SwiGLU with the top ``num_kept_neurons`` neurons by |SiLU(gate)| per token,
-  dense masked or sparse (``sparse_decode.expert_forward``, chosen by ``config.decode_path``);
+- MoE layers (``config.is_moe_layer``): megatron-core's router (``topk_routing_with_score_function``:
+  fp32 logits; softmax over the k chosen logits, or over all experts before the top-k; or
+  sigmoid scores, the expert bias used to choose only, renormalised over the k; group-limited
+  choice; a scaling factor), each chosen expert's output scaled by its probability and summed,
+  plus the shared expert (times sigmoid(w . x) with its gate) when there is one;
+- routed experts: SwiGLU with the top ``num_kept_neurons`` neurons by |SiLU(gate)| per token
+  (times exp(neuron bias) with ``neuron_bias``), dense masked or sparse
+  (``sparse_decode.expert_forward``, chosen by ``config.decode_path``);
 - dense layers: SwiGLU MLP of width ``intermediate_size``.
+
+Token dropping (a training-time capacity factor) is not reproduced: every token reaches its
+experts, as in every Hugging Face MoE model.
 
 Legend: B batch, S sequence, N = B*S tokens, D hidden size, E experts, F neurons per expert,
 H heads, G key/value heads, Dh head size.
@@ -36,9 +43,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to
 from .configuration_mone import MoNEConfig
 
 try:  # an exported model directory carries the kernel file beside this one
-    from .sparse_decode import expert_forward
+    from .sparse_decode import dense_masked_expert_forward, expert_forward
 except ImportError:  # inside the mone_train package
-    from mone_kernels.sparse_decode import expert_forward
+    from mone_kernels.sparse_decode import dense_masked_expert_forward, expert_forward
 
 
 class MoNERMSNorm(nn.RMSNorm):
@@ -118,10 +125,27 @@ class MoNEAttention(nn.Module):
         self.is_causal = True
         q_width = config.num_attention_heads * self.head_dim
         kv_width = config.num_key_value_heads * self.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, q_width, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, kv_width, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=False)
+        bias = config.qkv_bias
+        self.q_proj = nn.Linear(config.hidden_size, q_width, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_width, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=bias)
         self.o_proj = nn.Linear(q_width, config.hidden_size, bias=False)
+        self.qk_layernorm = config.qk_layernorm
+        if self.qk_layernorm != "none":
+            full = self.qk_layernorm == "full"
+            eps = config.rms_norm_eps
+            self.q_norm = MoNERMSNorm(q_width if full else self.head_dim, eps=eps)
+            self.k_norm = MoNERMSNorm(kv_width if full else self.head_dim, eps=eps)
+
+    def _project(self, hidden_BSD: torch.Tensor, proj: nn.Linear, norm: str) -> torch.Tensor:
+        """[B, S, D] -> [B, heads, S, Dh], RMSNorm-ed over all heads or per head if asked."""
+        out = proj(hidden_BSD)
+        if norm and self.qk_layernorm == "full":
+            out = getattr(self, norm)(out)
+        out = out.view(*hidden_BSD.shape[:-1], -1, self.head_dim)
+        if norm and self.qk_layernorm == "head":
+            out = getattr(self, norm)(out)
+        return out.transpose(1, 2)
 
     def forward(
         self,
@@ -132,10 +156,9 @@ class MoNEAttention(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[B, S, D] -> ([B, S, D], attention weights or None); appends K/V to ``cache``."""
-        shape = (*hidden_BSD.shape[:-1], -1, self.head_dim)
-        q = self.q_proj(hidden_BSD).view(shape).transpose(1, 2)
-        k = self.k_proj(hidden_BSD).view(shape).transpose(1, 2)
-        v = self.v_proj(hidden_BSD).view(shape).transpose(1, 2)
+        q = self._project(hidden_BSD, self.q_proj, "q_norm")
+        k = self._project(hidden_BSD, self.k_proj, "k_norm")
+        v = self._project(hidden_BSD, self.v_proj, "")
         q, k = apply_rotary(q, k, *position_embeddings)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
@@ -156,40 +179,93 @@ class MoNEAttention(nn.Module):
 
 
 class MoNEDenseMLP(nn.Module):
-    """SwiGLU MLP of the layers that are not MoE (megatron's fc1 = [gate | up])."""
+    """SwiGLU MLP (megatron's fc1 = [gate | up]): the dense layers' MLP, and the shared expert,
+    which keeps only its top ``num_kept`` neurons per token when that is below its width."""
 
-    def __init__(self, config: MoNEConfig) -> None:
+    def __init__(self, config: MoNEConfig, width: int | None = None, num_kept: int | None = None):
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        width = width or config.intermediate_size
+        self.num_kept = num_kept if num_kept is not None else width
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * width, bias=False)
+        self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[..., D] -> [..., D]: down(SiLU(gate) * up)."""
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        if self.num_kept == self.down_proj.in_features:
+            gate, up = gate_up.chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
+        x_ND = x.reshape(-1, x.shape[-1])
+        out = dense_masked_expert_forward(
+            x_ND, self.gate_up_proj.weight, self.down_proj.weight.t(), self.num_kept
+        )
+        return out.view(x.shape)
+
+
+def _group_limited_topk(scores_NE: torch.Tensor, k: int, groups: int, group_k: int):
+    """megatron-core's group-limited top-k: the groups with the largest sums of their top
+    k / group_k scores, then the top-k experts inside them -> (values, indices)."""
+    num_tokens, num_experts = scores_NE.shape
+    group_scores = scores_NE.view(num_tokens, groups, -1).topk(k // group_k, dim=-1)[0].sum(-1)
+    group_idx = torch.topk(group_scores, k=group_k, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+    score_mask = group_mask.unsqueeze(-1).expand(num_tokens, groups, num_experts // groups)
+    masked = scores_NE.masked_fill(~score_mask.reshape(num_tokens, -1).bool(), float("-inf"))
+    return torch.topk(masked, k=k, dim=-1)
 
 
 class MoNERouter(nn.Module):
-    """Top-k router: fp32 logits, top-k over them, softmax over the k chosen."""
+    """megatron-core's top-k router (fp32), as configured; ``expert_bias`` only chooses."""
 
     def __init__(self, config: MoNEConfig) -> None:
         super().__init__()
+        self.config = config
         self.top_k = config.num_experts_per_tok
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        if config.router_expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(config.num_experts))
+        else:
+            self.expert_bias = None
+
+    def _topk(self, scores_NE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        groups, group_k = self.config.router_num_groups, self.config.router_group_topk
+        if group_k:
+            return _group_limited_topk(scores_NE, self.top_k, groups, group_k)
+        return torch.topk(scores_NE, self.top_k, dim=-1)
 
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[N, D] -> ([N, k] expert indices, [N, k] fp32 probabilities)."""
+        c = self.config
         logits_NE = F.linear(x_ND.float(), self.weight.float())
-        top_logits_NK, experts_NK = torch.topk(logits_NE, self.top_k, dim=-1)
-        return experts_NK, torch.softmax(top_logits_NK, dim=-1, dtype=torch.float32)
+        if c.router_score == "softmax":
+            if c.router_pre_softmax:
+                probs_NK, experts_NK = self._topk(torch.softmax(logits_NE, dim=-1))
+            else:
+                top_logits_NK, experts_NK = self._topk(logits_NE)
+                probs_NK = torch.softmax(top_logits_NK, dim=-1, dtype=torch.float32)
+        else:
+            scores_NE = torch.sigmoid(logits_NE)
+            if self.expert_bias is not None:
+                _, experts_NK = self._topk(scores_NE + self.expert_bias.float())
+                probs_NK = torch.gather(scores_NE, 1, experts_NK)
+            else:
+                probs_NK, experts_NK = self._topk(scores_NE)
+            if self.top_k > 1:
+                probs_NK = probs_NK / (probs_NK.sum(dim=-1, keepdim=True) + 1e-20)
+        if c.router_topk_scaling:
+            probs_NK = probs_NK * c.router_topk_scaling
+        return experts_NK, probs_NK
 
 
 class MoNEExperts(nn.Module):
     """The routed experts' weights, stacked, in the layout the sparse path reads.
 
     ``gate_up_proj`` [E, 2F, D]: megatron's fc1 (gate rows, then up rows);
-    ``down_proj_t`` [E, F, D]: W_down transposed (neuron j's output weights are row j).
+    ``down_proj_t`` [E, F, D]: W_down transposed (neuron j's output weights are row j);
+    ``neuron_bias`` [E, F] (with ``config.neuron_bias``): the neuron-level balance bias.
     """
+
+    MAX_ABS_BIAS = 30.0  # as mone_train.model.neuron_balance
 
     def __init__(self, config: MoNEConfig) -> None:
         super().__init__()
@@ -197,6 +273,10 @@ class MoNEExperts(nn.Module):
         self.config = config
         self.gate_up_proj = nn.Parameter(torch.empty(shape[0], 2 * shape[1], shape[2]))
         self.down_proj_t = nn.Parameter(torch.empty(shape))
+        if config.neuron_bias:
+            self.register_buffer("neuron_bias", torch.zeros(shape[0], shape[1]))
+        else:
+            self.neuron_bias = None
 
     def forward(
         self, x_ND: torch.Tensor, experts_NK: torch.Tensor, probs_NK: torch.Tensor
@@ -204,6 +284,11 @@ class MoNEExperts(nn.Module):
         """Sum over each token's chosen experts of probability x expert output: [N, D]."""
         out_ND = torch.zeros_like(x_ND)
         num_kept, path = self.config.num_kept_neurons, self.config.decode_path
+        weights_EF = None
+        if self.neuron_bias is not None:
+            weights_EF = torch.exp(
+                self.neuron_bias.float().clamp(-self.MAX_ABS_BIAS, self.MAX_ABS_BIAS)
+            )
         for expert in torch.unique(experts_NK).tolist():
             rows_T, slots_T = torch.nonzero(experts_NK == expert, as_tuple=True)
             y_TD = expert_forward(
@@ -213,24 +298,38 @@ class MoNEExperts(nn.Module):
                 num_kept,
                 probs_NK[rows_T, slots_T],
                 path=path,
+                selection_weight_F=None if weights_EF is None else weights_EF[expert],
             )
             out_ND.index_add_(0, rows_T, y_TD.to(out_ND.dtype))
         return out_ND
 
 
 class MoNESparseMoeBlock(nn.Module):
-    """Router + routed MoNE experts (no shared experts)."""
+    """Router + routed MoNE experts, plus the shared expert (and its gate) when there is one."""
 
     def __init__(self, config: MoNEConfig) -> None:
         super().__init__()
         self.router = MoNERouter(config)
         self.experts = MoNEExperts(config)
+        width = config.shared_expert_intermediate_size
+        self.shared_expert = (
+            MoNEDenseMLP(config, width, config.shared_expert_num_kept) if width else None
+        )
+        self.shared_expert_gate = (
+            nn.Linear(config.hidden_size, 1, bias=False) if config.shared_expert_gate else None
+        )
 
     def forward(self, hidden_BSD: torch.Tensor) -> torch.Tensor:
         """[B, S, D] -> [B, S, D]: route every token, sum its experts' weighted outputs."""
         x_ND = hidden_BSD.reshape(-1, hidden_BSD.shape[-1])
         experts_NK, probs_NK = self.router(x_ND)
-        return self.experts(x_ND, experts_NK, probs_NK).view(hidden_BSD.shape)
+        out_BSD = self.experts(x_ND, experts_NK, probs_NK).view(hidden_BSD.shape)
+        if self.shared_expert is None:
+            return out_BSD
+        shared_BSD = self.shared_expert(hidden_BSD)
+        if self.shared_expert_gate is not None:
+            shared_BSD = shared_BSD * torch.sigmoid(self.shared_expert_gate(hidden_BSD))
+        return out_BSD + shared_BSD
 
 
 class MoNEDecoderLayer(nn.Module):
@@ -279,8 +378,12 @@ class MoNEPreTrainedModel(PreTrainedModel):
         if isinstance(module, MoNEExperts):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj_t, mean=0.0, std=std)
+            if module.neuron_bias is not None:
+                init.zeros_(module.neuron_bias)
         elif isinstance(module, MoNERouter):
             init.normal_(module.weight, mean=0.0, std=std)
+            if module.expert_bias is not None:
+                init.zeros_(module.expert_bias)
         elif isinstance(module, MoNERotaryEmbedding):
             init.copy_(module.inv_freq, MoNERotaryEmbedding.inverse_frequencies(self.config))
 

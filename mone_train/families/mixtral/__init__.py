@@ -1,0 +1,38 @@
+"""Mixtral: every layer MoE, top-k over the router logits then softmax over the k (transformers'
+MixtralForCausalLM: softmax over all experts, top-k, renormalised: the same probabilities)."""
+
+from __future__ import annotations
+
+from mone_train.families.base import Family, dense_layers
+
+
+class Mixtral(Family):
+    def family_mismatch(self, cfg):
+        m = cfg.model
+        if dense_layers(cfg):
+            return "Mixtral has no dense layers"
+        if m.shared_expert_ffn_hidden_size or m.qk_layernorm != "none" or m.qkv_bias:
+            return "Mixtral has no shared expert, QK-norm or q/k/v biases"
+        if m.router_pre_softmax:
+            return "Mixtral renormalises the top-k probabilities"
+        return None
+
+    def hf_config_kwargs(self, cfg):
+        m = cfg.model
+        return {
+            "intermediate_size": m.moe_ffn_hidden_size,
+            "num_local_experts": m.num_experts,
+            "sliding_window": None,
+            "router_jitter_noise": 0.0,
+            "router_aux_loss_coef": m.aux_loss_coeff,
+        }
+
+    def model_overrides(self, hf):
+        return {
+            "moe_ffn_hidden_size": hf.intermediate_size,
+            "num_experts": hf.num_local_experts,
+            "router_pre_softmax": False,
+        }
+
+
+FAMILY = Mixtral("mixtral", hf_class="MixtralForCausalLM", hf_model_type="mixtral")
