@@ -82,7 +82,7 @@ class ResumePoint:
 def model_signature(cfg: Config, vocab_size: int) -> dict:
     """The shape-defining values; a checkpoint only loads into a model with the same ones."""
     m = cfg.model
-    return {
+    signature = {
         "num_layers": m.num_layers,
         "hidden_size": m.hidden_size,
         "num_attention_heads": m.num_attention_heads,
@@ -94,6 +94,19 @@ def model_signature(cfg: Config, vocab_size: int) -> dict:
         "tie_embeddings": m.tie_embeddings,
         "vocab_size": vocab_size,
     }
+    # The recipes' tensors, named only when present, so that checkpoints written before the
+    # families existed keep their signature.
+    recipe = {
+        "first_dense_layers": m.first_dense_layers,
+        "shared_expert_ffn_hidden_size": m.shared_expert_ffn_hidden_size,
+        "shared_expert_gate": m.shared_expert_gate,
+        "qk_layernorm": m.qk_layernorm if m.qk_layernorm != "none" else None,
+        "qkv_bias": m.qkv_bias,
+        "router_expert_bias": m.router_expert_bias,
+        "neuron_bias": cfg.moe.neuron_bias_on(),
+    }
+    signature.update({key: value for key, value in recipe.items() if value})
+    return signature
 
 
 def signature_mismatch(saved: dict, current: dict) -> list[str]:

@@ -8,6 +8,7 @@ SIGTERM/SIGUSR1 (what SLURM sends before a job's time ends) into a save and exit
 from __future__ import annotations
 
 import signal
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from mone_train.checkpoint import (
+    EXIT_PREEMPTED,
     checkpoint_bytes_estimate,
     free_bytes,
     load_checkpoint,
@@ -35,12 +37,18 @@ class TrainState:
 
 
 class PreemptionFlag:
-    """Set by SIGTERM or SIGUSR1; install it before anything is written, so a signal saves."""
+    """Set by SIGTERM or SIGUSR1; install it before anything is written, so a signal saves.
+
+    Before the training loop runs (start-up: process groups, data, model, resume) there is
+    nothing to save and no loop to read the flag: a signal then ends the process at once with
+    EXIT_PREEMPTED (the launcher requeues or restarts it like any preempted run).
+    """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self) -> None:
         self._set = False
+        self.loop_running = False  # set by the trainer when the step loop starts
         self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def restore(self) -> None:
@@ -50,6 +58,10 @@ class PreemptionFlag:
 
     def _handle(self, signum, frame) -> None:
         self._set = True
+        if not self.loop_running:
+            print(f"mone-train: signal {signum} during start-up: exiting with code "
+                  f"{EXIT_PREEMPTED}", file=sys.stderr, flush=True)  # fmt: skip
+            raise SystemExit(EXIT_PREEMPTED)
 
     def requested(self, info: DistInfo) -> bool:
         """Whether any rank was signalled (all ranks must agree to save together)."""

@@ -9,6 +9,8 @@ must move exactly the bytes of the same MoE run; the trainer logs both figures p
 
 from __future__ import annotations
 
+import time
+
 import torch.distributed as dist
 
 _counts = {"sent": 0, "received": 0}
@@ -36,3 +38,59 @@ def take() -> tuple[int, int]:
     sent, received = _counts["sent"], _counts["received"]
     _counts["sent"] = _counts["received"] = 0
     return sent, received
+
+
+# --------------------------------------------------------------- time inside collectives
+
+# The collectives a training step runs (megatron's DDP, the token dispatcher, our reductions).
+TIMED = (
+    "all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
+    "all_to_all_single", "all_to_all", "broadcast", "barrier",
+)  # fmt: skip
+_clock = {"seconds": 0.0, "events": []}
+_timing = False
+
+
+def install_clock() -> None:
+    """Start timing every call of :data:`TIMED` (idempotent; after :func:`install`).
+
+    On CPU (gloo) a collective returns when it is done: its wall time is what this rank spent
+    waiting for and exchanging with the others. On GPU a collective is a kernel on the stream
+    that spins until the peers arrive: CUDA events around it measure the same, read at
+    :func:`take_collective_seconds` (one synchronisation per log interval).
+    """
+    global _timing
+    if _timing:
+        return
+    import torch
+
+    for name in TIMED:
+        original = getattr(dist, name)
+
+        def timed(*args, _original=original, **kwargs):
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                start.record()
+                result = _original(*args, **kwargs)
+                end.record()
+                _clock["events"].append((start, end))
+                return result
+            began = time.perf_counter()
+            result = _original(*args, **kwargs)
+            _clock["seconds"] += time.perf_counter() - began
+            return result
+
+        setattr(dist, name, timed)
+    _timing = True
+
+
+def take_collective_seconds() -> float:
+    """Seconds this rank spent in collectives since the last call."""
+    seconds = _clock["seconds"]
+    if _clock["events"]:
+        import torch
+
+        torch.cuda.synchronize()
+        seconds += sum(start.elapsed_time(end) for start, end in _clock["events"]) / 1e3
+    _clock["seconds"], _clock["events"] = 0.0, []
+    return seconds

@@ -423,6 +423,10 @@ class TrainerConfig:
     pipeline_parallel_size: int = 1  # only 1 is supported so far
     backend: Optional[str] = None  # torch.distributed backend; null: nccl with CUDA, else gloo
     init_timeout_s: float = 600.0  # how long ranks wait for each other at start-up
+    collective_timeout_s: float = 1800.0  # a collective that takes longer fails the job
+    # A rank without progress this long dumps its stacks and exits (mone_train/watchdog.py):
+    # null: automatic (20 median steps, at least 120 s; 900 s before steps are measured); 0: off.
+    hang_timeout_s: Optional[float] = None
     precision: str = "fp32"  # fp32 | bf16 (bf16 compute, fp32 master weights and optimizer)
     # ZeRO-1: each weight's optimizer state (and fp32 master) on one data-parallel rank only
     # (expert weights: one expert-data-parallel rank); nothing changes on one process.
@@ -501,6 +505,11 @@ class TrainerConfig:
             self.init_timeout_s,
             "a number of seconds > 0",
         )
+        _require(self.collective_timeout_s > 0, "trainer.collective_timeout_s",
+                 self.collective_timeout_s, "a number of seconds > 0")  # fmt: skip
+        if self.hang_timeout_s is not None:
+            _require(self.hang_timeout_s >= 0, "trainer.hang_timeout_s", self.hang_timeout_s,
+                     "null (automatic), 0 (off) or a number of seconds > 0")  # fmt: skip
 
 
 @dataclass

@@ -77,12 +77,16 @@ class DistInfo:
 
 
 def init_distributed(
-    expert_parallel_size: int = 1, backend: str | None = None, timeout_s: float = 600.0
+    expert_parallel_size: int = 1,
+    backend: str | None = None,
+    timeout_s: float = 600.0,
+    collective_timeout_s: float = 1800.0,
 ) -> DistInfo:
     """Start (or join) the process group and megatron-core's parallel state.
 
     A rank that cannot reach the master within ``timeout_s`` raises LaunchError instead of
-    waiting for ever.
+    waiting for ever; a collective that takes longer than ``collective_timeout_s`` fails (the
+    hang watchdog usually ends a stuck job sooner, with stack dumps: mone_train/watchdog.py).
     """
     cpu_compat.apply()
     use_cuda = torch.cuda.is_available()
@@ -91,7 +95,8 @@ def init_distributed(
         torch.cuda.set_device(local_rank)
     backend = backend or ("nccl" if use_cuda else "gloo")
     if not dist.is_initialized():
-        timeout = timedelta(seconds=timeout_s)
+        # The default group serves the rendezvous and the job-wide reductions: the longer one.
+        timeout = timedelta(seconds=max(timeout_s, collective_timeout_s))
         layout = launch_environment()
         if layout is None:
             dist.init_process_group(
@@ -119,6 +124,7 @@ def init_distributed(
             tensor_model_parallel_size=1,
             pipeline_model_parallel_size=1,
             expert_model_parallel_size=expert_parallel_size,
+            distributed_timeout_minutes=collective_timeout_s / 60,
         )
     return DistInfo(
         rank=dist.get_rank(),

@@ -11,6 +11,14 @@ module names; megatron-core's ``layer_number`` minus one) and log interval:
     gate_abs/q10 .. q99     quantiles of |SiLU(gate)| over sampled expert rows, all layers
     gate_abs/frac_below_0.01, frac_below_0.1
 
+and for the recipes that have them (``arch=``):
+
+    load/L/dropped          share of (token, expert) choices dropped by the capacity factor
+    router/L/expert_bias_min, _max   the loss-free balancing bias of the layer's experts
+    shared/L/output_share   ||shared expert output|| / ||MoE layer output||, summed over calls
+    neurons/L/bias_min, _max         the neuron-level balance bias (moe.neuron_balance=bias)
+
+(the z-loss is megatron's, logged beside the auxiliary loss by the metrics).
 Neuron utilisation exists for MoNE experts with K < F (for plain MoE every neuron of an
 activated expert is used). ``load/imbalance`` and ``neurons/utilisation`` (no layer) are the
 worst layer's imbalance and the mean utilisation over layers, for the terminal line.
@@ -62,6 +70,10 @@ class HealthMonitor:
         self.num_bins = int((LOG10_MAX - LOG10_MIN) * BINS_PER_DECADE)
         self._tokens: dict[int, torch.Tensor] = {}
         self._used: dict[int, torch.Tensor] = {}
+        self._routers: dict[int, torch.nn.Module] = {}  # read at collect: expert biases
+        self._experts: dict[int, torch.nn.Module] = {}  # read at collect: neuron biases
+        self._dropped: dict[int, torch.Tensor] = {}  # [dropped choices, all choices]
+        self._shared: dict[int, torch.Tensor] = {}  # [sum ||shared out||, sum ||layer out||]
         # Counters live on the compute device (no host sync per hook); collect() moves them.
         self._hist = torch.zeros(self.num_bins, dtype=torch.float64, device=self._device)
         self.num_experts = 0
@@ -80,6 +92,20 @@ class HealthMonitor:
                 self.num_experts, dtype=torch.float64, device=self._device
             )
             self._handles.append(module.router.register_forward_hook(self._router_hook(layer)))
+            self._routers[layer] = module.router
+            self._experts[layer] = experts
+            topk = module.config.moe_router_topk
+            if module.config.moe_expert_capacity_factor is not None:
+                self._dropped[layer] = torch.zeros(2, dtype=torch.float64, device=self._device)
+                self._handles.append(
+                    module.router.register_forward_hook(self._drop_hook(layer, topk))
+                )
+            if module.shared_experts is not None:
+                self._shared[layer] = torch.zeros(2, dtype=torch.float64, device=self._device)
+                self._handles.append(module.register_forward_hook(self._shared_layer_hook(layer)))
+                self._handles.append(
+                    module.shared_experts.register_forward_hook(self._shared_hook(layer))
+                )
             for expert in experts.local_experts:
                 self._handles.append(expert.linear_fc1.register_forward_hook(self._fc1_hook))
             if isinstance(experts, MoNEExperts) and experts.num_kept < experts.num_neurons:
@@ -96,6 +122,31 @@ class HealthMonitor:
             if observed(module):
                 routing_map = output[1]
                 self.observe_routing(layer, routing_map)
+
+        return hook
+
+    def _drop_hook(self, layer: int, topk: int):
+        def hook(module, args, output):
+            if observed(module):
+                routing_map = output[1]
+                chosen = routing_map.shape[0] * topk
+                kept = routing_map.sum()
+                self._dropped[layer] += torch.stack([chosen - kept, kept.new_tensor(chosen)])
+
+        return hook
+
+    def _shared_hook(self, layer: int):
+        def hook(module, args, output):
+            if observed(module):
+                self._shared[layer][0] += output.detach().float().norm().double()
+
+        return hook
+
+    def _shared_layer_hook(self, layer: int):
+        def hook(module, args, output):
+            if observed(module):
+                out = output[0] if isinstance(output, tuple) else output
+                self._shared[layer][1] += out.detach().float().norm().double()
 
         return hook
 
@@ -179,6 +230,41 @@ class HealthMonitor:
                 metrics[f"neurons/{layer}/per_expert"] = [round(float(u), 4) for u in per_expert]
             metrics["neurons/utilisation"] = sum(utilisations) / len(utilisations)
         metrics.update(histogram_summary(hist))
+        metrics.update(self._recipe_metrics())
+        return metrics
+
+    def _recipe_metrics(self) -> dict:
+        """Dropped-token shares, shared-expert output shares (job-wide) and the bias ranges
+        (replicated: a router's bias is the same on every rank; a rank's experts' neuron biases
+        are reduced to the job's min and max)."""
+        metrics: dict = {}
+        sums = {f"load/{layer}/dropped": v for layer, v in self._dropped.items()}
+        sums.update({f"shared/{layer}/output_share": v for layer, v in self._shared.items()})
+        if sums:
+            stacked = torch.stack(list(sums.values()))
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+            for (key, _), (part, whole) in zip(sums.items(), stacked.cpu().tolist()):
+                metrics[key] = part / whole if whole else None
+            for values in sums.values():
+                values.zero_()
+        for layer, router in self._routers.items():
+            bias = getattr(router, "expert_bias", None)
+            if bias is not None:
+                metrics[f"router/{layer}/expert_bias_min"] = float(bias.min())
+                metrics[f"router/{layer}/expert_bias_max"] = float(bias.max())
+        ranges = {
+            layer: torch.stack([experts.neuron_bias.min(), -experts.neuron_bias.max()])
+            for layer, experts in self._experts.items()
+            if getattr(experts, "neuron_bias", None) is not None
+        }
+        if ranges:
+            stacked = torch.stack(list(ranges.values())).double()
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(stacked, op=dist.ReduceOp.MIN)
+            for layer, (low, neg_high) in zip(ranges, stacked.cpu().tolist()):
+                metrics[f"neurons/{layer}/bias_min"] = low
+                metrics[f"neurons/{layer}/bias_max"] = -neg_high
         return metrics
 
     def reset(self) -> None:

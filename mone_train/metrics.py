@@ -26,6 +26,7 @@ from mone_train.distributed import DistInfo
 from mone_train.health import HealthMonitor, model_flops_per_token, peak_tflops
 from mone_train.model.builder import num_moe_layers
 from mone_train.model.params import ParamCounts
+from mone_train.stragglers import StragglerReport
 from mone_train.tracking import MetricsLogger
 
 
@@ -38,6 +39,7 @@ class IntervalStats:
     steps: int = 0
     skipped: int = 0  # steps whose update was skipped (non-finite loss or gradient norm)
     a2a_bytes: int = 0
+    collective_s: float = 0.0  # in collectives, up to the last pause (the straggler report)
     start: float = field(default_factory=time.perf_counter)
 
 
@@ -66,6 +68,7 @@ class TrainMetrics:
         self.gpu_flops = self._gpu_flops()
         comm_stats.install()
         comm_stats.take()
+        self.stragglers = StragglerReport(info.world_size, info.device, info.is_main)
         get_moe_layer_wise_logging_tracker().clear()  # a global: start from nothing tracked
         self.interval = IntervalStats()
 
@@ -87,11 +90,13 @@ class TrainMetrics:
     def paused(self):
         """Time inside is not training time (evaluation, saving); its exchanges not training's."""
         start = time.perf_counter()
+        self.interval.collective_s += self.stragglers.collective_seconds()
         try:
             yield
         finally:
             clear_aux_losses_tracker()
             comm_stats.take()
+            self.stragglers.collective_seconds()  # not the steps' waits
             self.interval.start += time.perf_counter() - start
 
     def step_done(self, state, result, lr: float, nonfinite_total: int = 0) -> dict | None:
@@ -142,6 +147,8 @@ class TrainMetrics:
         }
         if self.monitor is not None:
             record.update(self.monitor.collect())
+        waits = interval.collective_s + self.stragglers.collective_seconds()
+        record.update(self.stragglers.collect(elapsed, waits, interval.steps))
         if self.gpu_flops is not None:
             peak, per_token = self.gpu_flops
             per_gpu = record["tokens_per_s"] * per_token / self.info.world_size
@@ -207,6 +214,8 @@ def format_train_record(record: dict) -> str:
     for key, label, spec in _OPTIONAL_FIELDS:
         if record.get(key) is not None:
             parts.append(f"{label} {record[key]:{spec}}")
+    if record.get("straggler/rank") is not None:  # the slowest rank's compute time / median
+        parts.append(f"slowest rank {record['straggler/rank']} {record['straggler/ratio']:.2f}x")
     if record.get("skipped_steps"):
         parts.append(f"skipped {record['skipped_steps']} (non-finite)")
     if record.get("peak_memory_gib") is not None:

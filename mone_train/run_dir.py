@@ -4,7 +4,9 @@ Rules (docs/checkpoints.md), checked on every rank before anything is written:
 
 - A directory whose run finished (``FINISHED.json``) is never written to again, unless the
   config asks for more steps than it finished with and it has a checkpoint: then training goes
-  on from there (the finish marker is removed until the longer run finishes).
+  on from there (the finish marker is removed until the longer run finishes). The same command
+  again (a requeued or restarted job, a resubmit) finds nothing to do and ends successfully
+  (:class:`RunFinished`); with another model shape it is refused like any other run.
 - A directory holding ``metrics.jsonl`` without our ``config.yaml`` is not a run of ours and
   is refused; one whose ``config.yaml`` describes another model shape is refused unless
   ``trainer.force_resume``.
@@ -40,6 +42,14 @@ FINISHED = "FINISHED.json"
 CONFIG_FILE = "config.yaml"
 
 
+class RunFinished(Exception):
+    """The run directory's run already finished the steps asked for: nothing to do."""
+
+    def __init__(self, run_dir: Path, steps: int, summary: dict) -> None:
+        super().__init__(f"{run_dir} already finished at step {steps} ({FINISHED}); nothing to do")
+        self.summary = summary
+
+
 def prepare_run_dir(cfg: Config, is_main: bool) -> tuple[Path, Path | None]:
     """Check the run directory against the rules above, then (main rank) set it up.
 
@@ -47,7 +57,6 @@ def prepare_run_dir(cfg: Config, is_main: bool) -> tuple[Path, Path | None]:
     """
     run_dir = Path(cfg.trainer.run_dir).expanduser().resolve()
     checkpoint = find_checkpoint(run_dir, cfg.trainer.resume)
-    _check_finished(run_dir, cfg, checkpoint)
     previous = run_dir / CONFIG_FILE
     if (run_dir / METRICS_FILE).exists() and not previous.is_file():
         raise ConfigError(
@@ -56,6 +65,7 @@ def prepare_run_dir(cfg: Config, is_main: bool) -> tuple[Path, Path | None]:
         )
     if previous.is_file() and not cfg.trainer.force_resume:
         _check_same_shape(run_dir, previous, cfg)
+    _check_finished(run_dir, cfg, checkpoint)
     dist.barrier()  # every rank has looked before the main rank writes anything
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -109,14 +119,17 @@ def _check_finished(run_dir: Path, cfg: Config, checkpoint: Path | None) -> None
     if not marker.is_file():
         return
     try:
-        done = json.loads(marker.read_text()).get("steps", 0)
+        summary = json.loads(marker.read_text())
     except ValueError:
-        done = 0
-    if checkpoint is None or cfg.trainer.steps <= done:
+        summary = {}
+    done = summary.get("steps", 0)
+    if cfg.trainer.steps <= done:
+        raise RunFinished(run_dir, done, summary)
+    if checkpoint is None:
         raise ConfigError(
-            f"trainer.run_dir={str(run_dir)!r} holds a finished run ({FINISHED}: {done} steps); "
-            f"choose another trainer.run_dir, or set trainer.steps above {done} to train it "
-            "further from its last checkpoint"
+            f"trainer.run_dir={str(run_dir)!r} holds a finished run ({FINISHED}: {done} steps) "
+            f"without a checkpoint to train it further to trainer.steps={cfg.trainer.steps}; "
+            "choose another trainer.run_dir"
         )
 
 

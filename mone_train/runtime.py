@@ -21,3 +21,22 @@ def configure_torch(cfg: Config) -> None:
         # On CPU torch.compile buys nothing measurable here and costs 10-20 s on the first step.
         compile_enabled = torch.cuda.is_available()
     dynamo.config.disable = not compile_enabled
+
+
+def check_kernel_impl(cfg: Config) -> None:
+    """A forced ``moe.kernel_impl`` this machine cannot run is a config error before any work
+    (rather than a traceback at the first MoNE forward)."""
+    from mone_kernels.cpu_kernel import cpu_kernel_error
+    from mone_kernels.triton_topk_swiglu import triton_runnable
+    from mone_train.errors import ConfigError
+
+    impl = cfg.moe.kernel_impl
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if impl == "triton" and not triton_runnable(device):
+        raise ConfigError(
+            "moe.kernel_impl=triton is invalid on this machine: the Triton kernel needs a CUDA "
+            "device (use auto, which picks the CPU operator here, or reference)"
+        )
+    if impl == "cpu" and (device.type != "cpu" or cpu_kernel_error() is not None):
+        why = "it takes CPU tensors" if device.type != "cpu" else cpu_kernel_error()
+        raise ConfigError(f"moe.kernel_impl=cpu is invalid on this machine: {why}")

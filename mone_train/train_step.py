@@ -11,7 +11,7 @@ gradient norm is not finite applies no update: weights and optimizer state stay 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -56,6 +56,8 @@ class TrainStep:
         accum: micro batches per optimizer step on this rank.
         clip_grad: maximum global gradient norm (0 disables clipping).
         sharding: ZeRO-1 ownership (the optimizer then covers the owned weights only).
+        on_phase: called with the phase the step enters (``data``, ``forward``, ``backward``,
+            ``grad_sync``, ``optimizer``): the hang watchdog's progress reports.
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class TrainStep:
         accum: int,
         clip_grad: float,
         sharding: OptimizerSharding | None = None,
+        on_phase: Callable[[str], None] | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -78,6 +81,7 @@ class TrainStep:
         self.accum = accum
         self.clip_grad = clip_grad
         self.sharding = sharding
+        self.on_phase = on_phase or (lambda phase: None)
         # the weights this rank's optimizer updates (all of them without sharding)
         self.owned = params if sharding is None else sharding.owned
         self.dp_group = parallel_state.get_data_parallel_group()
@@ -93,9 +97,14 @@ class TrainStep:
         self.model.zero_grad_buffer()
         step_loss = torch.zeros(2, dtype=torch.float64, device=self.info.device)
         for _ in range(self.accum):
-            loss_sum, count = lm_loss(self.model, next(batches), self.mask, self.info.device)
+            self.on_phase("data")
+            batch = next(batches)
+            self.on_phase("forward")
+            loss_sum, count = lm_loss(self.model, batch, self.mask, self.info.device)
+            self.on_phase("backward")
             (loss_sum / count / self.accum).backward()
             step_loss += torch.stack([loss_sum.detach().double(), count.double()])
+        self.on_phase("grad_sync")
         finalize_model_grads([self.model])
         update_neuron_biases(self.model, self.expert_dp_group)
         if self.info.dp_size > 1:
@@ -106,6 +115,7 @@ class TrainStep:
         # over expert parallel ranks on top of DDP's all-reduce), so every rank decides alike.
         if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
             return StepResult(loss, float(grad_norm), applied=False)
+        self.on_phase("optimizer")
         clip_grads_(self.params, self.clip_grad, grad_norm)
         attach_main_grads(self.owned)
         self.optimizer.step()

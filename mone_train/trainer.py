@@ -17,6 +17,7 @@ from megatron.core import parallel_state
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from mone_kernels.cpu_kernel import cpu_kernel_error
 from mone_train.checkpoint import EXIT_PREEMPTED, model_signature
 from mone_train.checkpointer import Checkpointer, PreemptionFlag, TrainState
 from mone_train.config import Config
@@ -30,29 +31,34 @@ from mone_train.model.builder import build_model
 from mone_train.model.lm import causal_mask
 from mone_train.model.params import count_parameters
 from mone_train.optim import OptimizerSharding, build_optimizer, lr_at, optimizer_state_bytes
-from mone_train.run_dir import mark_finished, prepare_run_dir
-from mone_train.runtime import configure_torch
+from mone_train.run_dir import RunFinished, mark_finished, prepare_run_dir
+from mone_train.runtime import check_kernel_impl, configure_torch
 from mone_train.tracking import MetricsLogger
 from mone_train.train_step import NonFiniteGuard, TrainStep
+from mone_train.watchdog import HangWatchdog
 
 
 class Trainer:
     """One training run of a validated config on an initialised process group."""
 
     def __init__(self, cfg: Config, info: DistInfo, preemption: PreemptionFlag) -> None:
-        self.cfg, self.info = cfg, info
+        self.cfg, self.info, self.preemption = cfg, info, preemption
         self.logger: MetricsLogger | None = None
         self.metrics: TrainMetrics | None = None
         self.checkpointer: Checkpointer | None = None
+        self.watchdog: HangWatchdog | None = None
         t, m = cfg.trainer, cfg.model
         cfg.validate(world_size=info.world_size)
         self.run_dir, resume_from = prepare_run_dir(cfg, info.is_main)
+        self.watchdog = HangWatchdog(self.run_dir, info.rank, t.hang_timeout_s)
         self.say(f"run directory: {self.run_dir}")
         self.say(
             f"world size {info.world_size}: expert parallel {info.ep_size}, data parallel "
             f"{info.dp_size}, device {info.device.type}"
         )
         self.data = self._build_data()
+        if info.device.type == "cpu":  # load (or build) the CPU operators now, not mid-step
+            cpu_kernel_error()
         self.vocab_size = self._vocab_size(self.data.tokenizer)
         self.model, params = build_model(cfg, self.vocab_size, info.ep_rank, info.ep_size)
         self.counts = count_parameters(self.model, m.router_topk, info.ep_size)
@@ -110,6 +116,7 @@ class Trainer:
             accum=accum,
             clip_grad=cfg.optim.clip_grad,
             sharding=self.sharding,
+            on_phase=self.watchdog.enter,
         )
         self.guard = NonFiniteGuard(t.max_nonfinite_steps)
         self.metrics = TrainMetrics(cfg, info, self.model, self.counts, self.logger, accum)
@@ -155,6 +162,8 @@ class Trainer:
         val_loss = None
         batches = self.batches()
         self.model.train()
+        self.preemption.loop_running = True  # from now on a signal saves, then exits
+        self.watchdog.step_done(self.state.step)
         while self.state.step < self.cfg.trainer.steps:
             val_loss = self.step(batches, progress) or val_loss
         return val_loss
@@ -186,10 +195,12 @@ class Trainer:
         if self.evaluator.due(state.step):
             val_loss = self.evaluate("val_loss", self.data.valid)
         self.checkpoint(state)
+        self.watchdog.step_done(state.step)
         return val_loss
 
     def evaluate(self, key: str, dataset) -> float:
         """Evaluate on ``dataset`` and log it as ``key`` (outside the throughput clock)."""
+        self.watchdog.enter("eval")
         with self.metrics.paused():
             loss = self.evaluator.evaluate(dataset)
         step = self.state.step
@@ -200,6 +211,7 @@ class Trainer:
 
     def checkpoint(self, state: TrainState) -> None:
         """Save when due; after a save asked for by a signal, exit for requeueing."""
+        self.watchdog.enter("save")
         with self.metrics.paused():
             saved, preempted = self.checkpointer.after_step(state, self.guard.streak > 0)
         if saved is not None:
@@ -244,6 +256,8 @@ class Trainer:
     def close(self) -> None:
         """Release what the run holds (a save in flight, hooks, open files); safe after a
         partial start."""
+        if self.watchdog is not None:
+            self.watchdog.close()
         if self.checkpointer is not None:
             self.checkpointer.close()
         if self.metrics is not None:
@@ -256,13 +270,20 @@ def run(cfg: Config) -> dict:
     """Train as configured; return the summary (final validation loss, counts, run dir)."""
     cfg.validate()
     configure_torch(cfg)
+    check_kernel_impl(cfg)
     t = cfg.trainer
-    info = init_distributed(t.expert_parallel_size, t.backend, t.init_timeout_s)
+    info = init_distributed(
+        t.expert_parallel_size, t.backend, t.init_timeout_s, t.collective_timeout_s
+    )
     preemption = PreemptionFlag()  # before anything is written: a signal then always saves
     trainer = None
     try:
         trainer = Trainer(cfg, info, preemption)
         return trainer.train()
+    except RunFinished as done:  # a rerun (requeue, restart, resubmit) of a finished run
+        if info.is_main:
+            print(f"mone-train: {done}")
+        return done.summary
     finally:
         preemption.restore()
         if trainer is not None:

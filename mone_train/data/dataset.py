@@ -35,14 +35,28 @@ def _split_bounds(split: list[float], num_documents: int) -> list[tuple[int, int
     ]
 
 
+def _indexed_dataset_class():
+    """megatron-core's IndexedDataset, whose clean-up tolerates a failed construction.
+
+    Its ``__del__`` deletes attributes that ``__init__`` sets only on success, so an unreadable
+    index made Python print an ``AttributeError`` traceback after our one-line error.
+    """
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    class CheckedIndexedDataset(IndexedDataset):
+        def __del__(self) -> None:
+            if "index" in self.__dict__ and "bin_reader" in self.__dict__:
+                super().__del__()
+
+    return CheckedIndexedDataset
+
+
 def open_indexed(prefix: str, index: int, raw: str):
     """megatron-core's IndexedDataset of ``prefix``; a DataError naming the file when the
     index is unreadable or the .bin is shorter than the index says (truncated, or mixed up)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     where = f"data.paths[{index}]={raw!r}"
     try:
-        dataset = IndexedDataset(prefix)
+        dataset = _indexed_dataset_class()(prefix)
         pointers, lengths = dataset.index.sequence_pointers, dataset.index.sequence_lengths
         itemsize = np.dtype(dataset.index.dtype).itemsize
     except Exception as err:  # megatron asserts on the header, numpy fails on short files

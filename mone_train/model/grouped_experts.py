@@ -63,11 +63,10 @@ class GroupedMoNEExperts(MoNEExperts):
     output, since the per-expert linear layers no longer run.
     """
 
-    def forward(
+    def routed_forward(
         self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, probs_N: torch.Tensor
-    ) -> tuple[torch.Tensor, None]:
-        """[N, D] dispatched tokens, [E] tokens per local expert, [N] router probs
-        -> ([N, D], None), as megatron's MoE layer calls its experts."""
+    ) -> torch.Tensor:
+        """:meth:`MoNEExperts.routed_forward` with one grouped GEMM per projection."""
         with_balance, with_mask = self.observed_outputs()
         if self.num_local_experts == 1:
             counts = [x_ND.shape[0]]
@@ -84,7 +83,7 @@ class GroupedMoNEExperts(MoNEExperts):
         self.observe_masks(activations, with_mask)
         if with_balance:
             out_ND = self._attach_ng_lbl(out_ND, activations, counts)
-        return out_ND, None
+        return out_ND
 
     def _activation(
         self,

@@ -78,19 +78,41 @@ class MoNEExperts(SequentialMLP):
         # Set by mone_train.health.HealthMonitor: called with the local experts' neuron masks.
         self.monitor = None
         self.neuron_bias_update_rate = neuron_bias_update_rate
-        self.neuron_bias = None
         if neuron_bias_update_rate is not None and self.num_kept < self.num_neurons:
             shape = (num_local_experts, self.num_neurons)
             self.register_buffer("neuron_bias", torch.zeros(shape, dtype=torch.float32))
             # this step's selections per neuron, summed over the observed forwards
             counts = torch.zeros(shape, dtype=torch.float32)
             self.register_buffer("neuron_selections", counts, persistent=False)
+        else:
+            self.neuron_bias = self.neuron_selections = None
 
     def forward(
         self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, probs_N: torch.Tensor
     ) -> tuple[torch.Tensor, None]:
         """[N, D] dispatched tokens, [E] tokens per local expert, [N] router probs
-        -> ([N, D], None), as megatron's MoE layer calls its experts."""
+        -> ([N, D], None), as megatron's MoE layer calls its experts.
+
+        With ``moe_pad_expert_input_to_capacity`` every expert receives exactly its capacity
+        of rows, the missing ones filled with tokens it was not routed (router probability 0,
+        so their output is multiplied away). They are left out here, so that the neuron
+        statistics (NG-LBL, the neuron bias's counts, health) see routed tokens only; their
+        output rows are the zeros megatron's experts would give them.
+        """
+        if not self.config.moe_pad_expert_input_to_capacity:
+            return self.routed_forward(x_ND, tokens_per_expert_E, probs_N), None
+        routed_N = probs_N != 0
+        counts = [int(chunk.sum()) for chunk in routed_N.split(tokens_per_expert_E.tolist())]
+        rows = routed_N.nonzero().squeeze(-1)
+        out_RD = self.routed_forward(
+            x_ND[rows], torch.tensor(counts, device=tokens_per_expert_E.device), probs_N[rows]
+        )
+        return x_ND.new_zeros(x_ND.shape).index_copy(0, rows, out_RD.to(x_ND.dtype)), None
+
+    def routed_forward(
+        self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor, probs_N: torch.Tensor
+    ) -> torch.Tensor:
+        """The experts on rows of routed tokens: [N, D], [E] rows per local expert, [N] -> [N, D]."""
         with_balance, with_mask = self.observed_outputs()
         out_ND, activations, counts = experts_forward(
             self,
@@ -106,7 +128,7 @@ class MoNEExperts(SequentialMLP):
         self.observe_masks(activations, with_mask)
         if with_balance:
             out_ND = self._attach_ng_lbl(out_ND, activations, counts)
-        return out_ND, None
+        return out_ND
 
     def observed_outputs(self) -> tuple[bool, bool]:
         """(compute NG-LBL, build the neuron mask for the health monitor) for this forward.
