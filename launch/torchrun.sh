@@ -9,6 +9,11 @@
 # torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT for every worker; the
 # trainer reads them. If any worker fails, torchrun stops the others and exits non-zero.
 #
+# In-place restarts: MAX_RESTARTS=N (default 0) lets torchrun restart all workers up to N times
+# after a worker fails: a crash, or the hang watchdog's exit (code 76, mone_train/watchdog.py:
+# a rank without progress dumps its stacks to <run_dir>/hangs/ and exits). The restarted
+# workers run the same command, which resumes from the run's newest checkpoint.
+#
 # Preemption: SIGUSR1 or SIGTERM sent to this script (what SLURM's --signal and its time limit
 # send to a job step's tasks) is passed to every worker as SIGUSR1, not to torchrun: torchrun
 # would kill its workers after a short grace period, and it does not forward SIGUSR1. The
@@ -20,17 +25,22 @@ shift
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 TORCHRUN=${TORCHRUN:-$ROOT/.venv/bin/torchrun}
 NNODES=${NNODES:-1}
+MAX_RESTARTS=${MAX_RESTARTS:-0}
 EXIT_PREEMPTED=75
+EXIT_HANG=76
 
 if [[ "$NNODES" == 1 ]]; then
-  cmd=("$TORCHRUN" --standalone --nnodes 1 --nproc-per-node "$NPROC")
+  cmd=("$TORCHRUN" --standalone --nnodes 1 --nproc-per-node "$NPROC" --max-restarts "$MAX_RESTARTS")
 else
   : "${MASTER_ADDR:?multi-node runs need MASTER_ADDR (the rendezvous host)}"
-  cmd=("$TORCHRUN" --nnodes "$NNODES" --nproc-per-node "$NPROC"
+  cmd=("$TORCHRUN" --nnodes "$NNODES" --nproc-per-node "$NPROC" --max-restarts "$MAX_RESTARTS"
     --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}"
     --rdzv-id "${RDZV_ID:-mone-train}")
 fi
 
+# torchrun exits 1 whatever its workers' codes were: a worker that ends on a hang notes its code
+# here (mone_train/watchdog.py), so that this script can exit with it (SLURM requeues on it).
+export MONE_EXIT_CODE_FILE=${MONE_EXIT_CODE_FILE:-$(mktemp -t mone-exit.XXXXXX)}
 "${cmd[@]}" -m mone_train.train "$@" &
 launcher=$!
 preempted=0
@@ -49,5 +59,9 @@ while true; do
 done
 if ((preempted)) && ((status != 0)); then
   exit "$EXIT_PREEMPTED"
+fi
+if ((status != 0)) && grep -qx "$EXIT_HANG" "$MONE_EXIT_CODE_FILE" 2>/dev/null; then
+  echo "launch/torchrun.sh: a worker hung (stacks in the run directory's hangs/)" >&2
+  exit "$EXIT_HANG"
 fi
 exit "$status"

@@ -97,6 +97,7 @@ def model_signature(cfg: Config, vocab_size: int) -> dict:
     # The recipes' tensors, named only when present, so that checkpoints written before the
     # families existed keep their signature.
     recipe = {
+        "head_dim": m.head_dim,
         "first_dense_layers": m.first_dense_layers,
         "shared_expert_ffn_hidden_size": m.shared_expert_ffn_hidden_size,
         "shared_expert_gate": m.shared_expert_gate,

@@ -47,7 +47,7 @@ TIMED = (
     "all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
     "all_to_all_single", "all_to_all", "broadcast", "barrier",
 )  # fmt: skip
-_clock = {"seconds": 0.0, "events": []}
+_clock = {"seconds": 0.0, "events": [], "paused": False}
 _timing = False
 
 
@@ -68,6 +68,8 @@ def install_clock() -> None:
         original = getattr(dist, name)
 
         def timed(*args, _original=original, **kwargs):
+            if _clock["paused"]:
+                return _original(*args, **kwargs)
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
                 start.record()
@@ -94,3 +96,8 @@ def take_collective_seconds() -> float:
         seconds += sum(start.elapsed_time(end) for start, end in _clock["events"]) / 1e3
     _clock["seconds"], _clock["events"] = 0.0, []
     return seconds
+
+
+def pause_clock(paused: bool) -> None:
+    """Stop (or restart) timing collectives: a span the caller times as a whole."""
+    _clock["paused"] = paused

@@ -60,6 +60,7 @@ class ModelConfig:
     hidden_size: int = 64
     num_attention_heads: int = 4
     num_query_groups: Optional[int] = None
+    head_dim: Optional[int] = None  # null: hidden_size / num_attention_heads (Qwen3 sets it)
     ffn_hidden_size: int = 256  # dense MLP width, used by layers that moe_layer_freq leaves dense
     num_experts: int = 4
     router_topk: int = 2
@@ -99,6 +100,10 @@ class ModelConfig:
     token_drop_policy: str = "probs"  # probs | position
     pad_to_capacity: bool = False  # pad every expert's input to its capacity
 
+    def attention_head_dim(self) -> int:
+        """The size of one attention head."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
     def moe_layer_pattern(self) -> list[int]:
         """1 for each MoE layer, 0 for each dense one: after the first ``first_dense_layers``
         dense layers, every ``moe_layer_freq``-th layer is MoE, starting with the first."""
@@ -125,12 +130,15 @@ class ModelConfig:
                 "max_position_embeddings",
             ),
         )
-        _require(
-            self.hidden_size % self.num_attention_heads == 0,
-            "model.num_attention_heads",
-            self.num_attention_heads,
-            f"a divisor of model.hidden_size={self.hidden_size}",
-        )
+        if self.head_dim is None:
+            _require(
+                self.hidden_size % self.num_attention_heads == 0,
+                "model.num_attention_heads",
+                self.num_attention_heads,
+                f"a divisor of model.hidden_size={self.hidden_size} (or set model.head_dim)",
+            )
+        else:
+            _require(self.head_dim >= 1, "model.head_dim", self.head_dim, "null or an integer >= 1")
         if self.num_query_groups is not None:
             _require(
                 self.num_query_groups >= 1

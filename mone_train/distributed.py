@@ -106,7 +106,13 @@ def init_distributed(
             if layout[0] != 0:
                 _wait_for_master(layout, timeout_s)
             try:
-                dist.init_process_group(backend, init_method="env://", timeout=timeout)
+                store = _restart_store(layout, timeout)
+                if store is None:
+                    dist.init_process_group(backend, init_method="env://", timeout=timeout)
+                else:
+                    dist.init_process_group(
+                        backend, store=store, rank=layout[0], world_size=layout[1], timeout=timeout
+                    )
             except (RuntimeError, TimeoutError) as err:  # DistNetworkError, DistStoreError
                 where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
                 raise LaunchError(
@@ -136,6 +142,24 @@ def init_distributed(
         ep_size=parallel_state.get_expert_model_parallel_world_size(),
         device=torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"),
     )
+
+
+def _restart_store(layout: tuple[int, int], timeout: timedelta):
+    """Under torchrun, the agent's store with this attempt's own key space; None otherwise.
+
+    torchrun keeps its store across in-place restarts (``--max-restarts``), and the process
+    groups name their keys alike in every attempt: a restarted worker would read the previous
+    attempt's addresses and fail to connect (seen with gloo). ``TORCHELASTIC_RESTART_COUNT``
+    separates the attempts.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    agent_store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), layout[1], is_master=False,
+        timeout=timeout,
+    )  # fmt: skip
+    return dist.PrefixStore(f"/mone-train/attempt_{attempt}", agent_store)
 
 
 def _wait_for_master(layout: tuple[int, int], timeout_s: float) -> None:

@@ -100,7 +100,7 @@ def shape_of(
         hidden=m.hidden_size,
         heads=m.num_attention_heads,
         groups=m.num_query_groups or m.num_attention_heads,
-        head_dim=m.hidden_size // m.num_attention_heads,
+        head_dim=m.attention_head_dim(),
         ffn=m.ffn_hidden_size,
         vocab=vocab_size,
         experts=m.num_experts,

@@ -78,7 +78,12 @@ def check_overrides(argv: list[str]) -> None:
     if _has_sweep(overrides):
         return  # a sweep (e.g. over an experiment's multirun): each job validates itself
     try:
-        compose_config(overrides).validate()
+        cfg = compose_config(overrides)
+        cfg.validate()
+        if cfg.moe.kernel_impl in ("triton", "cpu"):  # a forced kernel this machine may lack
+            from mone_train.runtime import check_kernel_impl
+
+            check_kernel_impl(cfg)
     except ConfigError as err:
         _fail(str(err))
     except Exception as err:  # Hydra / OmegaConf composition errors

@@ -3,7 +3,9 @@
 A slow rank (a throttled GPU, a noisy neighbour) slows every rank, because the others wait for
 it in collectives; their step times all look alike. What tells them apart is each rank's time
 *outside* collectives: per log interval, the wall time of its steps minus the time it spent in
-collectives (``comm_stats``' clock), per step. One small all-gather at the log interval brings
+collectives (``comm_stats``' clock) and in the gradient synchronisation (whose waits happen
+in ``Work.wait`` calls inside megatron's DDP, so the whole phase is timed: wall clock on CPU,
+CUDA events on GPU), per step. One small all-gather at the log interval brings
 every rank's figure to all of them; the record gets
 
     straggler/rank            the rank with the largest compute time per step
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import statistics
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -35,9 +38,36 @@ class StragglerReport:
         self.world_size, self.device, self.is_main = world_size, device, is_main
         self._streak_rank: int | None = None
         self._streak = 0
+        self._in_sync: object = None  # the start of the gradient sync in progress
+        self._sync_seconds = 0.0
+        self._sync_events: list = []
         if world_size > 1:
             comm_stats.install_clock()
             comm_stats.take_collective_seconds()  # start from zero
+
+    def on_phase(self, phase: str) -> None:
+        """The training step entered ``phase``: time the gradient synchronisation whole."""
+        if self.world_size == 1:
+            return
+        cuda = self.device.type == "cuda"
+        if phase == "grad_sync" and self._in_sync is None:
+            comm_stats.pause_clock(True)
+            self._in_sync = _cuda_event() if cuda else time.perf_counter()
+        elif phase != "grad_sync" and self._in_sync is not None:
+            if cuda:
+                self._sync_events.append((self._in_sync, _cuda_event()))
+            else:
+                self._sync_seconds += time.perf_counter() - self._in_sync
+            self._in_sync = None
+            comm_stats.pause_clock(False)
+
+    def _take_sync_seconds(self) -> float:
+        seconds = self._sync_seconds
+        if self._sync_events:
+            torch.cuda.synchronize()
+            seconds += sum(a.elapsed_time(b) for a, b in self._sync_events) / 1e3
+        self._sync_seconds, self._sync_events = 0.0, []
+        return seconds
 
     def collective_seconds(self) -> float:
         """Seconds this rank spent in collectives since the last call (0 on one process)."""
@@ -48,6 +78,7 @@ class StragglerReport:
         (evaluation and saves excluded), ``in_collectives`` of it in collectives."""
         if self.world_size == 1 or steps == 0:
             return {}
+        in_collectives += self._take_sync_seconds()
         mine = torch.tensor([max(0.0, step_seconds - in_collectives) / steps],
                             dtype=torch.float64, device=self.device)  # fmt: skip
         every = torch.empty(self.world_size, dtype=torch.float64, device=self.device)
@@ -79,3 +110,9 @@ class StragglerReport:
                 file=sys.stderr,
                 flush=True,
             )
+
+
+def _cuda_event():
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event

@@ -57,6 +57,7 @@ class Trainer:
             f"{info.dp_size}, device {info.device.type}"
         )
         self.data = self._build_data()
+        self.watchdog.enter("startup")  # progress: the data is ready
         if info.device.type == "cpu":  # load (or build) the CPU operators now, not mid-step
             cpu_kernel_error()
         self.vocab_size = self._vocab_size(self.data.tokenizer)
@@ -116,11 +117,16 @@ class Trainer:
             accum=accum,
             clip_grad=cfg.optim.clip_grad,
             sharding=self.sharding,
-            on_phase=self.watchdog.enter,
+            on_phase=self._on_phase,
         )
         self.guard = NonFiniteGuard(t.max_nonfinite_steps)
         self.metrics = TrainMetrics(cfg, info, self.model, self.counts, self.logger, accum)
         self.evaluator = Evaluator(self.model, t, info, mask)
+
+    def _on_phase(self, phase: str) -> None:
+        """The step entered ``phase``: progress for the watchdog, timing for the report."""
+        self.watchdog.enter(phase)
+        self.metrics.stragglers.on_phase(phase)
 
     def say(self, *args) -> None:
         """Print on the main rank only."""

@@ -21,8 +21,9 @@ as it goes, and the thread checks that some report came within the time-out:
 and the run resumes from its newest checkpoint; ``launch/slurm.sbatch`` requeues on it.
 
 For tests, ``MONE_INJECT_HANG=rank:step:phase[:seconds]`` makes that rank sleep when it enters
-that phase of that step (once per job: not again after a restart, when torchrun's
-``TORCHELASTIC_RESTART_COUNT`` is above 0).
+that phase of that step (1-based; once per job: not again after a restart, when torchrun's
+``TORCHELASTIC_RESTART_COUNT`` is above 0). Steps in the stack files are 1-based too.
+``MONE_INJECT_DELAY=rank:seconds`` slows that rank's every forward (a straggler).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class HangWatchdog:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._inject = _parse_injection(os.environ.get("MONE_INJECT_HANG"), rank)
+        self._delay = _parse_delay(os.environ.get("MONE_INJECT_DELAY"), rank)
         self._thread = None
         if self.enabled:
             self._thread = threading.Thread(target=self._watch, name="mone-watchdog", daemon=True)
@@ -81,9 +83,11 @@ class HangWatchdog:
             if step is not None:
                 self.step = step
             self._last = time.monotonic()
-        if self._inject is not None and self._inject[:2] == (self.step, phase):
+        if self._inject is not None and self._inject[:2] == (self.step + 1, phase):
             seconds, self._inject = self._inject[2], None
             time.sleep(seconds)  # the injected hang (tests)
+        if self._delay is not None and phase == "forward":
+            time.sleep(self._delay)  # the injected straggler (tests)
 
     def step_done(self, step: int) -> None:
         """Step ``step`` finished: record its time for the automatic time-out."""
@@ -98,6 +102,8 @@ class HangWatchdog:
 
     def timeout_s(self) -> float:
         """The current time-out of the phase the loop is in."""
+        if self.phase == "startup":  # data, model, resume: one-time work of unknown length
+            return max(STARTUP_TIMEOUT_S, float(self.fixed_timeout or 0))
         if self.fixed_timeout is not None:
             base = float(self.fixed_timeout)
         elif len(self._step_times) < 3:
@@ -128,13 +134,17 @@ class HangWatchdog:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             with open(path, "w") as f:
-                record = {"rank": self.rank, "step": step, "phase": phase,
+                record = {"rank": self.rank, "step": step + 1, "phase": phase,
                           "seconds_without_progress": round(idle, 1), "timeout_s": limit,
                           "pid": os.getpid(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
                 f.write(json.dumps(record) + "\n\n")
                 f.flush()
                 faulthandler.dump_traceback(file=f, all_threads=True)
             _dump_nccl_trace(folder / f"rank{self.rank}-nccl.pkl")
+            code_file = os.environ.get("MONE_EXIT_CODE_FILE")  # launch/torchrun.sh reads it
+            if code_file:
+                with open(code_file, "a") as f:
+                    f.write(f"{EXIT_HANG}\n")
         except OSError:
             path = None  # a full or gone disk must not keep the rank alive
         print(
@@ -173,3 +183,13 @@ def _parse_injection(spec: str | None, rank: int) -> tuple[int, str, float] | No
     if int(parts[0]) != rank:
         return None
     return int(parts[1]), parts[2], float(parts[3]) if len(parts) == 4 else 3600.0
+
+
+def _parse_delay(spec: str | None, rank: int) -> float | None:
+    """``rank:seconds`` -> seconds for this rank, else None."""
+    if not spec:
+        return None
+    parts = spec.split(":")
+    if len(parts) != 2:
+        raise ValueError(f"MONE_INJECT_DELAY={spec!r} is invalid: expected rank:seconds")
+    return float(parts[1]) if int(parts[0]) == rank else None

@@ -108,9 +108,30 @@ def test_gpu_check_dry_run_writes_every_table(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "all targets met" in (out / "kernel_static.txt").read_text()
-    assert json.loads((out / "kernel_bench_cpu.json").read_text())
+    assert json.loads(next(out.glob("kernel_bench_cpu-*.json")).read_text())
     step = json.loads((out / "step_time_cpu_dry_run.json").read_text())
     assert [r["flavour"] for r in step["runs"]] == ["moe", "mone"]
     assert all(r["tokens_per_s"] > 0 and r["peak_rss_gib"] > 0 for r in step["runs"])
     assert step["mone_over_moe_step_time"] > 0
     assert "tables in" in (out / "gpu_check.log").read_text()
+
+
+def test_watchdog_overhead_benchmark_runs(tmp_path):
+    out = _run(
+        [
+            "benchmarks/watchdog_overhead.py",
+            "--rounds",
+            "2",
+            "--steps-per-turn",
+            "1",
+            "--overrides",
+            "model=tiny",
+            "trainer.seq_length=32",
+            "trainer.micro_batch_size=2",
+            "trainer.global_batch_size=2",
+        ],  # fmt: skip
+        tmp_path,
+    )
+    assert "step time with / without the watchdog" in out
+    data = json.loads((tmp_path / "watchdog_overhead_cpu.json").read_text())
+    assert len(data["rounds"]) == 2 and data["step_time_ratio"] > 0

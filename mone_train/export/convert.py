@@ -253,7 +253,7 @@ def hf_config_kwargs(cfg: Config, vocab_size: int, special: dict[str, int | None
         "num_hidden_layers": m.num_layers,
         "num_attention_heads": m.num_attention_heads,
         "num_key_value_heads": m.num_query_groups or m.num_attention_heads,
-        "head_dim": m.hidden_size // m.num_attention_heads,
+        "head_dim": m.attention_head_dim(),
         "max_position_embeddings": m.max_position_embeddings,
         "rms_norm_eps": m.norm_epsilon,
         "initializer_range": m.init_method_std,

@@ -23,6 +23,7 @@ class Family:
     name: str
     hf_class: str | None = None  # e.g. "MixtralForCausalLM"; None: MoNE modeling code only
     hf_model_type: str | None = None  # transformers' model_type of hf_class
+    free_head_dim: bool = False  # hf_class has a head_dim of its own (not hidden / heads)
 
     def native_mismatch(self, cfg) -> str | None:
         """Why ``cfg`` (a mone-train Config) cannot be exported as ``hf_class`` exactly; None if
@@ -38,6 +39,11 @@ class Family:
             return "the router is not a softmax router"
         if m.router_num_groups:
             return "group-limited routing"
+        if (
+            m.head_dim not in (None, m.hidden_size // m.num_attention_heads)
+            and not self.free_head_dim
+        ):
+            return f"{self.hf_class} has no head size of its own"
         return self.family_mismatch(cfg)
 
     def family_mismatch(self, cfg) -> str | None:

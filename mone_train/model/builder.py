@@ -110,6 +110,7 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         hidden_size=m.hidden_size,
         num_attention_heads=m.num_attention_heads,
         num_query_groups=m.num_query_groups,
+        kv_channels=m.head_dim,
         ffn_hidden_size=m.ffn_hidden_size,
         hidden_dropout=m.dropout,
         attention_dropout=m.dropout,

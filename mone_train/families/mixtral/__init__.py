@@ -35,4 +35,6 @@ class Mixtral(Family):
         }
 
 
-FAMILY = Mixtral("mixtral", hf_class="MixtralForCausalLM", hf_model_type="mixtral")
+FAMILY = Mixtral(
+    "mixtral", hf_class="MixtralForCausalLM", hf_model_type="mixtral", free_head_dim=True
+)
