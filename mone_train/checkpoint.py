@@ -212,18 +212,33 @@ def config_from_marker(path: Path, marker: dict) -> Config:
         ) from None
 
 
+# Buffers a model may have that its source did not (a run started from an import with the
+# neuron bias on, or with loss-free balancing): they keep their initial zeros.
+OPTIONAL_BUFFERS = ("neuron_bias", "router.expert_bias")
+
+
 @single_threaded_collectives
-def load_model_weights(path: Path, model: torch.nn.Module, key: str = "checkpoint") -> None:
+def load_model_weights(
+    path: Path, model: torch.nn.Module, key: str = "checkpoint", optional: tuple[str, ...] = ()
+) -> None:
     """Read only the model's weights from checkpoint ``path`` (any expert-parallel size).
 
     ``model`` is the bare GPTModel (not DDP-wrapped); the optimizer moments stay on disk.
+    Tensors whose names end with one of ``optional`` may be absent from the checkpoint.
     Errors name ``key`` (the option that named the checkpoint) and ``path``.
     """
     from megatron.core import dist_checkpointing
 
     try:
-        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+        wanted = model.sharded_state_dict()
+        if optional:
+            available = dist_checkpointing.load_tensors_metadata(str(path))
+            wanted = {k: v for k, v in wanted.items()
+                      if not k.endswith(optional) or getattr(v, "key", k) in available}  # fmt: skip
+        loaded = dist_checkpointing.load({"model": wanted}, str(path))
         missing, _ = model.load_state_dict(loaded["model"], strict=False)
+        if optional:
+            missing = [k for k in missing if not k.endswith(optional)]
     except (Exception, CheckpointException) as err:  # truncated files fail in many ways
         raise CheckpointError(
             f"{key} {path}: the weights cannot be loaded ({first_line(err)})"
@@ -234,6 +249,26 @@ def load_model_weights(path: Path, model: torch.nn.Module, key: str = "checkpoin
             f"{key} {path}: the checkpoint lacks weights of this model ({missing[0]} and "
             f"{len(missing) - 1} more)"
         )
+
+
+def load_initial_weights(source: str, model: torch.nn.Module, signature: dict) -> Path:
+    """``trainer.init_from``: the weights of a run, checkpoint or import of the same shape
+    into ``model`` (the bare GPTModel). Recipe buffers the source lacks keep their zeros."""
+    path = resolve_checkpoint(Path(source), key="trainer.init_from")
+    saved = read_marker(path).get("signature", {})
+    optional_keys = ("neuron_bias", "router_expert_bias")
+    mismatched = signature_mismatch(
+        {k: v for k, v in saved.items() if k not in optional_keys},
+        {k: v for k, v in signature.items() if k not in optional_keys},
+    )
+    if mismatched:
+        raise CheckpointError(
+            f"trainer.init_from={source!r} holds a model of another shape "
+            f"({'; '.join(mismatched)}); its model settings are in its config "
+            "(mone-import writes them to arch/imported.yaml)"
+        )
+    load_model_weights(path, model, key="trainer.init_from", optional=OPTIONAL_BUFFERS)
+    return path
 
 
 def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
@@ -366,7 +401,7 @@ def save_checkpoint(
     """
     from megatron.core import dist_checkpointing
 
-    _use_forked_results_queue()
+    use_forked_results_queue()
     rank = dist.get_rank()
     folder = run_dir / CHECKPOINTS
     final = folder / f"step_{step:08d}"
@@ -404,7 +439,7 @@ def save_checkpoint(
     return final
 
 
-def _use_forked_results_queue() -> None:
+def use_forked_results_queue() -> None:
     """Give megatron-core's file writer a fork-context results queue instead of the
     ``multiprocessing.Manager`` it spawns on first use (a second interpreter that re-imports
     the training script). Our writers are forked (megatron's temporal async caller, and its
@@ -468,6 +503,11 @@ class _Commit:
 @single_threaded_collectives
 def load_checkpoint(path: Path, model, optimizer, signature: dict) -> ResumePoint:
     """Restore model, optimizer and this rank's RNG from ``path`` (all ranks call this)."""
+    if read_marker(path).get("weights_only"):
+        raise CheckpointError(
+            f"checkpoint {path} holds weights only (an import): start a run from it with "
+            "trainer.init_from, not trainer.resume"
+        )
     from megatron.core import dist_checkpointing
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 

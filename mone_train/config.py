@@ -443,6 +443,9 @@ class TrainerConfig:
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted after a save
     async_save: bool = True  # write checkpoints while training goes on (preemption: at once)
     resume: str = "auto"  # auto: newest complete checkpoint in run_dir | none | <path>
+    # A fresh run starts from these weights (a mone-import folder, or any run or checkpoint of
+    # the same shape): new optimizer, step 0; the keep ratio and balance may differ.
+    init_from: Optional[str] = None
     force_resume: bool = False  # resume although run_dir's config.yaml has another model shape
     max_nonfinite_steps: int = 3  # skipped (non-finite) updates in a row before the run stops
     compile: Optional[bool] = None  # megatron jit_fuser (torch.compile); null: on with CUDA only

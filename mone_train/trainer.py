@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from mone_kernels.cpu_kernel import cpu_kernel_error
-from mone_train.checkpoint import EXIT_PREEMPTED, model_signature
+from mone_train.checkpoint import EXIT_PREEMPTED, load_initial_weights, model_signature
 from mone_train.checkpointer import Checkpointer, PreemptionFlag, TrainState
 from mone_train.config import Config
 from mone_train.data.dataset import micro_batches
@@ -61,7 +61,17 @@ class Trainer:
         if info.device.type == "cpu":  # load (or build) the CPU operators now, not mid-step
             cpu_kernel_error()
         self.vocab_size = self._vocab_size(self.data.tokenizer)
-        self.model, params = build_model(cfg, self.vocab_size, info.ep_rank, info.ep_size)
+        load_weights = None
+        if t.init_from and resume_from is None:  # a fresh run starts from those weights
+            signature = model_signature(cfg, self.vocab_size)
+
+            def load_weights(model):
+                path = load_initial_weights(t.init_from, model, signature)
+                self.say(f"initial weights from {path}")
+
+        self.model, params = build_model(
+            cfg, self.vocab_size, info.ep_rank, info.ep_size, load_weights
+        )
         self.counts = count_parameters(self.model, m.router_topk, info.ep_size)
         self.say(f"model {m.name} ({cfg.moe.flavour}): {self.counts.summary()}")
         tokenizer = self.data.tokenizer

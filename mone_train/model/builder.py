@@ -21,6 +21,7 @@ experts (``moe.shared_expert_mone``) and the QK-norm over all heads (``model.qk_
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -275,13 +276,18 @@ def to_bf16_with_masters(model: GPTModel) -> None:
 
 
 def build_model(
-    cfg: Config, vocab_size: int, ep_rank: int = 0, ep_size: int = 1
+    cfg: Config,
+    vocab_size: int,
+    ep_rank: int = 0,
+    ep_size: int = 1,
+    load_weights: Callable[[GPTModel], None] | None = None,
 ) -> tuple[DistributedDataParallel, list[torch.nn.Parameter]]:
     """The seeded, initialised model of this rank wrapped in megatron-core DDP, and its
     trainable parameters.
 
     The same seed on every rank drives dropout streams and megatron's own draws; weights are
     then set by global parameter name, so they do not depend on the expert-parallel layout.
+    ``load_weights`` (``trainer.init_from``) then replaces them, in fp32, before a bf16 cast.
     """
     torch.manual_seed(cfg.trainer.seed)
     model_parallel_cuda_manual_seed(cfg.trainer.seed)
@@ -294,6 +300,8 @@ def build_model(
         ep_rank,
         cfg.model.num_experts // ep_size,
     )
+    if load_weights is not None:
+        load_weights(model)
     if cfg.trainer.precision == "bf16":
         to_bf16_with_masters(model)
     if torch.cuda.is_available():

@@ -1,0 +1,101 @@
+"""``mone-import``: a local Hugging Face model directory -> a checkpoint mone-train starts from.
+
+    mone-import HF_DIR --out DIR [--overwrite]
+    mone-import DENSE_HF_DIR --out DIR --upcycle-experts E --upcycle-topk k [--granularity g]
+
+MoE models (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE) import as they are; dense ones (Llama, Qwen2,
+Qwen3) only upcycled into E experts (``mone_train/importer/upcycle.py``: the upcycled model's
+output at step 0 equals the dense model's). The result trains with
+
+    mone-train --config-dir DIR arch=imported [moe.neuron_keep_ratio=0.5 ...]
+
+(MoNE at rho = 0.5 by default: "MoNE-fying" the imported MoE; ``moe=moe`` continues it as plain
+MoE). Nothing is downloaded. Bad input (no config.json or weights, a missing shard, an unknown
+architecture, a tokenizer that does not fit the vocabulary, an existing --out) ends in one line
+``mone-import: ...`` and exit code 2, with nothing written. See docs/import.md.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from mone_train.errors import report_failure
+from mone_train.export.cli import OneLineParser, quiet_libraries
+
+
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(
+        prog="mone-import",
+        description="Import a local Hugging Face model (docs/import.md) as a checkpoint that "
+        "`mone-train --config-dir DIR arch=imported` starts from.",
+    )
+    parser.add_argument("source", help="a local Hugging Face model folder (config.json, "
+                        "safetensors, tokenizer)")  # fmt: skip
+    parser.add_argument("--out", required=True, help="the folder to create")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier import")
+    parser.add_argument("--upcycle-experts", type=int, metavar="E",
+                        help="dense models: make E experts of each MLP")  # fmt: skip
+    parser.add_argument("--upcycle-topk", type=int, metavar="K", help="experts per token")
+    parser.add_argument("--granularity", type=int, default=1, metavar="G",
+                        help="cut each MLP into G parts first (fine-grained experts)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="upcycling: router rows' seed")
+    return parser
+
+
+def run_import(args) -> tuple[Path, dict]:
+    from mone_train.importer.hf_source import ImportError_, read_hf_dir
+    from mone_train.importer.mapping import (
+        check_supported,
+        dense_settings,
+        megatron_state,
+        model_settings,
+    )
+    from mone_train.importer.upcycle import upcycled_state
+    from mone_train.importer.writer import check_output, parameters, write_import
+
+    out = Path(args.out).expanduser().absolute()
+    upcycling = args.upcycle_experts is not None
+    if upcycling != (args.upcycle_topk is not None):
+        raise ImportError_("--upcycle-experts and --upcycle-topk go together")
+    check_output(out, args.overwrite)
+    source = read_hf_dir(Path(args.source))
+    family = check_supported(source, upcycling)
+    start = time.perf_counter()
+    if upcycling:
+        settings = dense_settings(source, family, args.upcycle_experts, args.upcycle_topk,
+                                  args.granularity)  # fmt: skip
+        state = upcycled_state(source, settings, args.granularity, args.seed)
+    else:
+        settings = model_settings(source, family)
+        state = megatron_state(source, settings)
+    provenance = {
+        "source": str(source.path.absolute()), "model_type": source.model_type,
+        "family": family, "parameters": parameters(state),
+        "upcycled": {"experts": args.upcycle_experts, "topk": args.upcycle_topk,
+                     "granularity": args.granularity, "seed": args.seed} if upcycling else None,
+    }  # fmt: skip
+    write_import(source, state, settings, out, provenance)
+    provenance["seconds"] = round(time.perf_counter() - start, 1)
+    return out, provenance
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; returns the exit code."""
+    quiet_libraries()
+    try:
+        args = build_parser().parse_args(argv)
+        out, provenance = run_import(args)
+    except Exception as err:
+        return report_failure("mone-import", err)
+    what = "upcycled" if provenance["upcycled"] else "imported"
+    print(f"{what} {provenance['source']} ({provenance['model_type']}, "
+          f"{provenance['parameters'] / 1e6:,.1f}M parameters) as family {provenance['family']}")  # fmt: skip
+    print(f"train it: mone-train --config-dir {out} arch=imported")
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

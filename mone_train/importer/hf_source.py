@@ -1,0 +1,138 @@
+"""A local Hugging Face model directory, read without transformers' model classes.
+
+Reads ``config.json`` (through transformers' config class of its ``model_type``, offline, so
+that defaults are the class's own), the safetensors weights (one file, or shards listed in
+``model.safetensors.index.json``), and finds the tokenizer files. Weights are read lazily, one
+tensor at a time. Nothing is ever downloaded: the path must be a local folder.
+
+Expert weights come in either layout transformers writes: one tensor per expert (what
+``save_pretrained`` writes, and released checkpoints: ``mlp.experts.<e>.gate_proj`` /
+``up_proj`` / ``down_proj``, Mixtral's ``block_sparse_moe.experts.<e>.w1`` / ``w3`` / ``w2``) or
+the fused in-memory tensors (``mlp.experts.gate_up_proj`` [E, 2F, D], ``down_proj`` [E, D, F]).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mone_train.errors import ConfigError
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+)  # fmt: skip
+
+
+class ImportError_(ConfigError):
+    """A bad import input; the message names the file or key and what would be valid."""
+
+
+@dataclass
+class HFSource:
+    """A model directory: its config object, where each tensor lives, its tokenizer files."""
+
+    path: Path
+    config: object  # transformers PretrainedConfig of the model_type
+    model_type: str
+    files: dict[str, Path] = field(default_factory=dict)  # tensor name -> safetensors file
+    tokenizer: Path | None = None  # tokenizer.json, when there is one
+
+    def has(self, name: str) -> bool:
+        return name in self.files
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor as fp32 (raises ImportError_ naming it when absent)."""
+        from safetensors import safe_open
+
+        if name not in self.files:
+            raise ImportError_(f"{self.path}: the weights lack {name!r}")
+        with safe_open(str(self.files[name]), framework="pt") as f:
+            return f.get_tensor(name).float()
+
+    def experts(self, prefix: str, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """([E, 2F, D] gate|up, [E, D, F] down) of the MoE block under ``prefix`` (e.g.
+        ``model.layers.3.mlp.``), from fused or per-expert tensors."""
+        if self.has(f"{prefix}experts.gate_up_proj"):
+            return (self.tensor(f"{prefix}experts.gate_up_proj"),
+                    self.tensor(f"{prefix}experts.down_proj"))  # fmt: skip
+        names = [("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2")]
+        for gate, up, down in names:
+            if self.has(f"{prefix}experts.0.{gate}.weight"):
+                fc1 = [
+                    torch.cat(
+                        [
+                            self.tensor(f"{prefix}experts.{e}.{gate}.weight"),
+                            self.tensor(f"{prefix}experts.{e}.{up}.weight"),
+                        ]
+                    )  # fmt: skip
+                    for e in range(num_experts)
+                ]
+                fc2 = [
+                    self.tensor(f"{prefix}experts.{e}.{down}.weight") for e in range(num_experts)
+                ]
+                return torch.stack(fc1), torch.stack(fc2)
+        raise ImportError_(f"{self.path}: no expert weights under {prefix!r}")
+
+
+def read_hf_dir(path: Path) -> HFSource:
+    """The model directory at ``path``, or ImportError_ naming what is missing."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ImportError_(f"{path}: no such directory (expected a local Hugging Face model "
+                           "folder; nothing is downloaded)")  # fmt: skip
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ImportError_(f"{path}: no config.json (expected a Hugging Face model folder)")
+    try:
+        raw = json.loads(config_file.read_text())
+    except ValueError as err:
+        raise ImportError_(f"{config_file}: not JSON ({err})") from None
+    model_type = raw.get("model_type")
+    config = _config_object(config_file, raw, model_type)
+    tokenizer = path / "tokenizer.json"
+    return HFSource(path, config, model_type, _weight_files(path),
+                    tokenizer if tokenizer.is_file() else None)  # fmt: skip
+
+
+def _config_object(config_file: Path, raw: dict, model_type: str | None):
+    from transformers import AutoConfig
+
+    if not model_type:
+        raise ImportError_(f"{config_file}: no model_type (expected a transformers config)")
+    try:
+        return AutoConfig.for_model(**raw)
+    except (KeyError, ValueError) as err:
+        raise ImportError_(
+            f"{config_file}: model_type {model_type!r} is unknown to transformers ({err})"
+        ) from None
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as err:
+            raise ImportError_(f"{index}: not a safetensors index ({err})") from None
+        missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
+        if missing:
+            raise ImportError_(
+                f"{path}: shard {missing[0]} listed in {index.name} is missing"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
+        return {name: path / file for name, file in weight_map.items()}
+    single = path / "model.safetensors"
+    if not single.is_file():
+        found = sorted(p.name for p in path.glob("*.bin")) or ["nothing"]
+        raise ImportError_(
+            f"{path}: no model.safetensors or model.safetensors.index.json (found "
+            f"{', '.join(found[:3])}; only safetensors weights are read)"
+        )
+    with safe_open(str(single), framework="pt") as f:
+        return {name: single for name in f.keys()}

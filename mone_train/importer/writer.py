@@ -1,0 +1,160 @@
+"""Write an imported model: a megatron-core checkpoint of its weights, its tokenizer, and the
+config that trains it.
+
+``--out DIR`` becomes (written into a staging folder beside it and renamed at the end, so an
+interrupted import leaves nothing under the name):
+
+    COMPLETE.json, *.distcp, ...   a weights-only ``dist_checkpointing`` checkpoint (step 0,
+                                   the model's config and signature in the marker): mone-export,
+                                   mone-analyze and trainer.init_from read it at any EP size
+    tokenizer.json, ...            the source's tokenizer files, when it has them
+    arch/imported.yaml             ``mone-train --config-dir DIR arch=imported``: the model
+                                   section, the tokenizer and trainer.init_from=DIR
+    import.json                    where it came from, and the command line that trains it
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from mone_train.checkpoint import MARKER, model_signature, use_forked_results_queue
+from mone_train.config import Config, ModelConfig
+from mone_train.importer.hf_source import TOKENIZER_FILES, HFSource, ImportError_
+
+ARCH_FILE = Path("arch") / "imported.yaml"
+PROVENANCE = "import.json"
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse an existing ``--out`` unless ``overwrite``, and even then replace only an earlier
+    import or an empty folder."""
+    if not out.exists():
+        if not out.parent.is_dir():
+            raise ImportError_(f"--out {out}: the parent folder {out.parent} does not exist")
+        return
+    if not out.is_dir():
+        raise ImportError_(f"--out {out} is an existing file (expected a folder to create)")
+    if not overwrite:
+        raise ImportError_(f"--out {out} already exists (pass --overwrite to replace it)")
+    if any(out.iterdir()) and not (out / PROVENANCE).is_file():
+        raise ImportError_(f"--out {out} is a non-empty folder that is not an earlier import (no "
+                           f"{PROVENANCE}); refusing to replace it")  # fmt: skip
+
+
+def imported_config(settings: dict, tokenizer: dict, out: Path) -> Config:
+    """The Config of the imported model: its model section, plain MoE (the weights are), the
+    tokenizer it came with."""
+    cfg = Config()
+    cfg.model = ModelConfig(**settings)
+    cfg.moe.flavour = "moe"
+    cfg.data.tokenizer.type = tokenizer["type"]
+    cfg.data.tokenizer.path = tokenizer.get("path")
+    cfg.data.tokenizer.eod_token = tokenizer.get("eod_token")
+    cfg.trainer.expert_parallel_size = 1
+    cfg.trainer.run_dir = str(out)  # a plain value (the default names the time of a run)
+    cfg.validate()
+    return cfg
+
+
+def tokenizer_settings(source: HFSource, vocab_size: int, out: Path) -> dict:
+    """``data.tokenizer`` for the copied tokenizer (the byte tokenizer without one), checked
+    against the model's vocabulary."""
+    from mone_train.data.tokenizer import HFTokenizer
+
+    if source.tokenizer is None:
+        if vocab_size < 258:
+            raise ImportError_(f"{source.path}: no tokenizer.json, and a vocabulary of "
+                               f"{vocab_size} is too small for the byte tokenizer")  # fmt: skip
+        return {"type": "byte"}
+    eod_token = None
+    eos = getattr(source.config, "eos_token_id", None)
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    from tokenizers import Tokenizer
+
+    raw = Tokenizer.from_file(str(source.tokenizer))
+    if eos is not None:
+        eod_token = raw.id_to_token(int(eos))
+    try:
+        tokenizer = HFTokenizer(source.tokenizer, eod_token)
+    except Exception as err:
+        raise ImportError_(f"{source.tokenizer}: {err}") from None
+    if tokenizer.vocab_size > vocab_size:
+        raise ImportError_(
+            f"{source.tokenizer}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+            f"vocabulary (config.json vocab_size) is {vocab_size}: not this model's tokenizer"
+        )
+    return {"type": "hf", "path": str(out / "tokenizer.json"), "eod_token": eod_token}
+
+
+def write_import(
+    source: HFSource, state: dict, settings: dict, out: Path, provenance: dict
+) -> Config:
+    """Build the model, load ``state`` (megatron names), save the checkpoint and the rest."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    from mone_train.distributed import init_distributed, shutdown_distributed
+    from mone_train.model.builder import build_gpt_model
+
+    tokenizer = tokenizer_settings(source, settings["vocab_size"], out)
+    cfg = imported_config(settings, tokenizer, out)
+    staging = out.parent / f".{out.name}.import-tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    own_group = not dist.is_initialized()
+    try:
+        init_distributed(1)
+        model = build_gpt_model(cfg, settings["vocab_size"])
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            what = f"lacks {missing[0]}" if missing else f"has an extra {unexpected[0]}"
+            raise ImportError_(
+                f"{source.path}: the converted weights do not fit the model ({what})"
+            )
+        use_forked_results_queue()  # megatron's writer would spawn an interpreter otherwise
+        dist_checkpointing.save({"model": model.sharded_state_dict()}, str(staging))
+        _write_rest(source, cfg, staging, out, provenance)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if own_group:
+            shutdown_distributed()
+    return cfg
+
+
+def _write_rest(source: HFSource, cfg: Config, staging: Path, out: Path, provenance: dict):
+    resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
+    marker = {
+        "step": 0,
+        "signature": model_signature(cfg, cfg.model.vocab_size),
+        "world_size": 1,
+        "config": resolved,
+        "weights_only": True,
+    }
+    (staging / MARKER).write_text(json.dumps(marker, indent=2))
+    for name in TOKENIZER_FILES:
+        if (source.path / name).is_file():
+            shutil.copyfile(source.path / name, staging / name)
+    arch = {"model": resolved["model"], "data": {"tokenizer": resolved["data"]["tokenizer"]},
+            "trainer": {"init_from": str(out)}}  # fmt: skip
+    (staging / ARCH_FILE).parent.mkdir()
+    (staging / ARCH_FILE).write_text(
+        "# @package _global_\n# Written by mone-import: the imported model, its tokenizer, and its "
+        f"weights as the start\n# of a new run: mone-train --config-dir {out} arch=imported ...\n"
+        + OmegaConf.to_yaml(OmegaConf.create(arch))
+    )
+    command = f"mone-train --config-dir {out} arch=imported"
+    (staging / PROVENANCE).write_text(json.dumps({**provenance, "train": command}, indent=2))
+
+
+def parameters(state: dict) -> int:
+    return sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
