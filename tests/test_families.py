@@ -368,6 +368,7 @@ def test_unsupported_combinations_end_in_one_line(overrides, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_a_family_that_does_not_fit_the_size_is_one_line_from_the_cli():
     """The size's 128 neurons do not split into 3 experts: one line, exit 2, no traceback."""
     done = subprocess.run(
@@ -381,6 +382,7 @@ def test_a_family_that_does_not_fit_the_size_is_one_line_from_the_cli():
     assert lines[0].startswith("mone-train: error:")
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_unknown_arch_option_lists_the_families():
     done = subprocess.run(
         [sys.executable, "-m", "mone_train.train", "arch=mamba"],

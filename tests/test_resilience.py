@@ -168,6 +168,7 @@ def _kill_while_holding(lock: Path) -> None:
     holder.wait(timeout=10)
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_a_process_killed_holding_the_lock_does_not_stop_the_next_start(tmp_path):
     """The built library loads without any lock; a build lock left by a killed process (and
     torch's own loader's lock file, which a kill leaves behind for good) change nothing."""
@@ -274,6 +275,7 @@ def _stamps(run_dir: Path) -> dict:
 # ------------------------------------------------------------------------- rough edges
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_a_corrupt_index_is_one_line_without_a_traceback_after_it(tmp_path, corpus):
     prefix = tmp_path / "data"
     for suffix in (".bin", ".idx"):
@@ -289,6 +291,7 @@ def test_a_corrupt_index_is_one_line_without_a_traceback_after_it(tmp_path, corp
     assert len(lines) == 1 and "is not a readable megatron-core index" in lines[0], lines
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_a_triton_kernel_on_a_machine_without_cuda_is_a_config_error_before_any_work(tmp_path):
     env = {k: v for k, v in ENV.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(

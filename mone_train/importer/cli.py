@@ -62,6 +62,7 @@ def run_import(args) -> tuple[Path, dict]:
     check_output(out, args.overwrite)
     source = read_hf_dir(Path(args.source))
     family = check_supported(source, upcycling)
+    source.files  # noqa: B018 (the weights are there, every shard: before any work)
     start = time.perf_counter()
     if upcycling:
         settings = dense_settings(source, family, args.upcycle_experts, args.upcycle_topk,

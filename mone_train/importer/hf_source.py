@@ -37,8 +37,16 @@ class HFSource:
     path: Path
     config: object  # transformers PretrainedConfig of the model_type
     model_type: str
-    files: dict[str, Path] = field(default_factory=dict)  # tensor name -> safetensors file
     tokenizer: Path | None = None  # tokenizer.json, when there is one
+    _files: dict[str, Path] | None = field(default=None, repr=False)
+
+    @property
+    def files(self) -> dict[str, Path]:
+        """Tensor name -> the safetensors file holding it (read on first use, so that an
+        unsupported architecture is reported before missing weights)."""
+        if self._files is None:
+            self._files = _weight_files(self.path)
+        return self._files
 
     def has(self, name: str) -> bool:
         return name in self.files
@@ -93,8 +101,7 @@ def read_hf_dir(path: Path) -> HFSource:
     model_type = raw.get("model_type")
     config = _config_object(config_file, raw, model_type)
     tokenizer = path / "tokenizer.json"
-    return HFSource(path, config, model_type, _weight_files(path),
-                    tokenizer if tokenizer.is_file() else None)  # fmt: skip
+    return HFSource(path, config, model_type, tokenizer if tokenizer.is_file() else None)
 
 
 def _config_object(config_file: Path, raw: dict, model_type: str | None):
