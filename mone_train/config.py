@@ -206,6 +206,10 @@ class ModelConfig:
         if self.router_topk_scaling is not None:
             _require(self.router_topk_scaling > 0, "model.router_topk_scaling",
                      self.router_topk_scaling, "null or a number > 0")  # fmt: skip
+        if self.router_topk == 1 and self.router_score == "softmax":
+            _require(self.router_pre_softmax, "model.router_pre_softmax", False,
+                     "true with model.router_topk=1 (a softmax over one chosen logit is 1 and "
+                     "gives the router no gradient)")  # fmt: skip
         self._validate_groups()
         _require(self.load_balancing in LOAD_BALANCING, "model.load_balancing",
                  self.load_balancing, f"one of {list(LOAD_BALANCING)}")  # fmt: skip

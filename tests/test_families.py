@@ -360,6 +360,7 @@ def test_export_writes_the_family_class_and_reproduces_megatrons_logits(
         (["moe=moe", "moe.neuron_balance=bias"], "plain experts select no neurons"),
         (["moe.neuron_balance=loss"], "moe.neuron_balance='loss' is invalid"),
         (["model.family=mamba"], "model.family='mamba' is invalid"),
+        (["model.router_topk=1"], "model.router_pre_softmax=False is invalid"),
     ],
 )
 def test_unsupported_combinations_end_in_one_line(overrides, message):

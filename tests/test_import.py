@@ -292,3 +292,19 @@ def test_dense_models_need_upcycling_and_its_numbers_must_fit(tmp_path, capsys):
     assert "do not split into that many" in _error(
         capsys, str(source), "--out", out, "--upcycle-experts", "10", "--upcycle-topk", "5",
         "--granularity", "5")  # fmt: skip
+
+
+@pytest.mark.slow  # a training run, an export and an import
+def test_a_one_expert_moe_of_ours_upcycles_like_a_dense_model(tmp_path):
+    """A mone-train MoE of one expert is a dense model (exported as a one-expert Mixtral):
+    upcycled into 4 experts of top-2 it keeps its logits."""
+    from tests.test_export import _export, _train
+
+    one = ["moe=moe", "model.num_experts=1", "model.router_topk=1", "model.router_pre_softmax=true"]
+    run = _train(tmp_path / "dense", one)
+    exported = _export(run, tmp_path / "hf")
+    ours = _import(exported, tmp_path / "moe", "--upcycle-experts", "4", "--upcycle-topk", "2")
+    from tests.test_export import _megatron_logits, _tokens
+
+    t = _tokens()  # bytes: the run's vocabulary
+    torch.testing.assert_close(_our_logits(ours, t), _megatron_logits(run, t), rtol=0, atol=1e-4)

@@ -51,7 +51,7 @@ def check_supported(source: HFSource, upcycling: bool) -> str:
     if kind in NOT_SUPPORTED:
         raise ImportError_(f"{source.path}: model_type {kind!r}: {NOT_SUPPORTED[kind]}")
     if kind in moe_families():
-        if upcycling:
+        if upcycling and not one_expert(source):
             raise ImportError_(f"{source.path} is already a MoE model ({kind}): import it "
                                "without --upcycle-experts")  # fmt: skip
         return moe_families()[kind]
@@ -64,6 +64,30 @@ def check_supported(source: HFSource, upcycling: bool) -> str:
         return DENSE[kind][0]
     raise ImportError_(f"{source.path}: model_type {kind!r} is not supported (supported: "
                        f"{supported()})")  # fmt: skip
+
+
+def one_expert(source: HFSource) -> bool:
+    """A Mixtral of one expert: a dense model (softmax over one expert is 1), as mone-export
+    writes a one-expert MoE; it upcycles like Llama."""
+    c = source.config
+    return source.model_type == "mixtral" and getattr(c, "num_local_experts", 0) == 1
+
+
+def moe_prefix(source: HFSource, i: int) -> str:
+    """Layer ``i``'s MoE block: Mixtral's checkpoints name it ``block_sparse_moe``."""
+    block = f"model.layers.{i}.block_sparse_moe."
+    return block if source.has(f"{block}gate.weight") else f"model.layers.{i}.mlp."
+
+
+def dense_mlp(source: HFSource, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gate [I, D], up [I, D], down [D, I]) of layer ``i``'s dense MLP (or its one expert)."""
+    if one_expert(source):
+        fc1, fc2 = source.experts(moe_prefix(source, i), 1)
+        gate, up = fc1[0].chunk(2)
+        return gate, up, fc2[0]
+    p = f"model.layers.{i}.mlp."
+    t = source.tensor
+    return t(f"{p}gate_proj.weight"), t(f"{p}up_proj.weight"), t(f"{p}down_proj.weight")
 
 
 def _rope_theta(source: HFSource) -> float:
@@ -204,7 +228,7 @@ def dense_settings(source: HFSource, family: str, experts: int, topk: int, granu
         "init_method_std": float(getattr(c, "initializer_range", 0.02)),
         "expert_granularity": 1,
     }
-    settings.update(DENSE[source.model_type][1])
+    settings.update(DENSE.get(source.model_type, (None, {}))[1])
     return settings
 
 
@@ -257,9 +281,7 @@ def mlp_tensors(source: HFSource, settings: dict, i: int, moe: bool) -> dict[str
     if not moe:
         fc1, fc2 = _swiglu(source, f"model.layers.{i}.mlp.")
         return {f"{m}linear_fc1.weight": fc1, f"{m}linear_fc2.weight": fc2}
-    block = f"model.layers.{i}.block_sparse_moe."
-    if not source.has(f"{block}gate.weight"):
-        block = f"model.layers.{i}.mlp."
+    block = moe_prefix(source, i)
     out = {f"{m}router.weight": source.tensor(_first(source, f"{block}gate.weight"))}
     fc1, fc2 = source.experts(block, settings["num_experts"])
     for e in range(settings["num_experts"]):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from mone_train.importer.hf_source import HFSource
-from mone_train.importer.mapping import attention_tensors, outer_tensors
+from mone_train.importer.mapping import attention_tensors, dense_mlp, outer_tensors
 
 
 def upcycled_state(source: HFSource, settings: dict, granularity: int, seed: int = 0) -> dict:
@@ -36,9 +36,8 @@ def upcycled_state(source: HFSource, settings: dict, granularity: int, seed: int
     state = outer_tensors(source, settings)
     for i in range(settings["num_layers"]):
         state.update(attention_tensors(source, settings, i))
-        p, m = f"model.layers.{i}.mlp.", f"decoder.layers.{i}.mlp."
-        gate, up = source.tensor(f"{p}gate_proj.weight"), source.tensor(f"{p}up_proj.weight")
-        down = source.tensor(f"{p}down_proj.weight")
+        m = f"decoder.layers.{i}.mlp."
+        gate, up, down = dense_mlp(source, i)
         rows = torch.randn(copies, hidden, generator=generator) * settings["init_method_std"]
         state[f"{m}router.weight"] = rows.repeat_interleave(granularity, dim=0)
         for e in range(num_experts):

@@ -13,7 +13,7 @@ class Mixtral(Family):
             return "Mixtral has no dense layers"
         if m.shared_expert_ffn_hidden_size or m.qk_layernorm != "none" or m.qkv_bias:
             return "Mixtral has no shared expert, QK-norm or q/k/v biases"
-        if m.router_pre_softmax:
+        if m.router_pre_softmax and m.num_experts > 1:  # one expert: probability 1 either way
             return "Mixtral renormalises the top-k probabilities"
         return None
 
