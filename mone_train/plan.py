@@ -25,6 +25,7 @@ import argparse
 import math
 import sys
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from mone_kernels.rules import num_kept_neurons
 from mone_train.config import Config
@@ -654,10 +655,18 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory per device")
     parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation")
     parser.add_argument("--gpu", choices=sorted(PEAK_TFLOPS), default=DEFAULT_GPU)
+    parser.add_argument(
+        "--config-dir", help="an extra config folder, as mone-train's (e.g. a mone-import folder)"
+    )
     args, overrides = parser.parse_known_args(argv)
     unknown = [o for o in overrides if o.startswith("-")]
     if unknown:
         raise ConfigError(f"unknown option {unknown[0]}; see mone-plan --help")
+    if args.config_dir:
+        folder = Path(args.config_dir).expanduser().absolute()
+        if not folder.is_dir():
+            raise ConfigError(f"--config-dir {folder}: no such folder")
+        overrides.append(f"hydra.searchpath=[file://{folder}]")
     for name, value, ok in (
         ("--world-size", args.world_size, args.world_size >= 1),
         ("--gpu-memory-gib", args.gpu_memory_gib, args.gpu_memory_gib > 0),

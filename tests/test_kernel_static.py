@@ -46,6 +46,13 @@ def test_forward_and_backward_meet_the_occupancy_targets_on_sm90_bf16(neurons):
     assert static_check.goal_failures(usages) == []
 
 
+def test_the_weighted_forward_keeps_the_occupancy_target_on_sm90():
+    """The neuron-level balance's variant (selection weights looked up per row)."""
+    usages = static_check.measure_all([4096], ["bf16"], [90], ["forward+bias"])
+    assert usages[0].stack_bytes == 0 and usages[0].warps_per_sm >= 16
+    assert static_check.goal_failures(usages) == []
+
+
 @pytest.mark.parametrize(("arch", "dtype"), [(90, "bf16"), (80, "fp32")])
 def test_no_spills_at_f8192(arch, dtype):
     # fp32 on sm_80 holds the most registers per element; bf16 on sm_90 is the training case.

@@ -38,6 +38,12 @@ LAYOUTS = {
         "model.num_query_groups=2",
         "model.tie_embeddings=true",
     ],
+    # the families: shared experts (a MoNE one too), a dense first layer, fine-grained experts,
+    # QK-norm per head and over all heads, q/k/v biases, a head size of its own
+    "tiny-deepseek": ["model=tiny", "arch=deepseek", "moe.neuron_balance=bias"],
+    "tiny-qwen2": ["model=tiny", "arch=qwen2_moe", "moe.shared_expert_mone=true"],
+    "tiny-olmoe": ["model=tiny", "arch=olmoe"],
+    "tiny-qwen3": ["model=tiny", "arch=qwen3_moe", "model.head_dim=24"],
 }
 
 
@@ -114,6 +120,32 @@ def test_real_scale_counts_equal_the_meta_device_model(megatron_single, model, t
     states = model_state_bytes(shape_of(cfg, 50304, ep_size=8), "bf16", 8, 1)
     assert states.params == 2 * at_ep8.local and states.grads == 4 * at_ep8.local
     assert abs(states.optimizer - 12 * (at_ep8.dense / 8 + at_ep8.expert_local)) < 1
+
+
+@pytest.mark.parametrize("family", ["deepseek", "qwen3_moe", "qwen2_moe", "olmoe", "mixtral"])
+@pytest.mark.parametrize("model", ["1b", "3b"])
+def test_family_counts_equal_the_meta_device_model(megatron_single, family, model):
+    """Analytic counts per family at GPU scale (built on the meta device: no memory)."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from mone_train.model.builder import build_gpt_model
+
+    cfg = compose_config([f"arch={family}", f"model={model}", "trainer=gpu",
+                          "trainer.expert_parallel_size=1"])  # fmt: skip
+    torch.manual_seed(0)
+    model_parallel_cuda_manual_seed(0)
+    with torch.device("meta"):
+        built = build_gpt_model(cfg, 50304)
+    numbers = parameter_numbers(shape_of(cfg, 50304))
+    assert numbers.local == sum(p.numel() for p in built.parameters())
+
+
+@pytest.mark.parametrize("family", ["deepseek", "qwen3_moe"])
+@pytest.mark.parametrize("model", ["1b", "3b"])
+def test_the_gpu_recipes_of_the_families_fit_one_node_of_80gb(family, model):
+    plan = make_plan(compose_config([f"arch={family}", f"model={model}", "trainer=gpu"]),
+                     50304, world_size=8)  # fmt: skip
+    assert plan.fits, format_plan(plan, 50304)
 
 
 def _kept_bytes(cfg) -> int:

@@ -230,3 +230,19 @@ def test_five_training_steps_match_the_reference_path(tmp_path):
     assert len(triton) == 6
     for got, want in zip(triton, reference):
         assert abs(got - want) <= 1e-5
+
+
+@pytest.mark.parametrize("rows, neurons, k", [(7, 96, 40), (33, 64, 1), (5, 257, 128)])
+def test_selection_weights_rank_weighted_scores_like_the_reference(rows, neurons, k):
+    """The neuron-level balance bias in the kernel: per-expert weights looked up by each row's
+    expert; the masks are the reference's (ties of |g| w at the same rule), h and the gradient
+    as without weights on those masks."""
+    chunks = [_fc1(rows, neurons, seed=s) for s in (1, 2)]
+    chunks[0][0, :neurons] = 1.0  # all tied: the weights alone decide
+    gen = torch.Generator().manual_seed(3)
+    weights = [(torch.rand(neurons, generator=gen) * 4 + 0.25).to(DEVICE) for _ in chunks]
+    got = neuron_topk_swiglu_grouped(chunks, k, impl="triton", selection_weights=weights)
+    for chunk, weight, act in zip(chunks, weights, got):
+        h_ref, mask_ref, _ = neuron_topk_swiglu_reference(chunk, k, selection_weight_F=weight)
+        assert torch.equal(act.mask, mask_ref)
+        torch.testing.assert_close(act.h, h_ref, rtol=1e-5, atol=1e-5)
