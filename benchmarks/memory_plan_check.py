@@ -13,7 +13,14 @@ training forward + backward of a micro batch is measured two ways:
   It includes the C allocator's arenas, lazily created state and thread buffers, so it is
   above the tensor peak, and noisy.
 
+Tensor and pipeline parallel layouts (``--layouts tp2 pp2``) run on 2 gloo processes under
+torchrun; each rank measures its own allocator peak the same way, over one micro batch (TP 2:
+a rank holds half of every sequence between blocks and half of the heads) or over a whole
+1F1B step of 4 micro batches (PP 2: the first stage holds 2 micro batches in flight), and is
+compared with the planner's estimate for its stage.
+
     python benchmarks/memory_plan_check.py [--models tiny small] [--seqs 128 512]
+        [--layouts 1 tp2 pp2]
 
 Prints a table and writes results/memory_plan_check_cpu.json (target: estimate within 25 %).
 """
@@ -36,8 +43,17 @@ VOCAB = 258  # the byte tokenizer's vocabulary (the default corpus)
 TARGET = 0.25
 
 
-def _overrides(model: str, seq: int, recompute: str) -> list[str]:
-    return [f"model={model}", f"trainer.seq_length={seq}", f"trainer.recompute={recompute}"]
+LAYOUTS = {  # name: (processes, trainer overrides)
+    "1": (1, []),
+    "tp2": (2, ["trainer.tensor_parallel_size=2"]),
+    "pp2": (2, ["trainer.pipeline_parallel_size=2", "trainer.micro_batch_size=4",
+                "trainer.global_batch_size=16"]),  # 4 micro batches: 2 in flight on stage 0
+}  # fmt: skip
+
+
+def _overrides(model: str, seq: int, recompute: str, layout: str = "1") -> list[str]:
+    return [f"model={model}", f"trainer.seq_length={seq}", f"trainer.recompute={recompute}",
+            *LAYOUTS[layout][1]]  # fmt: skip
 
 
 def _step_inputs(cfg):
@@ -58,8 +74,8 @@ def _forward_backward(model, inputs) -> None:
     model(tokens, positions, mask, labels=labels).mean().backward()
 
 
-def _rss_growth(model, inputs) -> int:
-    """Peak RSS during a first forward + backward minus the RSS before it (sampled at 1 ms)."""
+def _rss_growth(step) -> int:
+    """Peak RSS during a first ``step()`` minus the RSS before it (sampled at 1 ms)."""
     import psutil
 
     process = psutil.Process()
@@ -73,19 +89,20 @@ def _rss_growth(model, inputs) -> int:
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
-    _forward_backward(model, inputs)
+    step()
     done.set()
     thread.join()
     return max(peak[0], process.memory_info().rss) - before
 
 
-def _allocator_peak(model, inputs) -> int:
-    """Peak of the CPU allocator's live bytes during a forward + backward (after a warm-up)."""
+def _allocator_peak(step) -> int:
+    """Peak of the CPU allocator's live bytes during ``step()`` (a forward + backward), after a
+    warm-up step."""
     from torch.profiler import ProfilerActivity, profile
 
-    _forward_backward(model, inputs)  # warm-up: lazily created state is not activation memory
+    step()  # warm-up: lazily created state is not activation memory
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        _forward_backward(model, inputs)
+        step()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     live = peak = 0
     for event in sorted(events, key=lambda e: e.start_ns()):
@@ -110,7 +127,49 @@ def child(overrides: list[str], how: str) -> None:
     model.train()
     inputs = _step_inputs(cfg)
     measure = _allocator_peak if how == "allocator" else _rss_growth
-    print(json.dumps({how: measure(model, inputs)}))
+    print(json.dumps({how: measure(lambda: _forward_backward(model, inputs))}))
+
+
+def rank_child(out_dir: str, overrides: list[str]) -> None:
+    """One rank of a tensor- or pipeline-parallel case (under torchrun): its allocator peak
+    over a micro batch (one stage) or a whole pipeline step, into ``out_dir/rank<r>.json``."""
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    from mone_train import silence_megatron_notices
+
+    silence_megatron_notices()
+    from mone_train.config import model_vocab_size
+    from mone_train.distributed import init_distributed
+    from mone_train.model.builder import build_model
+    from mone_train.pipeline import Pipeline
+    from mone_train.preflight import compose_config
+
+    cfg = compose_config(overrides)
+    t = cfg.trainer
+    info = init_distributed(t.expert_parallel_size, None, 600, 600, t.tensor_parallel_size,
+                            t.pipeline_parallel_size)  # fmt: skip
+    vocab = model_vocab_size(cfg, VOCAB)
+    model, _ = build_model(cfg, vocab, info.ep_rank, info.ep_size)
+    model.train()
+    tokens, positions, mask, labels = _step_inputs(cfg)
+    if info.pp_size == 1:
+        measured = _allocator_peak(lambda: _forward_backward(model, (tokens, positions, mask,
+                                                                      labels)))  # fmt: skip
+    else:  # one 1F1B step of all the micro batches
+        import torch
+
+        batch = {"tokens": tokens, "labels": labels, "position_ids": positions,
+                 "loss_mask": torch.ones_like(tokens, dtype=torch.float)}  # fmt: skip
+        micro = t.global_batch_size // (t.micro_batch_size * info.dp_size)
+        pipeline = Pipeline(model, mask, info, t.seq_length, t.micro_batch_size)
+
+        def step():
+            model.zero_grad_buffer()
+            pipeline.run(iter([batch] * micro), micro, forward_only=False)
+
+        measured = _allocator_peak(step)
+    record = {"rank": info.rank, "tp_rank": info.tp_rank, "pp_rank": info.pp_rank,
+              "allocator": measured}  # fmt: skip
+    (Path(out_dir) / f"rank{info.rank}.json").write_text(json.dumps(record))
 
 
 def _run_child(overrides: list[str], how: str) -> int:
@@ -119,27 +178,47 @@ def _run_child(overrides: list[str], how: str) -> int:
     return json.loads(out.stdout.strip().splitlines()[-1])[how]
 
 
-def run_case(model: str, seq: int, recompute: str) -> dict:
-    """Estimate and both measurements of one (model, sequence length, recompute) case."""
-    from mone_train.plan import activation_bytes, shape_of
+def _run_ranks(overrides: list[str], nproc: int) -> list[dict]:
+    """Each rank's measurement of a case, from a torchrun job of ``nproc`` processes."""
+    import tempfile
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    with tempfile.TemporaryDirectory() as out_dir:
+        cmd = [str(torchrun), "--standalone", "--nproc-per-node", str(nproc), __file__,
+               "--rank-child", out_dir, *overrides]  # fmt: skip
+        subprocess.run(cmd, capture_output=True, text=True, check=True)
+        return [json.loads(f.read_text()) for f in sorted(Path(out_dir).glob("rank*.json"))]
+
+
+def run_case(model: str, seq: int, recompute: str, layout: str = "1") -> list[dict]:
+    """Estimate and measurement of one (model, sequence length, recompute, layout) case: one
+    row, or one per pipeline stage (the fullest rank of the stage)."""
+    from mone_train.plan import activation_bytes, make_plan, shape_of
     from mone_train.preflight import compose_config
 
-    overrides = _overrides(model, seq, recompute)
+    overrides = _overrides(model, seq, recompute, layout)
     cfg = compose_config(overrides)
-    estimate = activation_bytes(shape_of(cfg, VOCAB, device="cpu"), recompute)
-    measured = _run_child(overrides, "allocator")
-    rss = _run_child(overrides, "rss")
-    return {
-        "model": model,
-        "seq_length": seq,
-        "micro_batch_size": cfg.trainer.micro_batch_size,
-        "recompute": recompute,
-        "estimate_kept_bytes": estimate.kept,
-        "estimate_peak_bytes": estimate.peak,
-        "measured_peak_bytes": measured,
-        "rss_growth_bytes": rss,
-        "error": estimate.peak / measured - 1,
-    }
+    row = {"model": model, "layout": layout, "seq_length": seq,
+           "micro_batch_size": cfg.trainer.micro_batch_size, "recompute": recompute}  # fmt: skip
+    nproc = LAYOUTS[layout][0]
+    if nproc == 1:
+        estimate = activation_bytes(shape_of(cfg, VOCAB, device="cpu"), recompute)
+        measured = _run_child(overrides, "allocator")
+        return [{**row, "stage": 0, "estimate_kept_bytes": estimate.kept,
+                 "estimate_peak_bytes": estimate.peak, "measured_peak_bytes": measured,
+                 "rss_growth_bytes": _run_child(overrides, "rss"),
+                 "error": estimate.peak / measured - 1}]  # fmt: skip
+    plan = make_plan(cfg, VOCAB, nproc, device="cpu")
+    ranks = _run_ranks(overrides, nproc)
+    rows = []
+    for stage in plan.stages:
+        estimate = stage.activations[recompute]
+        measured = max(r["allocator"] for r in ranks if r["pp_rank"] == stage.layers.index)
+        rows.append({**row, "stage": stage.layers.index, "in_flight": stage.in_flight,
+                     "estimate_kept_bytes": estimate.kept, "estimate_peak_bytes": estimate.peak,
+                     "measured_peak_bytes": measured, "rss_growth_bytes": None,
+                     "error": estimate.peak / measured - 1})  # fmt: skip
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -150,20 +229,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--models", nargs="+", default=["tiny", "small"])
     parser.add_argument("--seqs", nargs="+", type=int, default=[128, 512])
     parser.add_argument("--recompute", nargs="+", default=["none", "moe", "full"])
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     parser.add_argument("--out", type=Path, default=RESULTS / "memory_plan_check_cpu.json")
     args = parser.parse_args(argv)
     cases = [
-        run_case(model, seq, rc)
+        row
+        for layout in args.layouts
         for model in args.models
         for seq in args.seqs
         for rc in args.recompute
+        for row in run_case(model, seq, rc, layout)
     ]
     print(format_table(cases))
     result = {
         "machine": machine_info(),
         "method": "allocator peak: torch.profiler memory events of one forward+backward after a "
-        "warm-up step, fresh process per case; rss: psutil RSS sampled at 1 ms during a first "
-        "step, minus RSS before (reference only)",
+        "warm-up step, fresh process per case (tp2 / pp2: each of 2 gloo ranks under torchrun, "
+        "pp2 over a 1F1B step of 4 micro batches; the fullest rank per stage); rss: psutil RSS "
+        "sampled at 1 ms during a first step, minus RSS before (reference only)",
         "target_abs_error": TARGET,
         "within_target": all(abs(c["error"]) <= TARGET for c in cases),
         "cases": cases,
@@ -177,15 +260,17 @@ def main(argv: list[str] | None = None) -> dict:
 def format_table(cases: list[dict]) -> str:
     """Markdown table of the cases (MiB)."""
     lines = [
-        "| model | seq | micro batch | recompute | estimate MiB | measured peak MiB | error "
-        "| RSS growth MiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| layout | stage | model | seq | micro batch | recompute | estimate MiB "
+        "| measured peak MiB | error | RSS growth MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cases:
+        rss = c["rss_growth_bytes"]
         lines.append(
-            f"| {c['model']} | {c['seq_length']} | {c['micro_batch_size']} | {c['recompute']} "
+            f"| {c['layout']} | {c['stage']} | {c['model']} | {c['seq_length']} "
+            f"| {c['micro_batch_size']} | {c['recompute']} "
             f"| {c['estimate_peak_bytes'] / 2**20:.1f} | {c['measured_peak_bytes'] / 2**20:.1f} "
-            f"| {c['error']:+.1%} | {c['rss_growth_bytes'] / 2**20:.1f} |"
+            f"| {c['error']:+.1%} | {'-' if rss is None else f'{rss / 2**20:.1f}'} |"
         )
     return "\n".join(lines)
 
@@ -193,5 +278,7 @@ def format_table(cases: list[dict]) -> str:
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
         child(sys.argv[3:], sys.argv[2])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--rank-child":
+        rank_child(sys.argv[2], sys.argv[3:])
     else:
         main()

@@ -61,7 +61,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"watchdog_overhead_{device}.json"
     out.write_text(json.dumps({
-        "machine": machine_info(), "args": {**vars(args), "out": str(args.out)},
+        "machine": machine_info(), "args": {k: v for k, v in vars(args).items() if k != "out"},
         "step_time_ratio": median, "iqr": [q1, q3], "rounds": ratios,
         "tokens_per_s": {k: statistics.median(v) for k, v in rates.items()},
     }, indent=2))  # fmt: skip

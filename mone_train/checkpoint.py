@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import multiprocessing.queues
 import os
 import shutil
 import warnings
@@ -355,19 +356,30 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def checkpoint_bytes_estimate(model, optimizer, ep_size: int) -> int:
-    """Bytes a checkpoint of this job will take: parameters and AdamW's two moments, dense
-    ones once and expert ones for every expert-parallel rank (metadata is small beside them)."""
-    dense = experts = 0
+def checkpoint_bytes_share(model) -> int:
+    """Bytes of a checkpoint that this rank holds the first copy of: parameters and AdamW's two
+    moments in fp32 (metadata is small beside them). Summed over the ranks (one all-reduce),
+    the checkpoint's size at any layout: a dense weight is counted by data-parallel rank 0 (a
+    weight every tensor-parallel rank holds whole, by TP rank 0 only), an expert weight by
+    expert-data-parallel rank 0; pipeline stages and slices each count their own."""
+    from megatron.core import parallel_state
+
+    from mone_train.model.init import is_tensor_split
+
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    first_dense = parallel_state.get_data_parallel_rank() == 0
+    first_expert = parallel_state.get_expert_data_parallel_rank() == 0
+    total = 0
     for p in model.parameters():  # (the optimizer's fp32 masters lack megatron's attributes)
         if not p.requires_grad:
             continue
-        size = p.numel() * 4 * 3  # fp32 weight (the master in bf16 runs), exp_avg, exp_avg_sq
-        if getattr(p, "allreduce", True):
-            dense += size
+        if not getattr(p, "allreduce", True):
+            mine = first_expert
         else:
-            experts += size
-    return dense + experts * ep_size
+            mine = first_dense and (tp_rank == 0 or is_tensor_split(p, tp_size))
+        total += p.numel() * 4 * 3 if mine else 0  # fp32 weight (or master), exp_avg, exp_avg_sq
+    return total
 
 
 def free_bytes(folder: Path) -> int:
@@ -449,7 +461,25 @@ def use_forked_results_queue() -> None:
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = multiprocessing.get_context("fork").Queue()
+        context = multiprocessing.get_context("fork")
+        filesystem_async._results_queue = _ResultsQueue(ctx=context)
+
+
+RESULTS_WAIT_S = 120.0  # the results are in flight when megatron reads them: never longer
+
+
+class _ResultsQueue(multiprocessing.queues.Queue):
+    """A queue whose ``get_nowait`` waits for an item already put.
+
+    megatron reads the write results with ``get_nowait()``. In a synchronous save the results
+    were put by this very process a moment before, and a ``multiprocessing`` queue hands them
+    to the pipe from a feeder thread: read at once, the queue can still look empty (the save
+    then failed now and then with *results_queue should not be empty*). The Manager queue
+    megatron would create is synchronous; this one waits instead.
+    """
+
+    def get_nowait(self):
+        return self.get(timeout=RESULTS_WAIT_S)
 
 
 def _save_rng_states(staging: Path, rank: int) -> None:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from mone_train.checkpoint import (
     EXIT_PREEMPTED,
-    checkpoint_bytes_estimate,
+    checkpoint_bytes_share,
     free_bytes,
     load_checkpoint,
     save_checkpoint,
@@ -205,7 +205,11 @@ class Checkpointer:
 
     def _fits(self) -> bool:
         """Whether the file system has room for one more checkpoint (decided on rank 0)."""
-        need = checkpoint_bytes_estimate(self.model, self.optimizer, self.info.ep_size)
+        need = torch.tensor([checkpoint_bytes_share(self.model)], dtype=torch.float64)
+        if self.info.world_size > 1:
+            need = need.to(self.info.device)
+            dist.all_reduce(need)
+        need = float(need)
         folder = self.run_dir / "checkpoints"
         ok = torch.tensor([1], dtype=torch.int32)
         if self.info.is_main:

@@ -431,8 +431,12 @@ class TrainerConfig:
     seed: int = 1234
     run_dir: str = "runs/${now:%Y-%m-%d_%H-%M-%S}"
     expert_parallel_size: int = 1
-    tensor_parallel_size: int = 1  # only 1 is supported so far
-    pipeline_parallel_size: int = 1  # only 1 is supported so far
+    # Attention and dense layers split over TP ranks (with sequence parallelism), layers over PP
+    # stages (1F1B); experts stay whole (expert tensor parallel 1: a split expert's top-K would
+    # need a cross-rank top-K). data parallel = world / (TP x PP).
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    expert_tensor_parallel_size: int = 1  # 1 only (docs/launching.md: why)
     backend: Optional[str] = None  # torch.distributed backend; null: nccl with CUDA, else gloo
     init_timeout_s: float = 600.0  # how long ranks wait for each other at start-up
     collective_timeout_s: float = 1800.0  # a collective that takes longer fails the job
@@ -500,13 +504,14 @@ class TrainerConfig:
                 self.num_threads,
                 "null or an integer >= 1",
             )
-        for key, value in [
-            ("trainer.tensor_parallel_size", self.tensor_parallel_size),
-            ("trainer.pipeline_parallel_size", self.pipeline_parallel_size),
-        ]:
-            _require(
-                value == 1, key, value, "1 (tensor and pipeline parallelism are not supported yet)"
-            )
+        _require_positive("trainer", self, ("tensor_parallel_size", "pipeline_parallel_size"))
+        _require(
+            self.expert_tensor_parallel_size == 1,
+            "trainer.expert_tensor_parallel_size",
+            self.expert_tensor_parallel_size,
+            "1: experts stay whole (a tensor-split expert holds part of each neuron's row, and "
+            "a token's top-K over its F neurons would need a top-K across ranks)",
+        )
         if self.backend is not None:
             _require(
                 self.backend in BACKENDS,
@@ -585,14 +590,109 @@ class Config:
             m.num_experts,
             f"a multiple of trainer.expert_parallel_size={t.expert_parallel_size}",
         )
+        self._validate_model_parallel()
         if world_size is not None:
-            per_step = t.micro_batch_size * world_size
-            _require(
-                t.global_batch_size % per_step == 0,
-                "trainer.global_batch_size",
-                t.global_batch_size,
-                f"a multiple of micro_batch_size x world size = {per_step}",
+            self.validate_layout(world_size)
+
+    def _validate_model_parallel(self) -> None:
+        """What tensor and pipeline parallelism need of the model."""
+        m, t = self.model, self.trainer
+        tp, pp = t.tensor_parallel_size, t.pipeline_parallel_size
+        if tp > 1:
+            groups = m.num_query_groups or m.num_attention_heads
+            for key, value in (("model.num_attention_heads", m.num_attention_heads),
+                               ("model.num_query_groups", groups),
+                               ("model.hidden_size", m.hidden_size),
+                               ("model.ffn_hidden_size", m.ffn_hidden_size)):  # fmt: skip
+                _require(value % tp == 0, key, value,
+                         f"a multiple of trainer.tensor_parallel_size={tp}")  # fmt: skip
+            if m.shared_expert_ffn_hidden_size:
+                _require(m.shared_expert_ffn_hidden_size % tp == 0,
+                         "model.shared_expert_ffn_hidden_size", m.shared_expert_ffn_hidden_size,
+                         f"a multiple of trainer.tensor_parallel_size={tp}")  # fmt: skip
+            _require(t.seq_length % tp == 0, "trainer.seq_length", t.seq_length,
+                     f"a multiple of trainer.tensor_parallel_size={tp} (sequence parallelism "
+                     "splits every sequence over the tensor-parallel ranks)")  # fmt: skip
+            _require(m.norm == "fused", "model.norm", m.norm,
+                     "fused with tensor parallelism (megatron's torch norm has no sequence "
+                     "parallelism)")  # fmt: skip
+            _require(m.qk_layernorm != "full", "model.qk_layernorm", "full",
+                     "none or head with tensor parallelism (a norm over all heads would need "
+                     "the heads of every tensor-parallel rank)")  # fmt: skip
+            _require(not self.moe.shared_expert_mone, "moe.shared_expert_mone", True,
+                     "false with tensor parallelism (a tensor-split shared expert holds part of "
+                     "each token's neurons: its top-K would cross ranks)")  # fmt: skip
+        if pp > 1:
+            _require(m.num_layers % pp == 0, "trainer.pipeline_parallel_size", pp,
+                     f"a divisor of model.num_layers={m.num_layers} (equal stages)")  # fmt: skip
+            _require(not m.tie_embeddings, "model.tie_embeddings", True,
+                     "false with pipeline parallelism (the first and last stages hold the "
+                     "embedding and the output layer apart)")  # fmt: skip
+
+    def validate_layout(self, world_size: int) -> None:
+        """The job's layout: world = TP x PP x data parallel (attention and dense layers) =
+        EP x PP x expert data parallel (experts), and the batch splits over data parallel."""
+        t = self.trainer
+        tp, pp, ep = t.tensor_parallel_size, t.pipeline_parallel_size, t.expert_parallel_size
+        problem = layout_problem(world_size, tp, pp, ep)
+        if problem:
+            raise ConfigError(problem)
+        per_step = t.micro_batch_size * (world_size // (tp * pp))
+        _require(
+            t.global_batch_size % per_step == 0,
+            "trainer.global_batch_size",
+            t.global_batch_size,
+            f"a multiple of micro_batch_size x data-parallel size = {per_step}",
+        )
+
+
+def layout_problem(world_size: int, tp: int = 1, pp: int = 1, ep: int = 1) -> str | None:
+    """Why TP, PP and EP do not fit ``world_size`` processes (one line), or None.
+
+    Attention and dense layers fold the world into TP x PP x data parallel, experts into
+    EP x PP x expert data parallel: both products must divide it (not TP x PP x EP: the experts
+    reuse the ranks that split attention).
+    """
+    for names, size in ((("expert_parallel_size", "pipeline_parallel_size"), (ep, pp)),
+                        (("tensor_parallel_size", "pipeline_parallel_size"), (tp, pp))):  # fmt: skip
+        product = size[0] * size[1]
+        if world_size % product:
+            what = (f"trainer.{names[0]}={size[0]}" if size[1] == 1
+                    else f"trainer.{names[0]} x {names[1]} = {product}")  # fmt: skip
+            return (
+                f"{what} is invalid: expected a divisor of the world size {world_size} "
+                f"(world = TP x PP x data parallel = EP x PP x expert data parallel; "
+                f"TP={tp}, PP={pp}, EP={ep})"
             )
+    return None
+
+
+def model_vocab_size(cfg: Config, tokenizer_vocab: int) -> int:
+    """The model's vocabulary: ``model.vocab_size``, or the tokenizer's padded up to a multiple
+    of the tensor-parallel size (the embedding and output rows split over TP)."""
+    tp = cfg.trainer.tensor_parallel_size
+    vocab_size = cfg.model.vocab_size
+    if vocab_size is None:
+        return -(-tokenizer_vocab // tp) * tp
+    if vocab_size < tokenizer_vocab:
+        raise ConfigError(
+            f"model.vocab_size={vocab_size} is smaller than the tokenizer's vocabulary "
+            f"({tokenizer_vocab}); use null to take the tokenizer's"
+        )
+    if vocab_size % tp:
+        raise ConfigError(
+            f"model.vocab_size={vocab_size} is invalid: expected a multiple of "
+            f"trainer.tensor_parallel_size={tp} (e.g. {-(-vocab_size // tp) * tp}), or null"
+        )
+    return vocab_size
+
+
+def one_process_layout(cfg: Config) -> Config:
+    """``cfg`` set to run on one process (TP = PP = EP = 1), as the tools that rebuild a trained
+    model do (export, generation, analysis): dist_checkpointing reshards any saved layout."""
+    t = cfg.trainer
+    t.expert_parallel_size = t.tensor_parallel_size = t.pipeline_parallel_size = 1
+    return cfg
 
 
 SCHEMA_NAME = "mone_train_schema"

@@ -1,6 +1,6 @@
 """Narrow patches that let megatron-core's MoE GPT train on a machine without CUDA.
 
-megatron-core (pinned in ``pyproject.toml``) assumes a GPU in five places that the MoE training
+megatron-core (pinned in ``pyproject.toml``) assumes a GPU in six places that the MoE training
 path reaches. Each patch below replaces exactly one of them with the CPU equivalent; nothing else
 in megatron-core or torch changes. :func:`apply` installs them only when CUDA is absent and is
 idempotent. Every patch has a test in ``tests/test_cpu_compat.py`` that exercises the megatron
@@ -23,6 +23,14 @@ code path which fails without it.
    tensors, so on CPU the all-to-all split sizes stay tensors and
    ``torch.distributed.all_to_all_single`` rejects them (*incompatible function arguments*)
    whenever expert parallelism is > 1. We convert CPU tensors too when numpy is asked for.
+6. ``schedule_tokens``: megatron's pipeline schedules count the loss's tokens in a tensor made
+   with ``torch.zeros(..., device="cuda")`` (*Torch not compiled with CUDA enabled*). The
+   schedules module sees a torch whose ``zeros`` puts a ``"cuda"`` request on the CPU; every
+   other name is torch's own.
+
+With these, tensor and sequence parallelism need nothing more: megatron allocates their gather
+buffers on ``torch.cuda.current_device()`` (patch 2) and its stage-to-stage sends synchronise
+through ``torch.cuda.synchronize`` (patch 3).
 """
 
 from __future__ import annotations
@@ -31,7 +39,14 @@ import contextlib
 
 import torch
 
-PATCHES = ("rng_tracker", "current_device", "streams", "te_names", "alltoall_splits")
+PATCHES = (
+    "rng_tracker",
+    "current_device",
+    "streams",
+    "te_names",
+    "alltoall_splits",
+    "schedule_tokens",
+)
 
 _applied: set[str] = set()
 
@@ -221,10 +236,33 @@ def _install_alltoall_splits() -> None:
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
 
+# --- 6. the pipeline schedules' token counter ----------------------------------------------------
+
+
+class _CPUZerosTorch:
+    """torch, except that ``zeros(..., device="cuda")`` is made on the CPU."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, device=None, **kwargs):
+        if device == "cuda":
+            device = "cpu"
+        return torch.zeros(*args, device=device, **kwargs)
+
+
+def _install_schedule_tokens() -> None:
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _CPUZerosTorch()
+
+
 _INSTALLERS = {
     "rng_tracker": _install_rng_tracker,
     "current_device": _install_current_device,
     "streams": _install_streams,
     "te_names": _install_te_names,
     "alltoall_splits": _install_alltoall_splits,
+    "schedule_tokens": _install_schedule_tokens,
 }

@@ -2,8 +2,9 @@
 
 Launchers (torchrun, the deepspeed launcher, SLURM + torchrun) set RANK, LOCAL_RANK, WORLD_SIZE,
 MASTER_ADDR and MASTER_PORT; without them the run is a single process. The backend is NCCL on
-GPUs and gloo on CPU. megatron-core then forms the groups: TP = PP = 1, expert parallel EP, and
-data parallel = world size (dense parameters) / world size / EP (expert parameters).
+GPUs and gloo on CPU. megatron-core then forms the groups ("MoE parallel folding"): attention and
+dense layers over tensor parallel TP x pipeline PP x data parallel DP = world / (TP x PP); experts
+over expert parallel EP x PP x expert data parallel = world / (EP x PP), expert tensor parallel 1.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from mone_train import cpu_compat
+from mone_train.config import layout_problem
 from mone_train.errors import ConfigError, first_line
 
 RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -70,10 +72,22 @@ class DistInfo:
     ep_rank: int
     ep_size: int
     device: torch.device
+    tp_rank: int = 0
+    tp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
 
 
 def init_distributed(
@@ -81,6 +95,8 @@ def init_distributed(
     backend: str | None = None,
     timeout_s: float = 600.0,
     collective_timeout_s: float = 1800.0,
+    tensor_parallel_size: int = 1,
+    pipeline_parallel_size: int = 1,
 ) -> DistInfo:
     """Start (or join) the process group and megatron-core's parallel state.
 
@@ -120,16 +136,17 @@ def init_distributed(
                     f"master at {where} within {timeout_s:g} s ({first_line(err)})"
                 ) from None
     world_size = dist.get_world_size()
-    if world_size % expert_parallel_size:
-        raise ConfigError(
-            f"trainer.expert_parallel_size={expert_parallel_size} is invalid: expected a divisor "
-            f"of the world size {world_size} (world size = EP x expert data parallel)"
-        )
+    tp, pp, ep = tensor_parallel_size, pipeline_parallel_size, expert_parallel_size
+    problem = layout_problem(world_size, tp, pp, ep)
+    if problem:
+        raise ConfigError(problem)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=1,
-            pipeline_model_parallel_size=1,
-            expert_model_parallel_size=expert_parallel_size,
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            expert_model_parallel_size=ep,
+            # Experts stay whole: a tensor-split expert would need a top-K across ranks.
+            expert_tensor_parallel_size=1,
             distributed_timeout_minutes=collective_timeout_s / 60,
         )
     return DistInfo(
@@ -141,6 +158,10 @@ def init_distributed(
         ep_rank=parallel_state.get_expert_model_parallel_rank(),
         ep_size=parallel_state.get_expert_model_parallel_world_size(),
         device=torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"),
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        tp_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        pp_size=parallel_state.get_pipeline_model_parallel_world_size(),
     )
 
 
@@ -184,7 +205,14 @@ def _wait_for_master(layout: tuple[int, int], timeout_s: float) -> None:
 
 
 def shutdown_distributed() -> None:
-    """Tear down megatron-core's groups and the process group (safe to call twice)."""
+    """Tear down megatron-core's groups and the process group (safe to call twice).
+
+    Also forgets the auxiliary-loss gradient scale a training step set (a class attribute of
+    megatron's): the next job in this process starts from megatron's default of 1.
+    """
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -9,6 +9,7 @@ from mone_train.config import TrainerConfig
 from mone_train.data.dataset import micro_batches
 from mone_train.distributed import DistInfo
 from mone_train.model.lm import lm_loss
+from mone_train.pipeline import Pipeline
 
 
 class Evaluator:
@@ -18,12 +19,18 @@ class Evaluator:
     """
 
     def __init__(
-        self, model: torch.nn.Module, cfg: TrainerConfig, info: DistInfo, mask: torch.Tensor
+        self,
+        model: torch.nn.Module,
+        cfg: TrainerConfig,
+        info: DistInfo,
+        mask: torch.Tensor,
+        pipeline: Pipeline | None = None,
     ) -> None:
         self.model = model
         self.cfg = cfg
         self.info = info
         self.mask = mask
+        self.pipeline = pipeline  # with pipeline stages: megatron's schedule, forward only
 
     def due(self, step: int) -> bool:
         """Whether the schedule evaluates after optimizer step ``step`` (and after the last)."""
@@ -36,9 +43,13 @@ class Evaluator:
         self.model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=info.device)
         batches = micro_batches(dataset, 0, self.cfg.micro_batch_size, info.dp_rank, info.dp_size)
-        for _ in range(self.cfg.eval_iters):
-            loss_sum, count = lm_loss(self.model, next(batches), self.mask, info.device)
-            total += torch.stack([loss_sum.double(), count.double()])
+        if self.pipeline is not None:
+            total = self.pipeline.run(batches, self.cfg.eval_iters, forward_only=True)
+        else:
+            for _ in range(self.cfg.eval_iters):
+                loss_sum, count = lm_loss(self.model, next(batches), self.mask, info.device)
+                total += torch.stack([loss_sum.double(), count.double()])
+        # (tensor- and pipeline-parallel ranks hold the same sums: the ratio is unchanged)
         dist.all_reduce(total)
         self.model.train()
         return float(total[0] / total[1])

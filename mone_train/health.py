@@ -15,7 +15,8 @@ and for the recipes that have them (``arch=``):
 
     load/L/dropped          share of (token, expert) choices dropped by the capacity factor
     router/L/expert_bias_min, _max   the loss-free balancing bias of the layer's experts
-    shared/L/output_share   ||shared expert output|| / ||MoE layer output||, summed over calls
+    shared/L/output_share   ||shared expert output|| / ||MoE layer output|| over the interval's
+                            tokens (square roots of summed squares: any layout gives the same)
     neurons/L/bias_min, _max         the neuron-level balance bias (moe.neuron_balance=bias)
 
 (the z-loss is megatron's, logged beside the auxiliary loss by the metrics).
@@ -48,6 +49,7 @@ THRESHOLDS = (0.01, 0.1)
 
 # Dense bf16 / tf32 / fp32 peak TFLOP/s of common accelerators, for the MFU estimate.
 PEAK_TFLOPS = {
+    "B200": {"bf16": 2250.0, "tf32": 1100.0, "fp32": 80.0},
     "H200": {"bf16": 989.0, "tf32": 494.5, "fp32": 66.9},
     "H100": {"bf16": 989.0, "tf32": 494.5, "fp32": 66.9},
     "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},
@@ -56,7 +58,12 @@ PEAK_TFLOPS = {
 
 
 class HealthMonitor:
-    """Hooks on every MoE layer of ``model``; ``collect()`` returns the interval's metrics."""
+    """Hooks on every MoE layer of ``model``; ``collect()`` returns the interval's metrics.
+
+    With pipeline stages each rank holds some of the layers: the counters of every MoE layer of
+    the whole model exist on every rank (zero where the layer lives elsewhere), so that the
+    job-wide sums are one all-reduce per kind as without stages.
+    """
 
     def __init__(self, model: torch.nn.Module, ep_rank: int = 0, device=None) -> None:
         from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -66,54 +73,70 @@ class HealthMonitor:
         self._handles = []
         self._observed_experts = []  # MoNE experts whose ``monitor`` callback is ours
         self._device = device or torch.device("cpu")
-        self.layers: list[int] = []
         self.num_bins = int((LOG10_MAX - LOG10_MIN) * BINS_PER_DECADE)
-        self._tokens: dict[int, torch.Tensor] = {}
-        self._used: dict[int, torch.Tensor] = {}
         self._routers: dict[int, torch.nn.Module] = {}  # read at collect: expert biases
         self._experts: dict[int, torch.nn.Module] = {}  # read at collect: neuron biases
-        self._dropped: dict[int, torch.Tensor] = {}  # [dropped choices, all choices]
-        self._shared: dict[int, torch.Tensor] = {}  # [sum ||shared out||, sum ||layer out||]
         # Counters live on the compute device (no host sync per hook); collect() moves them.
         self._hist = torch.zeros(self.num_bins, dtype=torch.float64, device=self._device)
-        self.num_experts = 0
-        self.num_neurons = 0
+        local: dict[int, dict] = {}  # this rank's MoE layers and what each one has
+        hooks = []
         for module in model.modules():
             if not isinstance(module, MoELayer):
                 continue
             layer = int(module.layer_number) - 1
             experts = module.experts
-            self.layers.append(layer)
-            self.num_experts = module.config.num_moe_experts
-            local = len(experts.local_experts)
-            offset = ep_rank * local
-            self.num_neurons = experts.local_experts[0].linear_fc2.weight.shape[1]
-            self._tokens[layer] = torch.zeros(
-                self.num_experts, dtype=torch.float64, device=self._device
-            )
-            self._handles.append(module.router.register_forward_hook(self._router_hook(layer)))
+            offset = ep_rank * len(experts.local_experts)
+            mone = isinstance(experts, MoNEExperts) and experts.num_kept < experts.num_neurons
+            local[layer] = {
+                "experts": module.config.num_moe_experts,
+                "neurons": experts.local_experts[0].linear_fc2.weight.shape[1],
+                "used": mone,
+                "dropped": module.config.moe_expert_capacity_factor is not None,
+                "shared": module.shared_experts is not None,
+                "expert_bias": getattr(module.router, "expert_bias", None) is not None,
+                "neuron_bias": getattr(experts, "neuron_bias", None) is not None,
+            }
             self._routers[layer] = module.router
             self._experts[layer] = experts
-            topk = module.config.moe_router_topk
-            if module.config.moe_expert_capacity_factor is not None:
-                self._dropped[layer] = torch.zeros(2, dtype=torch.float64, device=self._device)
+            hooks.append((layer, module, offset, mone))
+        schema = _job_wide(local)
+        self.layers: list[int] = sorted(schema)
+        first = schema[self.layers[0]] if self.layers else {"experts": 0, "neurons": 0}
+        self.num_experts, self.num_neurons = first["experts"], first["neurons"]
+
+        def counters(kind: str, *shape: int, dtype=torch.float64) -> dict[int, torch.Tensor]:
+            return {
+                layer: torch.zeros(*shape, dtype=dtype, device=self._device)
+                for layer in self.layers if schema[layer][kind]
+            }  # fmt: skip
+
+        self._tokens = {layer: torch.zeros(self.num_experts, dtype=torch.float64,
+                                           device=self._device) for layer in self.layers}  # fmt: skip
+        self._used = counters("used", self.num_experts, self.num_neurons, dtype=torch.bool)
+        self._dropped = counters("dropped", 2)  # [dropped choices, all choices]
+        self._shared = counters("shared", 2)  # [sum ||shared out||^2, sum ||layer out||^2]
+        # the layers whose routers / experts have a balancing bias (ranges read at collect)
+        self._bias_layers = {
+            kind: [layer for layer in self.layers if schema[layer][kind]]
+            for kind in ("expert_bias", "neuron_bias")
+        }
+        for layer, module, offset, mone in hooks:
+            self._handles.append(module.router.register_forward_hook(self._router_hook(layer)))
+            if layer in self._dropped:
+                topk = module.config.moe_router_topk
                 self._handles.append(
                     module.router.register_forward_hook(self._drop_hook(layer, topk))
                 )
-            if module.shared_experts is not None:
-                self._shared[layer] = torch.zeros(2, dtype=torch.float64, device=self._device)
+            if layer in self._shared:
                 self._handles.append(module.register_forward_hook(self._shared_layer_hook(layer)))
                 self._handles.append(
                     module.shared_experts.register_forward_hook(self._shared_hook(layer))
                 )
-            for expert in experts.local_experts:
+            for expert in module.experts.local_experts:
                 self._handles.append(expert.linear_fc1.register_forward_hook(self._fc1_hook))
-            if isinstance(experts, MoNEExperts) and experts.num_kept < experts.num_neurons:
-                self._used[layer] = torch.zeros(
-                    self.num_experts, self.num_neurons, dtype=torch.bool, device=self._device
-                )
-                experts.monitor = self._neuron_observer(layer, offset)
-                self._observed_experts.append(experts)
+            if mone:
+                module.experts.monitor = self._neuron_observer(layer, offset)
+                self._observed_experts.append(module.experts)
 
     # ----------------------------------------------------------------------------- hooks
 
@@ -138,7 +161,7 @@ class HealthMonitor:
     def _shared_hook(self, layer: int):
         def hook(module, args, output):
             if observed(module):
-                self._shared[layer][0] += output.detach().float().norm().double()
+                self._shared[layer][0] += output.detach().float().square().sum().double()
 
         return hook
 
@@ -146,7 +169,7 @@ class HealthMonitor:
         def hook(module, args, output):
             if observed(module):
                 out = output[0] if isinstance(output, tuple) else output
-                self._shared[layer][1] += out.detach().float().norm().double()
+                self._shared[layer][1] += out.detach().float().square().sum().double()
 
         return hook
 
@@ -196,7 +219,7 @@ class HealthMonitor:
         tokens = torch.stack([self._tokens[layer] for layer in layers]) if layers else None
         used = torch.stack([self._used[layer] for layer in self._used]) if self._used else None
         hist = self._hist.clone()
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if _distributed():
             if tokens is not None:
                 dist.all_reduce(tokens, op=dist.ReduceOp.SUM)
             dist.all_reduce(hist, op=dist.ReduceOp.SUM)
@@ -242,29 +265,33 @@ class HealthMonitor:
         sums.update({f"shared/{layer}/output_share": v for layer, v in self._shared.items()})
         if sums:
             stacked = torch.stack(list(sums.values()))
-            if dist.is_initialized() and dist.get_world_size() > 1:
+            if _distributed():
                 dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
             for (key, _), (part, whole) in zip(sums.items(), stacked.cpu().tolist()):
+                if key.startswith("shared/"):  # a ratio of norms: of the summed squares
+                    part, whole = math.sqrt(part), math.sqrt(whole)
                 metrics[key] = part / whole if whole else None
             for values in sums.values():
                 values.zero_()
-        for layer, router in self._routers.items():
-            bias = getattr(router, "expert_bias", None)
-            if bias is not None:
-                metrics[f"router/{layer}/expert_bias_min"] = float(bias.min())
-                metrics[f"router/{layer}/expert_bias_max"] = float(bias.max())
-        ranges = {
-            layer: torch.stack([experts.neuron_bias.min(), -experts.neuron_bias.max()])
-            for layer, experts in self._experts.items()
-            if getattr(experts, "neuron_bias", None) is not None
-        }
+        # Bias ranges: +inf / -inf where the layer lives on another pipeline stage, so that one
+        # MIN all-reduce over [min, -max] gives the job's range of every layer.
+        ranges: dict[str, torch.Tensor] = {}
+        for prefix, modules, name in (("router/{}/expert_bias", self._routers, "expert_bias"),
+                                      ("neurons/{}/bias", self._experts, "neuron_bias")):  # fmt: skip
+            for layer in self._bias_layers[name]:
+                bias = getattr(modules.get(layer), name, None)
+                ranges[prefix.format(layer)] = (
+                    torch.stack([bias.min(), -bias.max()]).double().to(self._device)
+                    if bias is not None
+                    else torch.full((2,), math.inf, dtype=torch.float64, device=self._device)
+                )
         if ranges:
-            stacked = torch.stack(list(ranges.values())).double()
-            if dist.is_initialized() and dist.get_world_size() > 1:
+            stacked = torch.stack(list(ranges.values()))
+            if _distributed():
                 dist.all_reduce(stacked, op=dist.ReduceOp.MIN)
-            for layer, (low, neg_high) in zip(ranges, stacked.cpu().tolist()):
-                metrics[f"neurons/{layer}/bias_min"] = low
-                metrics[f"neurons/{layer}/bias_max"] = -neg_high
+            for key, (low, neg_high) in zip(ranges, stacked.cpu().tolist()):
+                metrics[f"{key}_min"] = low
+                metrics[f"{key}_max"] = -neg_high
         return metrics
 
     def reset(self) -> None:
@@ -282,6 +309,23 @@ class HealthMonitor:
         for experts in self._observed_experts:
             experts.monitor = None
         self._observed_experts = []
+
+
+def _distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _job_wide(local: dict[int, object]) -> dict[int, object]:
+    """``{layer: value}`` of this rank merged with every other rank's (pipeline stages hold
+    different layers; ranks holding the same layer agree on its value)."""
+    if not _distributed():
+        return dict(local)
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, local)
+    merged: dict[int, object] = {}
+    for part in every:
+        merged.update(part)
+    return merged
 
 
 def observed(module: torch.nn.Module) -> bool:

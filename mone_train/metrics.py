@@ -179,15 +179,42 @@ AUX_LOSS_NAMES = ("load_balancing_loss", "seq_load_balancing_loss", "global_load
 
 
 def read_aux_losses(tracker: dict, num_moe: int, num_forwards: int) -> dict[str, float]:
-    """Mean over MoE layers and forward passes of each tracked auxiliary loss."""
+    """Mean over MoE layers and forward passes of each tracked auxiliary loss, job-wide.
+
+    A rank's tracked value of a layer is its share of the layer's loss over the group megatron
+    names as the entry's ``reduce_group`` (its tensor-parallel ranks for the balancing losses:
+    their sum is the loss), else the loss itself. Summing ``value x |reduce group|`` over all
+    ranks and dividing by the ranks that hold the layer (world / pipeline stages) is therefore
+    the mean over data-parallel replicas at any layout, with one all-reduce per loss.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return {name: float(entry["values"].float().sum()) / num_moe / max(1, num_forwards)
+                for name, entry in tracker.items()}  # fmt: skip
+    from megatron.core import parallel_state
+
+    stages = parallel_state.get_pipeline_model_parallel_world_size()
+    names = sorted(tracker)
+    if stages > 1:  # a stage may hold no layer that tracks a loss: agree on the names first
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, names)
+        names = sorted(set().union(*every))
+    holders = dist.get_world_size() // stages
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    )
     out = {}
-    for name, entry in tracker.items():
-        values = entry["values"].float()
-        if dist.get_world_size() > 1:
-            values = values.clone()
-            dist.all_reduce(values)
-            values /= dist.get_world_size()
-        out[name] = float(values.sum()) / num_moe / max(1, num_forwards)
+    for name in names:
+        entry = tracker.get(name)
+        group = entry.get("reduce_group") if entry else None
+        share = dist.get_world_size(group) if group is not None else 1
+        values = (
+            entry["values"].float() * share
+            if entry is not None
+            else torch.zeros(1, dtype=torch.float32, device=device)
+        )
+        total = values.sum().reshape(1).to(torch.float64)
+        dist.all_reduce(total)
+        out[name] = float(total) / holders / num_moe / max(1, num_forwards)
     return out
 
 

@@ -92,14 +92,26 @@ def copy_masters_to_params(params: list[torch.nn.Parameter]) -> None:
         torch._foreach_copy_(list(weights), list(masters))
 
 
-def global_grad_norm(params: list[torch.nn.Parameter], expert_group=None) -> torch.Tensor:
-    """L2 norm of all gradients of the model, including experts held by other EP ranks.
+def global_grad_norm(
+    params: list[torch.nn.Parameter],
+    dense_group=None,
+    expert_group=None,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+) -> torch.Tensor:
+    """L2 norm of all gradients of the model, each weight counted once.
 
-    Dense gradients are identical on every rank after DDP's all-reduce; expert gradients
-    (``param.allreduce is False`` in megatron-core) differ across the expert-parallel group,
-    so their squared norms are summed over it.
+    After the gradient all-reduces, a dense weight's gradient is the same on every data-parallel
+    rank; tensor-parallel slices are parts of one weight, and the weights that every
+    tensor-parallel rank holds whole (norms, routers) are counted on TP rank 0 only: the dense
+    sum is then added up over ``dense_group`` (tensor x pipeline parallel). Expert gradients
+    (``param.allreduce is False``) differ across expert-parallel ranks and pipeline stages:
+    summed over ``expert_group`` (expert x pipeline parallel).
     """
-    dense = [p.main_grad for p in params if getattr(p, "allreduce", True)]
+    from mone_train.model.init import is_tensor_split
+
+    dense = [p.main_grad for p in params if getattr(p, "allreduce", True)
+             and (tp_rank == 0 or is_tensor_split(p, tp_size))]  # fmt: skip
     experts = [p.main_grad for p in params if not getattr(p, "allreduce", True)]
     device = params[0].main_grad.device
     dense_sq, expert_sq = (
@@ -108,8 +120,9 @@ def global_grad_norm(params: list[torch.nn.Parameter], expert_group=None) -> tor
         else torch.zeros((), device=device)
         for grads in (dense, experts)
     )
-    if expert_group is not None and dist.get_world_size(expert_group) > 1:
-        dist.all_reduce(expert_sq, group=expert_group)
+    for group, value in ((dense_group, dense_sq), (expert_group, expert_sq)):
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(value, group=group)
     return (dense_sq + expert_sq).sqrt()
 
 

@@ -5,7 +5,8 @@ Takes the same Hydra config and overrides as ``mone-train`` plus the job's shape
 
 - parameters, gradients (megatron DDP's fp32 ``main_grad`` buffers) and optimizer state
   (AdamW's two fp32 moments; fp32 master weights when parameters are bf16). These are exact:
-  counted from the same shapes megatron-core builds (tests compare them with built models).
+  counted from the same shapes megatron-core builds, per tensor-parallel slice and pipeline
+  stage (tests compare them with built models, rank by rank).
 - activations of one micro batch with each ``trainer.recompute`` setting: an analytic count of
   the tensors autograd keeps per layer (attention, router and dispatch, experts, MoNE's mask)
   and of the loss (logits and the fp32 cross-entropy), plus what is alive at the peak (the
@@ -14,22 +15,27 @@ Takes the same Hydra config and overrides as ``mone-train`` plus the job's shape
 - the all-to-all bytes of a step (expert parallelism), FLOPs per token and the tokens/s that an
   MFU implies; whether the total fits and, when not, which knob makes it fit.
 
+Tensor parallelism TP (with sequence parallelism) splits the attention and dense weights and,
+per rank, the activations (a rank keeps 1/TP of the positions between blocks and 1/TP of the
+heads inside attention; its experts see its own positions). Pipeline parallelism PP gives each
+stage num_layers / PP layers (the embedding on the first, the output layer on the last) and,
+under 1F1B, stage s holds min(PP - s, micro batches) micro batches in flight: the plan is that
+of the fullest stage.
+
 Legend: L layers, h hidden size, a attention heads, g query groups, d head size, V vocabulary,
 E experts (E_loc on one device), k router top-k, F neurons per expert, K kept neurons,
-b micro batch, s sequence length, T = b*s tokens, N = T*k routed rows, p bytes per element.
+b micro batch, s sequence length, T = b*s tokens, N = T*k routed rows, p bytes per element,
+t tensor-parallel size, T_t = T/t the positions a tensor-parallel rank keeps.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from mone_kernels.rules import num_kept_neurons
-from mone_train.config import Config
-from mone_train.errors import EXIT_CONFIG_ERROR, ConfigError
+from mone_train.config import Config, model_vocab_size
+from mone_train.errors import ConfigError
 
 GIB = 2**30
 FP32 = 4
@@ -74,10 +80,43 @@ class Shape:
     shared_kept: int = 0  # K of a MoNE shared expert (S: dense)
     qk_norm: str = "none"  # none | head | full
     qkv_bias: bool = False
+    tp: int = 1  # tensor parallel (with sequence parallelism)
+    pp: int = 1  # pipeline stages
+    moe_pattern: tuple[int, ...] = ()  # 1 for a MoE layer, per layer (empty: all MoE)
 
     @property
     def tokens(self) -> int:
         return self.micro_batch * self.seq
+
+    @property
+    def sp_tokens(self) -> int:
+        """Positions a tensor-parallel rank keeps between blocks (sequence parallelism)."""
+        return self.tokens // self.tp
+
+
+@dataclass(frozen=True)
+class StageLayers:
+    """The layers one device runs: a pipeline stage (or the whole model)."""
+
+    index: int
+    layers: int
+    moe_layers: int
+    first: bool  # holds the embedding
+    last: bool  # holds the final norm, the output layer and the loss
+
+
+def stage_layers(shape: Shape) -> list[StageLayers]:
+    """Equal stages of ``num_layers / pp`` consecutive layers (megatron's default split)."""
+    pattern = list(shape.moe_pattern) or [1] * shape.num_layers
+    per = shape.num_layers // shape.pp
+    return [
+        StageLayers(s, per, sum(pattern[s * per : (s + 1) * per]), s == 0, s == shape.pp - 1)
+        for s in range(shape.pp)
+    ]
+
+
+def whole_model_stage(shape: Shape) -> StageLayers:
+    return StageLayers(0, shape.num_layers, shape.num_moe_layers, True, True)
 
 
 def shape_of(
@@ -103,7 +142,7 @@ def shape_of(
         groups=m.num_query_groups or m.num_attention_heads,
         head_dim=m.attention_head_dim(),
         ffn=m.ffn_hidden_size,
-        vocab=vocab_size,
+        vocab=model_vocab_size(cfg, vocab_size),
         experts=m.num_experts,
         local_experts=m.num_experts // ep,
         topk=m.router_topk,
@@ -126,6 +165,9 @@ def shape_of(
         shared_kept=num_kept_neurons(moe.neuron_keep_ratio, shared) if shared_mone else shared,
         qk_norm=m.qk_layernorm,
         qkv_bias=m.qkv_bias,
+        tp=t.tensor_parallel_size,
+        pp=t.pipeline_parallel_size,
+        moe_pattern=tuple(m.moe_layer_pattern()),
     )
 
 
@@ -149,32 +191,42 @@ class ParamNumbers:
         return self.dense + self.expert_total
 
 
-def parameter_numbers(shape: Shape) -> ParamNumbers:
+def parameter_numbers(shape: Shape, stage: StageLayers | None = None) -> ParamNumbers:
     """Parameters of megatron-core's GPTModel as built by ``mone_train.model.builder``:
     RMSNorm weights, bias-free linears (but the q/k/v biases of ``qkv_bias``), fused QKV with
     grouped queries, QK-norm weights per head or over all heads, rotary positions; a MoE layer
-    has its router, its routed experts and its shared expert (and the shared expert's gate)."""
+    has its router, its routed experts and its shared expert (and the shared expert's gate).
+
+    Without ``stage``: the whole model (``dense`` unsplit). With a pipeline ``stage``: what one
+    device of that stage holds, its tensor-parallel slices (QKV rows, the attention output's
+    columns, dense and shared-expert MLPs, embedding and output rows divide by t; norms,
+    routers, the shared expert's gate and head-wise QK-norms stay whole) and its local experts.
+    """
     h, d = shape.hidden, shape.head_dim
+    t = 1 if stage is None else shape.tp
+    stage = stage or whole_model_stage(shape)
     qkv_rows = (shape.heads + 2 * shape.groups) * d
-    attention = 2 * h + qkv_rows * h + h * shape.heads * d
-    attention += qkv_rows if shape.qkv_bias else 0
+    attention = 2 * h + (qkv_rows * h + h * shape.heads * d) // t
+    attention += qkv_rows // t if shape.qkv_bias else 0
     attention += {"none": 0, "head": 2 * d, "full": (shape.heads + shape.groups) * d}[shape.qk_norm]
     # per MoE layer, replicated on every expert-parallel rank: the router and shared expert
-    moe_replicated = shape.experts * h + 3 * shape.shared * h + (h if shape.shared_gate else 0)
-    dense_mlp = 3 * shape.ffn * h  # gated: fc1 [2 ffn, h], fc2 [h, ffn]
+    moe_replicated = shape.experts * h + 3 * shape.shared * h // t + (h if shape.shared_gate else 0)
+    dense_mlp = 3 * shape.ffn * h // t  # gated: fc1 [2 ffn, h], fc2 [h, ffn]
     one_expert = 3 * shape.neurons * h  # fc1 [2F, h], fc2 [h, F]
-    num_dense_layers = shape.num_layers - shape.num_moe_layers
-    embeddings = shape.vocab * h * (1 if shape.tied else 2)
+    num_dense_layers = stage.layers - stage.moe_layers
+    table = shape.vocab * h // t  # the embedding, or the output layer
+    embeddings = table if stage.first else 0
+    if stage.last:
+        embeddings += h + (0 if shape.tied else table)  # final norm, output layer
     dense = (
         embeddings
-        + h  # final norm
-        + shape.num_layers * attention
-        + shape.num_moe_layers * moe_replicated
+        + stage.layers * attention
+        + stage.moe_layers * moe_replicated
         + num_dense_layers * dense_mlp
     )
     return ParamNumbers(
         dense=dense,
-        expert_local=shape.num_moe_layers * shape.local_experts * one_expert,
+        expert_local=stage.moe_layers * shape.local_experts * one_expert,
         expert_total=shape.num_moe_layers * shape.experts * one_expert,
     )
 
@@ -193,14 +245,19 @@ class ModelStateBytes:
 
 
 def model_state_bytes(
-    shape: Shape, precision: str, dense_dp: int = 1, expert_dp: int = 1
+    shape: Shape,
+    precision: str,
+    dense_dp: int = 1,
+    expert_dp: int = 1,
+    stage: StageLayers | None = None,
 ) -> ModelStateBytes:
-    """Weights, fp32 gradient buffers and optimizer state of one device; with a sharded
-    optimizer (ZeRO-1) the state of dense weights divides by the data-parallel size
-    ``dense_dp`` and that of expert weights by the expert-data-parallel size ``expert_dp``
-    (whole weights are assigned, so a rank's share is this up to one weight's rounding)."""
+    """Weights, fp32 gradient buffers and optimizer state of one device (of pipeline ``stage``,
+    by default the first); with a sharded optimizer (ZeRO-1) the state of dense weights divides
+    by the data-parallel size ``dense_dp`` and that of expert weights by the
+    expert-data-parallel size ``expert_dp`` (whole weights are assigned, so a rank's share is
+    this up to one weight's rounding)."""
     weight, grad, optimizer = PRECISION_BYTES[precision]
-    numbers = parameter_numbers(shape)
+    numbers = parameter_numbers(shape, stage or stage_layers(shape)[0])
     state = optimizer * (numbers.dense / dense_dp + numbers.expert_local / expert_dp)
     return ModelStateBytes(
         params=weight * numbers.local, grads=grad * numbers.local, optimizer=math.ceil(state)
@@ -211,36 +268,41 @@ def model_state_bytes(
 
 
 def norm_bytes(shape: Shape) -> int:
-    """What one RMSNorm keeps for backward."""
-    T, h, p = shape.tokens, shape.hidden, shape.bytes_per_act
+    """What one RMSNorm keeps for backward (of a rank's positions)."""
+    T, h, p = shape.sp_tokens, shape.hidden, shape.bytes_per_act
     if shape.fused_norm:  # our CPU operator: the fp32 input (x itself when fp32) and rstd
         return T * h * FP32 + T * FP32
     return 2 * T * h * p + T * FP32  # torch's RMSNorm keeps x and x * rstd, and rstd
 
 
 def attention_bytes(shape: Shape) -> int:
-    """What one self-attention block keeps for backward (its input norm included)."""
+    """What one self-attention block keeps for backward (its input norm included). Under
+    tensor parallelism a rank holds a/t heads of every position, and its QKV layer keeps its
+    own positions' input (the sequence-parallel gather is redone in backward)."""
     T, h, p, d = shape.tokens, shape.hidden, shape.bytes_per_act, shape.head_dim
+    heads, groups = shape.heads // shape.tp, shape.groups // shape.tp
     norm = norm_bytes(shape)
-    qkv_in = T * h * p
-    qkv_out = T * (shape.heads + 2 * shape.groups) * d * p  # v is a view: the whole storage stays
-    q_k_rope = T * (shape.heads + shape.groups) * d * p  # RoPE's outputs, kept by the core
-    out = T * h * p  # also linear_proj's input (a view)
+    qkv_in = shape.sp_tokens * h * p
+    qkv_out = T * (heads + 2 * groups) * d * p  # v is a view: the whole storage stays
+    q_k_rope = T * (heads + groups) * d * p  # RoPE's outputs, kept by the core
+    out = T * h * p // shape.tp  # also linear_proj's input (a view)
     if shape.sdpa:  # flash / memory-efficient kernels: the output and a logsumexp per row
-        core = out + shape.micro_batch * shape.heads * shape.seq * FP32
+        core = out + shape.micro_batch * heads * shape.seq * FP32
     else:  # megatron's DotProductAttention keeps the [b, a, s, s] softmax (and dropout mask)
-        scores = shape.micro_batch * shape.heads * shape.seq * shape.seq
-        expanded_kv = 2 * T * h * p if shape.groups < shape.heads else 0
+        scores = shape.micro_batch * heads * shape.seq * shape.seq
+        expanded_kv = 2 * T * h * p // shape.tp if shape.groups < shape.heads else 0
         core = out + scores * p + (scores if shape.dropout else 0) + expanded_kv
     qk_norm = 0
     if shape.qk_norm != "none":  # each norm keeps its input and the normalised values
-        qk_norm = 2 * T * (shape.heads + shape.groups) * d * p
+        qk_norm = 2 * T * (heads + groups) * d * p
     return norm + qkv_in + qkv_out + qk_norm + q_k_rope + core
 
 
 def moe_layer_bytes(shape: Shape) -> dict[str, int]:
-    """What one MoE layer keeps for backward, by part (its pre-MLP norm included)."""
-    T, h, p, E, k = shape.tokens, shape.hidden, shape.bytes_per_act, shape.experts, shape.topk
+    """What one MoE layer keeps for backward, by part (its pre-MLP norm included). A
+    tensor-parallel rank routes its own positions (experts are never split); the shared expert
+    gathers every position and holds S/t of its neurons."""
+    T, h, p, E, k = shape.sp_tokens, shape.hidden, shape.bytes_per_act, shape.experts, shape.topk
     N, F = T * k, shape.neurons
     router = T * h * p + T * (E * FP32 + k * (2 * 8 + FP32))  # input; scores, top-k, probs
     dispatch = T * E * (1 + FP32) + N * 8  # routing map, probs per expert, permutation indices
@@ -257,7 +319,7 @@ def moe_layer_bytes(shape: Shape) -> dict[str, int]:
     if shape.grouped:  # torch.stack of the local experts' fc1 and fc2 weights, every forward
         experts += shape.local_experts * 3 * F * h * p
     S = shape.shared  # the shared expert sees the router's input: its fc1 output, SwiGLU's
-    shared = T * 3 * S * p if S else 0  # product (fc2's input); the gate's score and output
+    shared = shape.tokens * 3 * S * p // shape.tp if S else 0  # product; the gate's score, output
     shared += T * (h * p + FP32) if shape.shared_gate else 0
     shared += T * S if shape.shared_kept < S else 0  # a MoNE shared expert's bool mask
     return {
@@ -273,7 +335,7 @@ def moe_layer_bytes(shape: Shape) -> dict[str, int]:
 def moe_backward_bytes(shape: Shape) -> int:
     """Working memory of an MoE layer's backward at its largest: the gradients of the experts'
     fc1 output [N, 2F] and of their activation [N, F] (fp32 in the reference activation)."""
-    N, F = shape.tokens * shape.topk, shape.neurons
+    N, F = shape.sp_tokens * shape.topk, shape.neurons
     grad_bytes = shape.bytes_per_act if shape.packed_mask else FP32
     return 3 * N * F * grad_bytes
 
@@ -281,14 +343,14 @@ def moe_backward_bytes(shape: Shape) -> int:
 def dense_mlp_bytes(shape: Shape) -> int:
     """A dense SwiGLU MLP layer (those that ``moe_layer_freq`` leaves dense), norm included."""
     T, h, p = shape.tokens, shape.hidden, shape.bytes_per_act
-    return norm_bytes(shape) + T * h * p + T * shape.ffn * 4 * p
+    return norm_bytes(shape) + shape.sp_tokens * h * p + T * shape.ffn * 4 * p // shape.tp
 
 
 def loss_bytes(shape: Shape) -> tuple[int, int]:
     """(kept for backward, alive only at the end of the forward) by the final norm, the output
     layer and megatron's cross-entropy (its softmax in fp32)."""
-    T, h, p, V = shape.tokens, shape.hidden, shape.bytes_per_act, shape.vocab
-    kept = norm_bytes(shape) + T * h * p + T * V * FP32 + T
+    T, h, p, V = shape.tokens, shape.hidden, shape.bytes_per_act, shape.vocab // shape.tp
+    kept = norm_bytes(shape) + shape.sp_tokens * h * p + T * V * FP32 + T
     logits = T * V * p + (T * V * FP32 if p < FP32 else 0)  # + the fp32 copy of bf16 logits
     return kept, logits
 
@@ -305,39 +367,48 @@ class ActivationBytes:
         return sum(self.parts.values())
 
 
-def activation_bytes(shape: Shape, recompute: str) -> ActivationBytes:
-    """Activation memory of one micro batch's forward + backward under ``recompute``.
+def activation_bytes(
+    shape: Shape, recompute: str, stage: StageLayers | None = None, in_flight: int = 1
+) -> ActivationBytes:
+    """Activation memory of a device's forward + backward under ``recompute``: one micro batch
+    through the whole model, or through pipeline ``stage`` with ``in_flight`` micro batches
+    alive at once (1F1B: ``min(pp - stage, micro batches)``).
 
     Without recompute everything below is kept; ``moe`` keeps only each MoE layer's input and
     recomputes one MoE layer at a time in backward; ``full`` keeps only each layer's input and
     recomputes one layer at a time. The peak is the larger of two moments: the end of
     the forward (everything kept, and the logits) and the backward of the last MoE layer (the
     loss's tensors freed; that layer recomputed, if it is, and its gradient working memory).
+    With micro batches in flight, the others' kept tensors come on top (the parts are those of
+    all of them).
     """
-    T, h, p = shape.tokens, shape.hidden, shape.bytes_per_act
+    h, p = shape.hidden, shape.bytes_per_act
+    stage = stage or whole_model_stage(shape)
     moe = moe_layer_bytes(shape)
     moe_total = sum(moe.values())
-    num_dense = shape.num_layers - shape.num_moe_layers
-    layer_input = T * h * p
+    num_dense = stage.layers - stage.moe_layers
+    layer_input = shape.sp_tokens * h * p
     parts = {
-        "attention": shape.num_layers * attention_bytes(shape),
+        "attention": stage.layers * attention_bytes(shape),
         "dense_mlp": num_dense * dense_mlp_bytes(shape),
-        **{f"moe_{name}": shape.num_moe_layers * n for name, n in moe.items()},
+        **{f"moe_{name}": stage.moe_layers * n for name, n in moe.items()},
     }
-    kept_loss, logits = loss_bytes(shape)
+    kept_loss, logits = loss_bytes(shape) if stage.last else (0, 0)
     recomputed = 0
     if recompute == "moe":
         parts = {k: v for k, v in parts.items() if not k.startswith("moe_")}
-        parts["moe_norm"] = shape.num_moe_layers * moe["norm"]
-        parts["moe_inputs"] = shape.num_moe_layers * layer_input
-        recomputed = moe_total - moe["norm"]
+        parts["moe_norm"] = stage.moe_layers * moe["norm"]
+        parts["moe_inputs"] = stage.moe_layers * layer_input
+        recomputed = moe_total - moe["norm"] if stage.moe_layers else 0
     elif recompute == "full":
-        biggest_mlp = moe_total if shape.num_moe_layers else dense_mlp_bytes(shape)
+        biggest_mlp = moe_total if stage.moe_layers else dense_mlp_bytes(shape)
         recomputed = attention_bytes(shape) + biggest_mlp
-        parts = {"layer_inputs": shape.num_layers * layer_input}
-    parts["loss"] = kept_loss
+        parts = {"layer_inputs": stage.layers * layer_input}
+    parts = {k: v * in_flight for k, v in parts.items()}
+    if kept_loss:
+        parts["loss"] = kept_loss  # the last stage: one micro batch in flight
     kept = sum(parts.values())
-    backward = recomputed + (moe_backward_bytes(shape) if shape.num_moe_layers else 0)
+    backward = recomputed + (moe_backward_bytes(shape) if stage.moe_layers else 0)
     peak = max(kept + logits, kept - kept_loss + backward)
     return ActivationBytes(parts=parts, peak=peak)
 
@@ -345,20 +416,24 @@ def activation_bytes(shape: Shape, recompute: str) -> ActivationBytes:
 # ------------------------------------------------------------------ communication and FLOPs
 
 
-def all_to_all_bytes(shape: Shape, ep_size: int, micro_batches: int, recompute: str) -> int:
+def all_to_all_bytes(
+    shape: Shape, ep_size: int, micro_batches: int, recompute: str, moe_layers: int | None = None
+) -> int:
     """Bytes one device sends by all-to-all in a step (0 without expert parallelism).
 
-    Per MoE layer and micro batch the dispatcher sends T*k rows of h values (and a fp32 router
-    probability each) to the experts and receives as many back, in the forward and again in
-    backward; recomputing the MoE layer repeats its forward exchange. Of these bytes the share
-    (EP - 1) / EP leaves the device; MoNE moves exactly what MoE moves.
+    Per MoE layer (of its stage: ``moe_layers``) and micro batch the dispatcher sends T_t*k
+    rows of h values (and a fp32 router probability each) to the experts and receives as many
+    back, in the forward and again in backward; recomputing the MoE layer repeats its forward
+    exchange. Of these bytes the share (EP - 1) / EP leaves the device; MoNE moves exactly what
+    MoE moves, at any TP (experts are whole: no collective inside one).
     """
     if ep_size == 1:
         return 0
-    N, p = shape.tokens * shape.topk, shape.bytes_per_act
+    N, p = shape.sp_tokens * shape.topk, shape.bytes_per_act
     dispatch, combine = N * (shape.hidden * p + FP32), N * shape.hidden * p
     passes = 3 if recompute in ("moe", "full") else 2  # forward, (recomputed forward,) backward
-    return shape.num_moe_layers * micro_batches * passes * (dispatch + combine)
+    layers = shape.num_moe_layers if moe_layers is None else moe_layers
+    return layers * micro_batches * passes * (dispatch + combine)
 
 
 @dataclass(frozen=True)
@@ -401,6 +476,20 @@ def peak_tflops_of(gpu: str, precision: str) -> float:
 
 
 @dataclass(frozen=True)
+class StagePlan:
+    """One pipeline stage's device: its layers, model states and activations."""
+
+    layers: StageLayers
+    in_flight: int  # micro batches alive at once under 1F1B
+    states: ModelStateBytes
+    activations: dict[str, ActivationBytes]  # by recompute setting
+    a2a_bytes: int
+
+    def total_bytes(self, recompute: str) -> int:
+        return self.states.total + self.activations[recompute].peak
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything ``mone-plan`` prints, for one config on one job shape."""
 
@@ -409,9 +498,7 @@ class Plan:
     world_size: int
     ep_size: int
     micro_batches: int  # per device and optimizer step
-    states: ModelStateBytes
-    activations: dict[str, ActivationBytes]  # by recompute setting
-    a2a_bytes: int
+    stages: list[StagePlan]  # one per pipeline stage
     flops: FlopsPerToken
     gpu: str
     peak_tflops: float
@@ -422,9 +509,31 @@ class Plan:
     def recompute(self) -> str:
         return self.cfg.trainer.recompute
 
+    @property
+    def data_parallel(self) -> int:
+        return self.world_size // (self.shape.tp * self.shape.pp)
+
+    def fullest(self, recompute: str | None = None) -> StagePlan:
+        """The stage whose device needs the most memory (the one that must fit)."""
+        rc = recompute or self.recompute
+        return max(self.stages, key=lambda stage: stage.total_bytes(rc))
+
+    @property
+    def states(self) -> ModelStateBytes:
+        return self.fullest().states
+
+    @property
+    def activations(self) -> dict[str, ActivationBytes]:
+        return self.fullest().activations
+
+    @property
+    def a2a_bytes(self) -> int:
+        return max(stage.a2a_bytes for stage in self.stages)
+
     def total_bytes(self, recompute: str | None = None) -> int:
-        """Model states plus the activation peak of one micro batch."""
-        return self.states.total + self.activations[recompute or self.recompute].peak
+        """Model states plus the activation peak on the fullest stage's device."""
+        rc = recompute or self.recompute
+        return self.fullest(rc).total_bytes(rc)
 
     @property
     def fits(self) -> bool:
@@ -445,27 +554,36 @@ def make_plan(
     device: str = "cuda",
 ) -> Plan:
     """The plan of ``cfg`` on ``world_size`` devices of ``gpu_memory_gib`` each."""
+    from mone_train.config import layout_problem
+
     t = cfg.trainer
-    ep = t.expert_parallel_size
-    if world_size % ep:
-        raise ConfigError(
-            f"--world-size={world_size} is invalid: expected a multiple of "
-            f"trainer.expert_parallel_size={ep}"
-        )
+    ep, tp, pp = t.expert_parallel_size, t.tensor_parallel_size, t.pipeline_parallel_size
+    problem = layout_problem(world_size, tp, pp, ep)
+    if problem:
+        raise ConfigError(f"--world-size={world_size}: {problem}")
     cfg.validate(world_size=world_size)
     shape = shape_of(cfg, vocab_size, ep, device)
-    micro_batches = t.global_batch_size // (t.micro_batch_size * world_size)
+    dense_dp, expert_dp = world_size // (tp * pp), world_size // (ep * pp)
+    micro_batches = t.global_batch_size // (t.micro_batch_size * dense_dp)
+    shards = (dense_dp, expert_dp) if t.shard_optimizer else ()
+    stages = []
+    for layers in stage_layers(shape):
+        in_flight = min(pp - layers.index, micro_batches)
+        stages.append(StagePlan(
+            layers=layers,
+            in_flight=in_flight,
+            states=model_state_bytes(shape, t.precision, *shards, stage=layers),
+            activations={rc: activation_bytes(shape, rc, layers, in_flight)
+                         for rc in RECOMPUTE_SETTINGS},
+            a2a_bytes=all_to_all_bytes(shape, ep, micro_batches, t.recompute, layers.moe_layers),
+        ))  # fmt: skip
     return Plan(
         cfg=cfg,
         shape=shape,
         world_size=world_size,
         ep_size=ep,
         micro_batches=micro_batches,
-        states=model_state_bytes(
-            shape, t.precision, *((world_size, world_size // ep) if t.shard_optimizer else ())
-        ),
-        activations={rc: activation_bytes(shape, rc) for rc in RECOMPUTE_SETTINGS},
-        a2a_bytes=all_to_all_bytes(shape, ep, micro_batches, t.recompute),
+        stages=stages,
         flops=flops_per_token(shape),
         gpu=gpu,
         peak_tflops=peak_tflops_of(gpu, t.precision),
@@ -506,10 +624,11 @@ def _divisors_below(n: int) -> list[int]:
 
 
 def _wider_ep(plan: Plan) -> list[int]:
+    pp = plan.shape.pp
     return [
         ep
         for ep in range(plan.ep_size + 1, plan.world_size + 1)
-        if plan.world_size % ep == 0 and plan.cfg.model.num_experts % ep == 0
+        if plan.world_size % (ep * pp) == 0 and plan.cfg.model.num_experts % ep == 0
     ]
 
 
@@ -549,23 +668,33 @@ def format_plan(plan: Plan, vocab_size: int) -> str:
     """The plan as printed by ``mone-plan``."""
     cfg, shape, t = plan.cfg, plan.shape, plan.cfg.trainer
     numbers = parameter_numbers(shape)
+    fullest = plan.fullest()
+    local = parameter_numbers(shape, fullest.layers).local
+    tp, pp = shape.tp, shape.pp
+    layout = f"tensor parallel {tp} (sequence parallel), " if tp > 1 else ""
+    layout += f"pipeline parallel {pp} (1F1B), " if pp > 1 else ""
     lines = [
         f"model {cfg.model.name}, {cfg.moe.flavour} (K = {shape.kept} of F = {shape.neurons} "
         f"neurons), vocabulary {shape.vocab:,}: {numbers.total / 1e9:.3f} B parameters, "
-        f"{numbers.local / 1e9:.3f} B per device",
-        f"job: {plan.world_size} devices, expert parallel {plan.ep_size} (data parallel "
-        f"{plan.world_size} for dense weights, {plan.world_size // plan.ep_size} for experts); "
-        f"micro batch {t.micro_batch_size} x {t.seq_length} tokens, "
+        f"{local / 1e9:.3f} B per device" + (f" (stage {fullest.layers.index})" if pp > 1 else ""),
+        f"job: {plan.world_size} devices, {layout}expert parallel {plan.ep_size} (data parallel "
+        f"{plan.data_parallel} for dense weights, {plan.world_size // (plan.ep_size * pp)} for "
+        f"experts); micro batch {t.micro_batch_size} x {t.seq_length} tokens, "
         f"{plan.micro_batches} per device and step; {t.precision}; recompute {t.recompute}"
         + ("; optimizer sharded" if t.shard_optimizer else ""),
         "",
-        f"{'per device':<46}{'GiB':>9}",
     ]
+    if pp > 1:
+        lines += _stage_table(plan) + [""]
+    lines.append(
+        f"{'per device' + (f' (stage {fullest.layers.index}, the fullest)' if pp > 1 else ''):<46}"
+        f"{'GiB':>9}"
+    )
     rows = [
         (f"parameters ({t.precision})", plan.states.params),
         ("gradients (fp32 main_grad buffers)", plan.states.grads),
         (_optimizer_label(t.precision, t.shard_optimizer), plan.states.optimizer),
-        (f"activations, one micro batch (recompute {t.recompute})",
+        (f"activations, {_in_flight(fullest)} (recompute {t.recompute})",
          plan.activations[t.recompute].peak),
         ("total", plan.total_bytes()),
     ]  # fmt: skip
@@ -586,12 +715,32 @@ def format_plan(plan: Plan, vocab_size: int) -> str:
     return "\n".join(lines)
 
 
+def _in_flight(stage: StagePlan) -> str:
+    n = stage.in_flight
+    return "one micro batch" if n == 1 else f"{n} micro batches in flight"
+
+
+def _stage_table(plan: Plan) -> list[str]:
+    rc = plan.recompute
+    lines = [f"{'pipeline stages (GiB per device)':<30}{'layers':>7}{'MoE':>5}{'in flight':>10}"
+             f"{'states':>9}{'activ.':>9}{'total':>9}"]  # fmt: skip
+    for stage in plan.stages:
+        layers = stage.layers
+        lines.append(
+            f"  stage {layers.index:<22}{layers.layers:>7}{layers.moe_layers:>5}"
+            f"{stage.in_flight:>10}{_gib(stage.states.total):>9}"
+            f"{_gib(stage.activations[rc].peak):>9}{_gib(stage.total_bytes(rc)):>9}"
+        )
+    return lines
+
+
 def _activation_table(plan: Plan) -> list[str]:
     keys: list[str] = []
     for acts in plan.activations.values():
         keys += [k for k in acts.parts if k not in keys]
     header = "".join(f"{rc:>9}" for rc in RECOMPUTE_SETTINGS)
-    lines = [f"{'activations of one micro batch (GiB), recompute:':<46}{header}"]
+    what = f"activations, {_in_flight(plan.fullest())} (GiB), recompute:"
+    lines = [f"{what:<46}{header}"]
     for key in keys:
         if not any(plan.activations[rc].parts.get(key, 0) for rc in RECOMPUTE_SETTINGS):
             continue  # a part this model does not have (no shared expert, no dense layer)
@@ -625,76 +774,6 @@ def _traffic_and_speed(plan: Plan) -> list[str]:
         f"{f.dense_equivalent / 1e9:.2f} G if every expert ran",
         f"at MFU {plan.mfu:.2f} on {plan.gpu} ({plan.peak_tflops:g} TFLOP/s "
         f"{'bf16' if plan.cfg.trainer.precision == 'bf16' else 'tf32'}): "
-        f"{per_device:,.0f} tokens/s per device, {per_device * plan.world_size:,.0f} for the job",
+        f"{per_device:,.0f} tokens/s per device, {per_device * plan.world_size:,.0f} for the job"
+        + (" (before the pipeline bubble)" if plan.shape.pp > 1 else ""),
     ]
-
-
-# ---------------------------------------------------------------------------- command line
-
-
-def vocab_size_of(cfg: Config) -> int:
-    """``model.vocab_size``, else the configured tokenizer's vocabulary."""
-    if cfg.model.vocab_size:
-        return cfg.model.vocab_size
-    from mone_train.data.tokenizer import tokenizer_from_config
-
-    return tokenizer_from_config(cfg.data.tokenizer).vocab_size
-
-
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """(options, Hydra overrides) from the command line."""
-    from mone_train.health import PEAK_TFLOPS
-
-    parser = argparse.ArgumentParser(
-        prog="mone-plan",
-        description="Memory, all-to-all traffic and FLOPs of a mone-train run per device, before "
-        "it starts. Takes mone-train's Hydra overrides, e.g. "
-        "`mone-plan model=1b trainer.expert_parallel_size=8 --world-size 8`.",
-    )
-    parser.add_argument("--world-size", type=int, default=1, help="devices in the job")
-    parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory per device")
-    parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation")
-    parser.add_argument("--gpu", choices=sorted(PEAK_TFLOPS), default=DEFAULT_GPU)
-    parser.add_argument(
-        "--config-dir", help="an extra config folder, as mone-train's (e.g. a mone-import folder)"
-    )
-    args, overrides = parser.parse_known_args(argv)
-    unknown = [o for o in overrides if o.startswith("-")]
-    if unknown:
-        raise ConfigError(f"unknown option {unknown[0]}; see mone-plan --help")
-    if args.config_dir:
-        folder = Path(args.config_dir).expanduser().absolute()
-        if not folder.is_dir():
-            raise ConfigError(f"--config-dir {folder}: no such folder")
-        overrides.append(f"hydra.searchpath=[file://{folder}]")
-    for name, value, ok in (
-        ("--world-size", args.world_size, args.world_size >= 1),
-        ("--gpu-memory-gib", args.gpu_memory_gib, args.gpu_memory_gib > 0),
-        ("--mfu", args.mfu, 0 < args.mfu <= 1),
-    ):
-        if not ok:
-            raise ConfigError(f"{name}={value} is invalid: expected a positive value (mfu <= 1)")
-    return args, overrides
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Console entry point: print the plan, or one line and exit code 2 on a bad input."""
-    from mone_train.preflight import compose_config, describe_error
-
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        args, overrides = parse_args(argv)
-        try:
-            cfg = compose_config(overrides)
-        except Exception as err:  # Hydra / OmegaConf composition errors
-            raise ConfigError(describe_error(err)) from None
-        vocab = vocab_size_of(cfg)
-        plan = make_plan(cfg, vocab, args.world_size, args.gpu_memory_gib, args.mfu, args.gpu)
-    except ConfigError as err:
-        print(f"mone-plan: error: {err}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG_ERROR)
-    print(format_plan(plan, vocab))
-
-
-if __name__ == "__main__":
-    main()

@@ -33,6 +33,7 @@ from mone_train.optim import (
     detach_main_grads,
     global_grad_norm,
 )
+from mone_train.pipeline import Pipeline
 
 
 class StepResult(NamedTuple):
@@ -58,6 +59,7 @@ class TrainStep:
         sharding: ZeRO-1 ownership (the optimizer then covers the owned weights only).
         on_phase: called with the phase the step enters (``data``, ``forward``, ``backward``,
             ``grad_sync``, ``optimizer``): the hang watchdog's progress reports.
+        pipeline: with pipeline stages, the schedule that runs the micro batches.
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class TrainStep:
         clip_grad: float,
         sharding: OptimizerSharding | None = None,
         on_phase: Callable[[str], None] | None = None,
+        pipeline: Pipeline | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -85,34 +88,43 @@ class TrainStep:
         # the weights this rank's optimizer updates (all of them without sharding)
         self.owned = params if sharding is None else sharding.owned
         self.dp_group = parallel_state.get_data_parallel_group()
-        self.ep_group = parallel_state.get_expert_model_parallel_group()
         self.expert_dp_group = parallel_state.get_expert_data_parallel_group()
-        # megatron scales its auxiliary losses' gradients by this (the mean over micro batches).
-        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / accum, device=info.device))
+        # what the gradient norm adds up over (mone_train/optim.py: global_grad_norm)
+        self.model_parallel_group = parallel_state.get_model_parallel_group()
+        self.expert_model_parallel_group = (
+            parallel_state.get_expert_tensor_model_pipeline_parallel_group()
+        )
+        # More than one pipeline stage: megatron's 1F1B schedule (mone_train/pipeline.py).
+        self.pipeline = pipeline
+        # megatron scales its auxiliary losses' gradients by this (the mean over micro batches;
+        # its pipeline schedule sets the same again at every forward, as a [1] tensor). A
+        # backward without a scale set leaves a [] one behind, which the schedule cannot
+        # overwrite in place: start from a fresh [1] tensor.
+        MoEAuxLossAutoScaler.main_loss_backward_scale = None
+        MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=info.device) / accum)
 
     def __call__(self, batches: Iterator[dict], lr: float) -> StepResult:
         """Forward/backward ``accum`` micro batches from ``batches``, then step at ``lr``."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.zero_grad_buffer()
-        step_loss = torch.zeros(2, dtype=torch.float64, device=self.info.device)
-        for _ in range(self.accum):
-            self.on_phase("data")
-            batch = next(batches)
-            self.on_phase("forward")
-            loss_sum, count = lm_loss(self.model, batch, self.mask, self.info.device)
-            self.on_phase("backward")
-            (loss_sum / count / self.accum).backward()
-            step_loss += torch.stack([loss_sum.detach().double(), count.double()])
+        if self.pipeline is not None:
+            step_loss = self.pipeline.run(batches, self.accum, forward_only=False)
+        else:
+            step_loss = self._forward_backward(batches)
         self.on_phase("grad_sync")
         finalize_model_grads([self.model])
         update_neuron_biases(self.model, self.expert_dp_group)
         if self.info.dp_size > 1:
             dist.all_reduce(step_loss, group=self.dp_group)  # the loss of the global batch
-        grad_norm = global_grad_norm(self.params, self.ep_group)
+        grad_norm = global_grad_norm(
+            self.params, self.model_parallel_group, self.expert_model_parallel_group,
+            self.info.tp_rank, self.info.tp_size,
+        )  # fmt: skip
         loss = float(step_loss[0] / step_loss[1])
-        # Both numbers are job-wide (the loss is all-reduced over data parallel ranks, the norm
-        # over expert parallel ranks on top of DDP's all-reduce), so every rank decides alike.
+        # Both numbers are job-wide (the loss comes from the last pipeline stage and is summed
+        # over data-parallel ranks, the norm over model-parallel ranks on top of DDP's
+        # all-reduce), so every rank decides alike.
         if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
             return StepResult(loss, float(grad_norm), applied=False)
         self.on_phase("optimizer")
@@ -124,6 +136,19 @@ class TrainStep:
         if self.sharding is not None:
             self.sharding.broadcast_weights()
         return StepResult(loss, float(grad_norm))
+
+    def _forward_backward(self, batches: Iterator[dict]) -> torch.Tensor:
+        """One stage: the micro batches one after another; [loss sum, token count]."""
+        step_loss = torch.zeros(2, dtype=torch.float64, device=self.info.device)
+        for _ in range(self.accum):
+            self.on_phase("data")
+            batch = next(batches)
+            self.on_phase("forward")
+            loss_sum, count = lm_loss(self.model, batch, self.mask, self.info.device)
+            self.on_phase("backward")
+            (loss_sum / count / self.accum).backward()
+            step_loss += torch.stack([loss_sum.detach().double(), count.double()])
+        return step_loss
 
 
 class NonFiniteGuard:

@@ -20,17 +20,22 @@ from tqdm import tqdm
 from mone_kernels.cpu_kernel import cpu_kernel_error
 from mone_train.checkpoint import EXIT_PREEMPTED, load_initial_weights, model_signature
 from mone_train.checkpointer import Checkpointer, PreemptionFlag, TrainState
-from mone_train.config import Config
+from mone_train.config import Config, model_vocab_size
 from mone_train.data.dataset import micro_batches
 from mone_train.data.run_data import RunData, build_run_data
-from mone_train.distributed import DistInfo, init_distributed, shutdown_distributed
-from mone_train.errors import ConfigError
+from mone_train.distributed import (
+    DistInfo,
+    init_distributed,
+    launch_environment,
+    shutdown_distributed,
+)
 from mone_train.evaluator import Evaluator
 from mone_train.metrics import TrainMetrics
 from mone_train.model.builder import build_model
 from mone_train.model.lm import causal_mask
 from mone_train.model.params import count_parameters
 from mone_train.optim import OptimizerSharding, build_optimizer, lr_at, optimizer_state_bytes
+from mone_train.pipeline import Pipeline
 from mone_train.run_dir import RunFinished, mark_finished, prepare_run_dir
 from mone_train.runtime import check_kernel_impl, configure_torch
 from mone_train.tracking import MetricsLogger
@@ -47,14 +52,24 @@ class Trainer:
         self.metrics: TrainMetrics | None = None
         self.checkpointer: Checkpointer | None = None
         self.watchdog: HangWatchdog | None = None
+        try:
+            self._start()
+        except BaseException:  # a failed start leaves no thread, hook or file behind
+            self.close()
+            raise
+
+    def _start(self) -> None:
+        """Build the components in order (the stages of the module docstring)."""
+        cfg, info = self.cfg, self.info
         t, m = cfg.trainer, cfg.model
         cfg.validate(world_size=info.world_size)
         self.run_dir, resume_from = prepare_run_dir(cfg, info.is_main)
         self.watchdog = HangWatchdog(self.run_dir, info.rank, t.hang_timeout_s)
         self.say(f"run directory: {self.run_dir}")
         self.say(
-            f"world size {info.world_size}: expert parallel {info.ep_size}, data parallel "
-            f"{info.dp_size}, device {info.device.type}"
+            f"world size {info.world_size}: tensor parallel {info.tp_size}, pipeline parallel "
+            f"{info.pp_size}, expert parallel {info.ep_size}, data parallel {info.dp_size}, "
+            f"device {info.device.type}"
         )
         self.data = self._build_data()
         self.watchdog.enter("startup")  # progress: the data is ready
@@ -72,7 +87,10 @@ class Trainer:
         self.model, params = build_model(
             cfg, self.vocab_size, info.ep_rank, info.ep_size, load_weights
         )
-        self.counts = count_parameters(self.model, m.router_topk, info.ep_size)
+        self.counts = count_parameters(
+            self.model, m.router_topk, info.ep_size, info.tp_size,
+            parallel_state.get_pipeline_model_parallel_group(),
+        )  # fmt: skip
         self.say(f"model {m.name} ({cfg.moe.flavour}): {self.counts.summary()}")
         tokenizer = self.data.tokenizer
         self.say(
@@ -96,7 +114,7 @@ class Trainer:
             t,
             signature=model_signature(cfg, self.vocab_size),
             resolved_config=self.resolved,
-            preemption=preemption,
+            preemption=self.preemption,
             info=info,
         )
         self.state, wandb_id = self.checkpointer.resume(resume_from)
@@ -106,11 +124,7 @@ class Trainer:
             self.run_dir, cfg.logging, self.resolved, info.is_main, wandb_id=wandb_id
         )
         self.checkpointer.wandb_id = self.logger.wandb_id
-        try:
-            self._build_loop_components(params)
-        except BaseException:
-            self.close()
-            raise
+        self._build_loop_components(params)
 
     def _build_loop_components(self, params) -> None:
         cfg, t, info = self.cfg, self.cfg.trainer, self.info
@@ -118,6 +132,11 @@ class Trainer:
             (self.run_dir / "params.json").write_text(json.dumps(self.counts.as_dict(), indent=2))
         accum = t.global_batch_size // (t.micro_batch_size * info.dp_size)
         mask = causal_mask(t.seq_length, info.device)
+        pipeline = None
+        if info.pp_size > 1:
+            pipeline = Pipeline(
+                self.model, mask, info, t.seq_length, t.micro_batch_size, self._on_phase
+            )
         self.train_step = TrainStep(
             self.model,
             self.optimizer,
@@ -128,10 +147,11 @@ class Trainer:
             clip_grad=cfg.optim.clip_grad,
             sharding=self.sharding,
             on_phase=self._on_phase,
+            pipeline=pipeline,
         )
         self.guard = NonFiniteGuard(t.max_nonfinite_steps)
         self.metrics = TrainMetrics(cfg, info, self.model, self.counts, self.logger, accum)
-        self.evaluator = Evaluator(self.model, t, info, mask)
+        self.evaluator = Evaluator(self.model, t, info, mask, pipeline)
 
     def _on_phase(self, phase: str) -> None:
         """The step entered ``phase``: progress for the watchdog, timing for the report."""
@@ -151,13 +171,7 @@ class Trainer:
         )
 
     def _vocab_size(self, tokenizer) -> int:
-        vocab_size = self.cfg.model.vocab_size or tokenizer.vocab_size
-        if vocab_size < tokenizer.vocab_size:
-            raise ConfigError(
-                f"model.vocab_size={vocab_size} is smaller than the tokenizer's vocabulary "
-                f"({tokenizer.vocab_size}); use null to take the tokenizer's"
-            )
-        return vocab_size
+        return model_vocab_size(self.cfg, tokenizer.vocab_size)
 
     def train(self) -> dict:
         """Run the step loop to ``trainer.steps``; return the run's summary."""
@@ -284,13 +298,15 @@ class Trainer:
 
 def run(cfg: Config) -> dict:
     """Train as configured; return the summary (final validation loss, counts, run dir)."""
-    cfg.validate()
+    layout = launch_environment()  # the layout is checked before any process group starts
+    cfg.validate(world_size=1 if layout is None else layout[1])
     configure_torch(cfg)
     check_kernel_impl(cfg)
     t = cfg.trainer
     info = init_distributed(
-        t.expert_parallel_size, t.backend, t.init_timeout_s, t.collective_timeout_s
-    )
+        t.expert_parallel_size, t.backend, t.init_timeout_s, t.collective_timeout_s,
+        t.tensor_parallel_size, t.pipeline_parallel_size,
+    )  # fmt: skip
     preemption = PreemptionFlag()  # before anything is written: a signal then always saves
     trainer = None
     try:

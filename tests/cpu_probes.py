@@ -96,12 +96,46 @@ def probe_alltoall_splits() -> None:
     dist.all_to_all_single(out, data, output_split_sizes=splits, input_split_sizes=splits)
 
 
+def probe_schedule_tokens() -> None:
+    """megatron's schedules count the loss's tokens in a tensor they put on "cuda"."""
+    from megatron.core.enums import ModelType
+    from megatron.core.pipeline_parallel import schedules
+
+    class Stage(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = _tiny_config()
+            self.model_type = ModelType.encoder_or_decoder
+            self.weight = torch.nn.Parameter(torch.ones(2))
+
+        def set_input_tensor(self, tensor):
+            pass
+
+        def forward(self, x):
+            return self.weight * x
+
+    def forward_step(data_iterator, model):
+        out = model(next(data_iterator))
+        return out, lambda o: (o.sum(), torch.tensor(2, dtype=torch.int), {"sum": o.detach()})
+
+    schedules.forward_backward_no_pipelining(
+        forward_step_func=forward_step,
+        data_iterator=iter([torch.ones(2)]),
+        model=[Stage()],
+        num_microbatches=1,
+        seq_length=2,
+        micro_batch_size=1,
+        forward_only=True,
+    )
+
+
 PROBES = {
     "rng_tracker": probe_rng_tracker,
     "current_device": probe_current_device,
     "streams": probe_streams,
     "te_names": probe_te_names,
     "alltoall_splits": probe_alltoall_splits,
+    "schedule_tokens": probe_schedule_tokens,
 }
 
 

@@ -48,6 +48,7 @@ def test_kernel_benchmark_runs_on_cpu(tmp_path):
     assert json_path.with_suffix(".png").stat().st_size > 0
 
 
+@pytest.mark.slow  # trains in a subprocess
 def test_trainer_throughput_benchmark_runs(tmp_path):
     out = _run(
         [
@@ -82,6 +83,7 @@ def test_trainer_throughput_benchmark_runs(tmp_path):
     assert data["machine"]["cpu_cores"] >= 1 and data["machine"]["torch_cpu_capability"]
 
 
+@pytest.mark.slow  # trains in a subprocess
 def test_health_overhead_benchmark_runs(tmp_path):
     out = _run(
         ["benchmarks/health_overhead.py", "--blocks", "2", "--steps", "1", "--warmup", "1",
@@ -116,6 +118,7 @@ def test_gpu_check_dry_run_writes_every_table(tmp_path):
     assert "tables in" in (out / "gpu_check.log").read_text()
 
 
+@pytest.mark.slow  # trains in a subprocess
 def test_watchdog_overhead_benchmark_runs(tmp_path):
     out = _run(
         [

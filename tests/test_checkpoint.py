@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -149,6 +150,8 @@ def test_bad_checkpoints_end_in_one_clear_error(tmp_path):
         CheckpointError, match=r"different model: hidden_size 64 \(checkpoint\) vs 32"
     ):
         _run(tmp_path / "b", f"trainer.resume={checkpoint}", "model.hidden_size=32")
+    # A start that fails leaves no hang watchdog running in the process (it would end it later).
+    assert not [t for t in threading.enumerate() if t.name == "mone-watchdog"]
 
     with pytest.raises(ConfigError, match="another model shape.*force_resume"):
         _run(run_dir, "trainer.steps=6", "model.num_layers=3")

@@ -52,6 +52,39 @@ def test_every_group_has_a_schema_field():
         (["trainer.stpes=10"], "trainer.stpes"),
         (["trainer.steps=ten"], "trainer.steps"),
         (["model=huge"], "model=huge"),
+        # tensor and pipeline parallelism (checked before any process group starts)
+        (["model=tiny", "trainer.tensor_parallel_size=3"], "model.num_attention_heads"),
+        (
+            ["model=tiny", "model.num_query_groups=2", "trainer.tensor_parallel_size=4"],
+            "model.num_query_groups",
+        ),
+        (
+            [
+                "model=tiny",
+                "model.head_dim=16",
+                "model.hidden_size=66",
+                "trainer.tensor_parallel_size=4",
+            ],
+            "model.hidden_size",
+        ),
+        (["model=tiny", "trainer.pipeline_parallel_size=3"], "trainer.pipeline_parallel_size"),
+        (
+            [
+                "model=tiny",
+                "trainer.tensor_parallel_size=2",
+                "trainer.expert_tensor_parallel_size=2",
+            ],
+            "trainer.expert_tensor_parallel_size",
+        ),
+        (["model=tiny", "trainer.tensor_parallel_size=2", "model.norm=torch"], "model.norm"),
+        (
+            ["model=tiny", "trainer.tensor_parallel_size=2", "trainer.seq_length=255"],
+            "trainer.seq_length",
+        ),
+        (
+            ["model=tiny", "trainer.pipeline_parallel_size=2", "model.tie_embeddings=true"],
+            "model.tie_embeddings",
+        ),
     ],
 )
 def test_bad_values_end_in_one_line_naming_the_key(overrides, key, capsys):
@@ -74,8 +107,17 @@ def test_world_size_checks():
     cfg = compose_config(["trainer.expert_parallel_size=2", "trainer.micro_batch_size=8"])
     validate(cfg, world_size=2)
     cfg = compose_config(["trainer.global_batch_size=16", "trainer.micro_batch_size=16"])
-    with pytest.raises(ConfigError, match="micro_batch_size x world size"):
+    with pytest.raises(ConfigError, match="micro_batch_size x data-parallel size"):
         validate(cfg, world_size=3)
+    # world = TP x PP x data parallel = EP x PP x expert data parallel (not TP x PP x EP)
+    folded = ["model=tiny", "trainer.tensor_parallel_size=2", "trainer.expert_parallel_size=2",
+              "trainer.micro_batch_size=8"]  # fmt: skip
+    validate(compose_config(folded), world_size=2)
+    with pytest.raises(ConfigError, match="tensor_parallel_size=2 is invalid: expected a "
+                       "divisor of the world size 3"):  # fmt: skip
+        validate(compose_config(["model=tiny", "trainer.tensor_parallel_size=2"]), world_size=3)
+    with pytest.raises(ConfigError, match="expert_parallel_size x pipeline_parallel_size = 4"):
+        validate(compose_config([*folded, "trainer.pipeline_parallel_size=2"]), world_size=6)
 
 
 def test_cli_exits_nonzero_with_one_line(tmp_path):

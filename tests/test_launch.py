@@ -59,7 +59,10 @@ def test_launcher_runs_two_cpu_processes_with_output_from_rank_zero(tmp_path, sc
     result = _launch(script, 2, tmp_path / "run")
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    assert "world size 2: expert parallel 1, data parallel 2" in out
+    assert (
+        "world size 2: tensor parallel 1, pipeline parallel 1, expert parallel 1, data parallel 2"
+        in out
+    )
     assert out.count("final validation loss") == 1
     assert out.count("run directory:") == 2  # first and last line of rank 0, none from rank 1
     assert (tmp_path / "run" / "metrics.jsonl").exists()

@@ -38,6 +38,7 @@ from mone_train.checkpoint import (
     read_marker,
     resolve_checkpoint,
 )
+from mone_train.config import one_process_layout
 from mone_train.data.tokenizer import tokenizer_from_config
 from mone_train.distributed import init_distributed, shutdown_distributed
 from mone_train.errors import ConfigError
@@ -100,7 +101,7 @@ class OurModel:
         except CheckpointError as err:
             raise AnalysisError(str(err)) from None
         self.step = marker.get("step")
-        cfg.trainer.expert_parallel_size = 1  # one process; dist_checkpointing reshards
+        one_process_layout(cfg)  # dist_checkpointing reshards the saved layout
         self.cfg = cfg
         self._vocab_size = (marker.get("signature") or {}).get("vocab_size") or cfg.model.vocab_size
         self._tokenizer = None

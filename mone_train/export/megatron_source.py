@@ -21,7 +21,7 @@ from mone_train.checkpoint import (
     read_marker,
     resolve_checkpoint,
 )
-from mone_train.config import Config
+from mone_train.config import Config, one_process_layout
 from mone_train.distributed import init_distributed, shutdown_distributed
 from mone_train.export.errors import ExportError
 from mone_train.model.builder import build_gpt_model, recipe_settings
@@ -45,7 +45,7 @@ def describe_checkpoint(path: Path, key: str = "checkpoint") -> tuple[Path, dict
     checkpoint = resolve_checkpoint(Path(path), key=key)
     marker = read_marker(checkpoint)
     cfg = config_from_marker(checkpoint, marker)
-    cfg.trainer.expert_parallel_size = 1  # one process; dist_checkpointing reshards
+    one_process_layout(cfg)  # dist_checkpointing reshards the saved layout
     return checkpoint, marker, cfg
 
 

@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -42,7 +43,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from mone_train.config import Config
 from mone_train.model.attention import SDPAttention
 from mone_train.model.grouped_experts import GroupedMoNEExperts
-from mone_train.model.init import init_parameters_by_name
+from mone_train.model.init import TensorLayout, init_parameters_by_name
 from mone_train.model.mone_experts import MoNEExperts
 from mone_train.model.norm import RMSNorm
 from mone_train.model.qk_norm import FullWidthKeyNorm, FullWidthQueryNorm
@@ -99,8 +100,26 @@ def recompute_settings(recompute: str) -> dict:
     return {}
 
 
+def parallel_settings(cfg: Config) -> dict:
+    """megatron-core's layout fields: TP with sequence parallelism (megatron's MoE layer needs
+    it), PP over equal stages with 1F1B, EP, and experts never tensor-split (ETP = 1)."""
+    t = cfg.trainer
+    tp, pp = t.tensor_parallel_size, t.pipeline_parallel_size
+    return {
+        "tensor_model_parallel_size": tp,
+        "sequence_parallel": tp > 1,
+        "pipeline_model_parallel_size": pp,
+        "pipeline_dtype": torch.bfloat16 if t.precision == "bf16" else torch.float32,
+        # gloo has no coalesced send/recv: stage-to-stage tensors go as single isend/irecv
+        # (megatron orders them by stage parity, so no pair waits on the other); NCCL batches.
+        "batch_p2p_comm": torch.cuda.is_available(),
+        "expert_model_parallel_size": t.expert_parallel_size,
+        "expert_tensor_parallel_size": 1,
+    }
+
+
 def transformer_config(cfg: Config) -> TransformerConfig:
-    """megatron-core TransformerConfig for this run (TP = PP = 1, alltoall dispatcher)."""
+    """megatron-core TransformerConfig for this run (alltoall dispatcher)."""
     m, t = cfg.model, cfg.trainer
     if m.rope_fusion:
         install_fused_rope()
@@ -131,9 +150,7 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         moe_grouped_gemm=False,
         moe_permute_fusion=False,
         moe_router_fusion=False,
-        tensor_model_parallel_size=1,
-        pipeline_model_parallel_size=1,
-        expert_model_parallel_size=t.expert_parallel_size,
+        **parallel_settings(cfg),
         use_cpu_initialization=not torch.cuda.is_available(),
         # Built and initialised in fp32 always; bf16 runs cast afterwards (to_bf16_with_masters),
         # keeping each weight's exact fp32 value as its master.
@@ -243,20 +260,32 @@ def decoder_block_spec(cfg: Config, config: TransformerConfig) -> TransformerBlo
 
 
 def build_gpt_model(cfg: Config, vocab_size: int) -> GPTModel:
-    """The GPTModel on this rank (its local experts only). Seed torch before calling."""
+    """The GPTModel on this rank: its pipeline stage's layers (the embedding on the first stage,
+    the output layer on the last), its tensor-parallel slices and its local experts. Seed torch
+    before calling."""
     config = transformer_config(cfg)
     model = GPTModel(
         config=config,
         transformer_layer_spec=decoder_block_spec(cfg, config),
         vocab_size=vocab_size,
         max_sequence_length=cfg.model.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
         position_embedding_type="rope",
         rotary_base=cfg.model.rotary_base,
         share_embeddings_and_output_weights=cfg.model.tie_embeddings,
     )
     for module in model.modules():
-        if isinstance(module, MoELayer) and isinstance(module.experts, MoNEExperts):
+        if not isinstance(module, MoELayer):
+            continue
+        if isinstance(module.experts, MoNEExperts):
             module.experts.layer_number = module.layer_number
+        # Expert weights are reduced over the expert data-parallel group, whatever EP is.
+        # megatron marks them so only at EP > 1; at EP = 1 with TP > 1 its DDP would reduce
+        # them over the (smaller) attention data-parallel group, leaving out the other
+        # tensor-parallel ranks, whose sequence-parallel positions the experts also saw.
+        for param in module.experts.parameters():
+            param.allreduce = False
     return model
 
 
@@ -286,8 +315,9 @@ def build_model(
     trainable parameters.
 
     The same seed on every rank drives dropout streams and megatron's own draws; weights are
-    then set by global parameter name, so they do not depend on the expert-parallel layout.
-    ``load_weights`` (``trainer.init_from``) then replaces them, in fp32, before a bf16 cast.
+    then set by global parameter name (each tensor-parallel rank keeping its slice), so they
+    do not depend on the TP, PP or EP layout. ``load_weights`` (``trainer.init_from``) then
+    replaces them, in fp32, before a bf16 cast.
     """
     torch.manual_seed(cfg.trainer.seed)
     model_parallel_cuda_manual_seed(cfg.trainer.seed)
@@ -299,6 +329,7 @@ def build_model(
         cfg.model.num_layers,
         ep_rank,
         cfg.model.num_experts // ep_size,
+        layout=TensorLayout.current(),
     )
     if load_weights is not None:
         load_weights(model)

@@ -6,7 +6,8 @@ chain of elementwise nodes, and a step has 2 per layer plus the final one
 (``benchmarks/trainer_throughput.py``: the fused one makes the `small` step 1.02x faster). :class:`RMSNorm` is the same
 function with the same parameter (``weight``, ones at init), so checkpoints interchange with
 megatron's; it runs ``mone_kernels``' C++ operator on CPU tensors and torch's
-``rms_norm`` elsewhere (fused by torch on CUDA).
+``rms_norm`` elsewhere (fused by torch on CUDA). Unlike ``WrappedTorchNorm`` it works with
+sequence parallelism (tensor parallelism > 1), as megatron's apex and TE norms do.
 """
 
 from __future__ import annotations
@@ -37,11 +38,14 @@ class RMSNorm(torch.nn.Module):
         super().__init__()
         if config.normalization != "RMSNorm":
             raise ValueError(f"RMSNorm built for normalization={config.normalization!r}")
-        if config.layernorm_zero_centered_gamma or config.sequence_parallel:
-            raise ValueError("RMSNorm supports neither zero-centred gamma nor sequence parallel")
+        if config.layernorm_zero_centered_gamma:
+            raise ValueError("RMSNorm does not support zero-centred gamma")
         self.hidden_size = hidden_size
         self.eps = eps
         self.weight = torch.nn.Parameter(torch.ones(hidden_size))
+        # With sequence parallelism each tensor-parallel rank normalises its own positions:
+        # megatron's finalize_model_grads sums the weight's gradient over the TP group.
+        self.weight.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and cpu_kernel_error() is None:

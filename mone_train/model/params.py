@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 from mone_train.model.mone_experts import MoNEExperts
@@ -42,10 +43,23 @@ class ParamCounts:
         )
 
 
-def count_parameters(model: torch.nn.Module, router_topk: int, ep_size: int = 1) -> ParamCounts:
-    """Count from the built model (works on the meta device too)."""
+def count_parameters(
+    model: torch.nn.Module,
+    router_topk: int,
+    ep_size: int = 1,
+    tp_size: int = 1,
+    pp_group=None,
+) -> ParamCounts:
+    """Count from the built model (works on the meta device too); model-wide counts from one
+    rank's part: tensor-parallel slices times ``tp_size``, local experts times ``ep_size``, and
+    with pipeline stages summed over ``pp_group``."""
+    from mone_train.model.init import is_tensor_split
+
+    def whole(p: torch.nn.Parameter) -> int:
+        return p.numel() * (tp_size if is_tensor_split(p, tp_size) else 1)
+
     all_params = {id(p): p for p in model.parameters()}
-    total_local = sum(p.numel() for p in all_params.values())
+    total_local = sum(whole(p) for p in all_params.values())
     expert_local = 0
     activated_experts_moe = 0
     activated_experts = 0
@@ -66,11 +80,22 @@ def count_parameters(model: torch.nn.Module, router_topk: int, ep_size: int = 1)
         activated_experts_moe += router_topk * 3 * hidden * num_neurons
         activated_experts += router_topk * (hidden * num_neurons + 2 * hidden * num_kept)
     dense = total_local - expert_local
+    sums = [dense, expert_local, activated_experts_moe, activated_experts - shared_skipped]
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:  # the other stages' layers
+        device = next(model.parameters()).device  # (NCCL reduces device tensors only)
+        stacked = torch.tensor(sums, dtype=torch.float64, device=device)
+        dist.all_reduce(stacked, group=pp_group)
+        sums = [int(v) for v in stacked.tolist()]
+        # (a stage without MoE layers says 1)
+        ratio = torch.tensor([kept_ratio], dtype=torch.float64, device=device)
+        dist.all_reduce(ratio, op=dist.ReduceOp.MIN, group=pp_group)
+        kept_ratio = float(ratio)
+    dense, expert_local, activated_experts_moe, activated_experts = sums
     return ParamCounts(
         total=dense + expert_local * ep_size,
         expert=expert_local * ep_size,
         activated_moe=dense + activated_experts_moe,
-        activated=dense + activated_experts - shared_skipped,
+        activated=dense + activated_experts,
         neuron_keep_ratio=kept_ratio,
         moe_layer_activated_ratio=(1 + 2 * kept_ratio) / 3,
     )
