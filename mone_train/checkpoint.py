@@ -305,14 +305,22 @@ def _with_masters(model_sd: dict, module: torch.nn.Module) -> dict:
             value.replica_id = _replica(value.replica_id, main=param.optimizer_owned)
         if hasattr(param, "main_param"):
             value.data = param.main_param
+        elif param.dtype != torch.float32:
+            # a bf16 weight whose master another rank owns (ZeRO-1): this copy is a replica,
+            # not written, but every copy of a tensor must have the checkpoint's dtype; on
+            # load it receives the fp32 weight and _load_weights casts it into the parameter
+            value.data = param.detach().float()
     return model_sd
 
 
 def _replica(replica_id, main: bool):
-    """A replica id of the same form that is main (all zeros) or not."""
+    """The replica id with its data-parallel part (megatron's last entry) set to 0 on the
+    weight's owner and 1 elsewhere. The other entries stay: a weight duplicated over tensor
+    parallel ranks (a norm's) is owned by one data-parallel rank in every tensor-parallel
+    position, and only tensor-parallel rank 0 of those is the main copy."""
     if isinstance(replica_id, int):
         return 0 if main else 1
-    return tuple(0 for _ in replica_id) if main else (*replica_id[:-1], 1)
+    return (*replica_id[:-1], 0 if main else 1)
 
 
 def _load_weights(module: torch.nn.Module, loaded: dict) -> None:

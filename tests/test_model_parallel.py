@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from mone_train.checkpoint import CHECKPOINTS
 from tests.distributed import free_port, metrics, run_processes
 
 # Training runs, subprocesses or process groups: the full tier only (make test).
@@ -142,11 +143,15 @@ def _torchrun(run_dir: Path, nproc: int, *extra: str) -> list[dict]:
 )  # fmt: skip
 def test_folded_layouts_train_from_torchrun(tmp_path, reference, layout, banner):
     """4 processes: attention/dense layers TP (or PP) x data parallel 2, experts EP 2 x
-    expert data parallel over the same ranks."""
-    out = _torchrun(tmp_path / "run", 4, "moe=moe", "trainer.expert_parallel_size=2", *layout)
+    expert data parallel over the same ranks; ZeRO-1 over the data-parallel ranks, and a save
+    (a norm's weight is on every TP rank and owned by one DP rank: one main copy of it)."""
+    out = _torchrun(tmp_path / "run", 4, "moe=moe", "trainer.expert_parallel_size=2", *layout,
+                    "trainer.shard_optimizer=true", "trainer.save_interval=5",
+                    "trainer.async_save=false")  # fmt: skip
     assert f"world size 4: {banner}" in out
     _assert_same_training(reference["moe"], metrics(tmp_path / "run"))
     assert all(r["a2a_bytes"] > 0 for r in _steps(metrics(tmp_path / "run")))
+    assert (tmp_path / "run" / CHECKPOINTS / "step_00000005").is_dir()
 
 
 def test_mone_moves_the_bytes_of_moe_under_tensor_parallelism(tmp_path):
