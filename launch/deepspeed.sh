@@ -17,4 +17,7 @@ DEEPSPEED=${DEEPSPEED:-$ROOT/.venv/bin/deepspeed}
 args=(--num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29500}" --no_local_rank)
 [[ -n "${HOSTFILE:-}" ]] && args+=(--hostfile "$HOSTFILE")
 [[ -n "${NUM_NODES:-}" ]] && args+=(--num_nodes "$NUM_NODES")
+# a bad override or a layout that does not fit the processes: one line, before any starts
+"${PYTHON:-$ROOT/.venv/bin/python}" -m mone_train.preflight \
+  --world-size "$((${NUM_NODES:-1} * NUM_GPUS))" "$@"
 exec "$DEEPSPEED" "${args[@]}" --module mone_train.train "$@"

@@ -38,6 +38,10 @@ else
     --rdzv-id "${RDZV_ID:-mone-train}")
 fi
 
+# A bad override or a layout that does not fit NNODES x NPROC processes: one line, before any
+# worker starts.
+"${PYTHON:-$ROOT/.venv/bin/python}" -m mone_train.preflight --world-size "$((NNODES * NPROC))" "$@"
+
 # torchrun exits 1 whatever its workers' codes were: a worker that ends on a hang notes its code
 # here (mone_train/watchdog.py), so that this script can exit with it (SLURM requeues on it).
 export MONE_EXIT_CODE_FILE=${MONE_EXIT_CODE_FILE:-$(mktemp -t mone-exit.XXXXXX)}

@@ -4,6 +4,10 @@ Hydra reports composition errors over several lines with hints; a user who typed
 ``trainer.stpes=10`` or ``moe.neuron_keep_ratio=1.5`` should instead see one line naming the key
 and what would be valid, and get a non-zero exit. Sweeps (``--multirun``) and Hydra's own flags
 are left to Hydra: each job of a sweep still validates its config when it starts.
+
+The launchers run ``python -m mone_train.preflight --world-size N [overrides]`` before they
+start any worker, so that a bad value or a layout that does not fit the job's processes is
+one line from the launcher, not one per worker followed by the launcher's own report.
 """
 
 from __future__ import annotations
@@ -103,3 +107,30 @@ def _has_sweep(overrides: list[str]) -> bool:
 def _fail(message: str) -> None:
     print(f"mone-train: error: {message}", file=sys.stderr)
     sys.exit(EXIT_CONFIG_ERROR)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``--world-size N [overrides]``: the overrides' config and its layout on N processes."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    world_size = None
+    if args[:1] == ["--world-size"] and len(args) > 1 and args[1].isdigit():
+        world_size, args = int(args[1]), args[2:]
+    if world_size is None or world_size < 1:
+        _fail("usage: python -m mone_train.preflight --world-size N [overrides]")
+    from mone_train import silence_megatron_notices
+
+    silence_megatron_notices()
+    register_configs()
+    check_overrides(args)
+    if any(arg.startswith("-") for arg in args) or _has_sweep(args):
+        return  # Hydra's flags and sweeps: each job checks itself
+    try:
+        compose_config(
+            [a for a in args if not a.lstrip("+~").startswith("hydra.")]
+        ).validate_layout(world_size)
+    except ConfigError as err:
+        _fail(str(err))
+
+
+if __name__ == "__main__":
+    main()

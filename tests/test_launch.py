@@ -49,6 +49,7 @@ def _launch(script, nproc, run_dir, *extra, timeout=240):
             MASTER_PORT=str(free_port()),
             TORCHRUN=str(BIN / "torchrun"),
             DEEPSPEED=str(BIN / "deepspeed"),
+            PYTHON=sys.executable,
         ),
         timeout=timeout,
     )
@@ -68,16 +69,26 @@ def test_launcher_runs_two_cpu_processes_with_output_from_rank_zero(tmp_path, sc
     assert (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_layout_that_does_not_divide_the_world_fails_the_whole_job(tmp_path):
-    result = _launch(
-        "torchrun.sh", 2, tmp_path / "run", "trainer.expert_parallel_size=4", timeout=120
-    )
-    assert result.returncode != 0
-    assert (
-        "trainer.expert_parallel_size=4 is invalid: expected a divisor of the world size 2"
-        in result.stderr
-    )
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+@pytest.mark.parametrize("script", ["torchrun.sh", "deepspeed.sh"])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("trainer.expert_parallel_size=4",
+         "trainer.expert_parallel_size=4 is invalid: expected a divisor of the world size 2"),
+        ("trainer.tensor_parallel_size=3",
+         "model.num_attention_heads=4 is invalid: expected a multiple of "
+         "trainer.tensor_parallel_size=3"),
+        ("trainer.stpes=3", "unknown config key 'trainer.stpes'"),
+    ],
+)  # fmt: skip
+def test_a_bad_layout_or_key_is_one_line_from_the_launcher(tmp_path, script, override, message):
+    """Checked once for the job's world size before any worker starts: one line, exit 2, no
+    worker's copy of it and no launcher report after it."""
+    result = _launch(script, 2, tmp_path / "run", override, timeout=120)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
 
 
 def _trainer(tmp_path, env, *extra):
