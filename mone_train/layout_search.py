@@ -148,6 +148,19 @@ class Layout:
             f"trainer.shard_optimizer={str(self.zero).lower()}",
         ]
 
+    def applied_to(self, cfg: Config) -> Config:
+        """``cfg`` with this layout's trainer settings (what ``overrides`` would select)."""
+        trainer = replace(
+            cfg.trainer,
+            tensor_parallel_size=self.tp,
+            pipeline_parallel_size=self.pp,
+            expert_parallel_size=self.ep,
+            micro_batch_size=self.micro_batch,
+            recompute=self.recompute,
+            shard_optimizer=self.zero,
+        )
+        return replace(cfg, trainer=trainer)
+
     def label(self) -> str:
         vpp = f" VPP {self.vpp}" if self.vpp > 1 else ""
         return (
@@ -385,17 +398,8 @@ def search(
     candidates, too_big, closest = [], 0, None
     all_layouts = layouts(cfg, world, gpus_per_node, virtual_stages)
     for layout in all_layouts:
-        trainer = replace(
-            cfg.trainer,
-            tensor_parallel_size=layout.tp,
-            pipeline_parallel_size=layout.pp,
-            expert_parallel_size=layout.ep,
-            micro_batch_size=layout.micro_batch,
-            recompute=layout.recompute,
-            shard_optimizer=layout.zero,
-        )
         try:
-            plan = make_plan(replace(cfg, trainer=trainer), vocab_size, world, hw.memory_gib,
+            plan = make_plan(layout.applied_to(cfg), vocab_size, world, hw.memory_gib,
                              gpu=hw.name)  # fmt: skip
         except ConfigError:
             continue

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -34,19 +33,6 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-def _with(cfg, layout: Layout):
-    trainer = replace(
-        cfg.trainer,
-        tensor_parallel_size=layout.tp,
-        pipeline_parallel_size=layout.pp,
-        expert_parallel_size=layout.ep,
-        micro_batch_size=layout.micro_batch,
-        recompute=layout.recompute,
-        shard_optimizer=layout.zero,
-    )
-    return replace(cfg, trainer=trainer)
-
-
 def test_every_kept_layout_fits_and_matches_the_planner():
     cfg = compose_config([*ONE_B, "model.vocab_size=50304"])
     hw = HARDWARE["H100"]
@@ -55,7 +41,7 @@ def test_every_kept_layout_fits_and_matches_the_planner():
     times = [c.time.total for c in result.candidates]
     assert times == sorted(times)
     for c in result.candidates[:20]:
-        plan = make_plan(_with(cfg, c.layout), VOCAB, 8)
+        plan = make_plan(c.layout.applied_to(cfg), VOCAB, 8)
         assert c.memory_gib == pytest.approx(plan.total_bytes() / GIB)
         assert c.memory_gib <= result.usable_gib
         assert c.layout.tp * c.layout.pp * c.data_parallel == 8
@@ -81,20 +67,20 @@ def test_cost_model_terms_follow_their_formulas():
     than inside it; recompute adds a forward; overlap hides its share."""
     cfg = compose_config([*ONE_B, "model.vocab_size=50304", "trainer.global_batch_size=64"])
     hw = HARDWARE["H100"]
-    pp4 = make_plan(_with(cfg, Layout(1, 4, 8, 1, "none", True)), VOCAB, 32)
+    pp4 = make_plan(Layout(1, 4, 8, 1, "none", True).applied_to(cfg), VOCAB, 32)
     time = step_time(pp4, hw, 8, Overlap())
     per_micro = (time.compute + time.memory_bound) / pp4.micro_batches
     assert time.bubble == pytest.approx(3 * (per_micro + (time.all_to_all + time.p2p)
                                              / pp4.micro_batches))  # fmt: skip
-    inside = step_time(make_plan(_with(cfg, Layout(1, 1, 8, 1, "none", True)), VOCAB, 32),
+    inside = step_time(make_plan(Layout(1, 1, 8, 1, "none", True).applied_to(cfg), VOCAB, 32),
                        hw, 8, Overlap())  # fmt: skip
-    across = step_time(make_plan(_with(cfg, Layout(1, 1, 16, 1, "none", True)), VOCAB, 32),
+    across = step_time(make_plan(Layout(1, 1, 16, 1, "none", True).applied_to(cfg), VOCAB, 32),
                        hw, 8, Overlap())  # fmt: skip
     assert across.all_to_all > 2 * inside.all_to_all
-    full = step_time(make_plan(_with(cfg, Layout(1, 1, 8, 1, "full", True)), VOCAB, 32),
+    full = step_time(make_plan(Layout(1, 1, 8, 1, "full", True).applied_to(cfg), VOCAB, 32),
                      hw, 8, Overlap())  # fmt: skip
     assert full.compute == pytest.approx(inside.compute * 4 / 3)
-    hidden = step_time(make_plan(_with(cfg, Layout(1, 1, 8, 1, "none", True)), VOCAB, 32),
+    hidden = step_time(make_plan(Layout(1, 1, 8, 1, "none", True).applied_to(cfg), VOCAB, 32),
                        hw, 8, Overlap(all_to_all=0.5, grad_sync=1.0))  # fmt: skip
     assert hidden.all_to_all == pytest.approx(inside.all_to_all / 2)
     assert hidden.grad_sync == 0 < inside.grad_sync

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from mone_train.checkpoint import CHECKPOINTS
-from tests.distributed import free_port, metrics, run_processes
+from tests.distributed import free_port, metrics, train
 
 # Training runs, subprocesses or process groups: the full tier only (make test).
 pytestmark = pytest.mark.slow
@@ -52,14 +52,7 @@ RUN = [
 
 
 def _train(run_dir: Path, world_size: int, *extra: str) -> list[dict]:
-    overrides = [*RUN, f"trainer.run_dir={run_dir}", *extra]
-    if world_size == 1:
-        from mone_train.preflight import compose_config
-        from mone_train.trainer import run
-
-        run(compose_config(overrides))
-    else:
-        run_processes(world_size, overrides)
+    train(run_dir, world_size, *RUN, *extra)
     return metrics(run_dir)
 
 
