@@ -36,17 +36,17 @@ MODES = ("none", "sync", "async")
 
 def measure(mode: str, steps: int, warmup: int, overrides: list[str]) -> dict:
     """Train ``warmup + 2 * steps`` steps with one save (per ``mode``) in the middle."""
-    from mone_train.checkpoint import model_signature
-    from mone_train.checkpointer import Checkpointer, PreemptionFlag, TrainState
+    from mone_train.components.checkpoint import model_signature
+    from mone_train.components.checkpointer import Checkpointer, PreemptionFlag, TrainState
+    from mone_train.components.optimizer import build_optimizer
+    from mone_train.components.train_step import TrainStep
+    from mone_train.compose import compose_config
     from mone_train.data.dataset import micro_batches
     from mone_train.data.run_data import build_run_data
-    from mone_train.distributed import init_distributed, shutdown_distributed
     from mone_train.model.builder import build_model
     from mone_train.model.lm import causal_mask
-    from mone_train.optim import build_optimizer
-    from mone_train.preflight import compose_config
+    from mone_train.parallel.process_groups import init_distributed, shutdown_distributed
     from mone_train.runtime import configure_torch
-    from mone_train.train_step import TrainStep
 
     run_dir = Path(tempfile.mkdtemp(prefix="ckpt-bench-"))
     cfg = compose_config([*overrides, f"trainer.async_save={mode == 'async'}"])

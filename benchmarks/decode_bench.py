@@ -159,7 +159,7 @@ def end_to_end(run_dir: Path, new_tokens: int, rounds: int) -> dict:
 
     from mone_train.export.tokenizer_files import load_exported_tokenizer
     from mone_train.export.writer import export_checkpoint
-    from mone_train.generate import generate_text, set_decode_path
+    from mone_train.inference.cli import generate_text, set_decode_path
 
     with tempfile.TemporaryDirectory() as tmp:
         exported = export_checkpoint(run_dir, Path(tmp) / "model")

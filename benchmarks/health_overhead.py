@@ -27,7 +27,7 @@ from machine import machine_info  # noqa: E402
 from mone_train import silence_megatron_notices  # noqa: E402
 
 silence_megatron_notices()
-from mone_train.preflight import compose_config  # noqa: E402
+from mone_train.compose import compose_config  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -41,15 +41,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
+    from mone_train.components.health import HealthMonitor
+    from mone_train.components.optimizer import build_optimizer
+    from mone_train.components.train_step import TrainStep
     from mone_train.data.dataset import micro_batches
     from mone_train.data.run_data import build_run_data
-    from mone_train.distributed import init_distributed, shutdown_distributed
-    from mone_train.health import HealthMonitor
     from mone_train.model.builder import build_model
     from mone_train.model.lm import causal_mask
-    from mone_train.optim import build_optimizer
+    from mone_train.parallel.process_groups import init_distributed, shutdown_distributed
     from mone_train.runtime import configure_torch
-    from mone_train.train_step import TrainStep
 
     cfg = compose_config(args.overrides)
     t = cfg.trainer

@@ -192,8 +192,8 @@ def compare(run: Published, experts: str = "grouped") -> dict:
     ``grouped`` (mone-train's GPU experts: their weights stacked per forward, kept for
     backward) or ``megatron`` (megatron's SequentialMLP, ``moe.grouped_gemm=false``: weights
     read in place, as TransformerEngine's grouped GEMM of the published runs does)."""
-    from mone_train.layout_search import DISPATCHERS, HARDWARE, Overlap, search
-    from mone_train.preflight import compose_config
+    from mone_train.compose import compose_config
+    from mone_train.planning.layout_search import DISPATCHERS, HARDWARE, Overlap, search
 
     hw = HARDWARE["H100"]
     grouped = "true" if experts == "grouped" else "false"
@@ -214,7 +214,7 @@ def compare(run: Published, experts: str = "grouped") -> dict:
             ranked.append((key, c))
     position = next((i for i, (key, _) in enumerate(ranked, 1) if key == run.layout), None)
     ours = ranked[position - 1][1] if position else None
-    from mone_train.plan import flops_per_token, shape_of
+    from mone_train.planning.plan import flops_per_token, shape_of
 
     per_token = flops_per_token(shape_of(cfg, run.vocab)).executed
     published_tokens = run.tflops * 1e12 / (run.megatron_gflop_per_token * 1e9)
@@ -247,9 +247,9 @@ def alternatives(run: Published, experts: str) -> list[dict]:
     """Our predicted throughput for each other layout the run's source measured."""
     from dataclasses import replace
 
-    from mone_train.layout_search import DISPATCHERS, HARDWARE, Overlap, step_time
-    from mone_train.plan import make_plan
-    from mone_train.preflight import compose_config
+    from mone_train.compose import compose_config
+    from mone_train.planning.layout_search import DISPATCHERS, HARDWARE, Overlap, step_time
+    from mone_train.planning.plan import make_plan
 
     hw = HARDWARE["H100"]
     grouped = "true" if experts == "grouped" else "false"

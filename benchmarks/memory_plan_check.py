@@ -117,9 +117,9 @@ def child(overrides: list[str], how: str) -> None:
     from mone_train import silence_megatron_notices
 
     silence_megatron_notices()
-    from mone_train.distributed import init_distributed
+    from mone_train.compose import compose_config
     from mone_train.model.builder import build_model
-    from mone_train.preflight import compose_config
+    from mone_train.parallel.process_groups import init_distributed
 
     init_distributed(1)
     cfg = compose_config(overrides)
@@ -137,11 +137,11 @@ def rank_child(out_dir: str, overrides: list[str]) -> None:
     from mone_train import silence_megatron_notices
 
     silence_megatron_notices()
+    from mone_train.compose import compose_config
     from mone_train.config import model_vocab_size
-    from mone_train.distributed import init_distributed
     from mone_train.model.builder import build_model
-    from mone_train.pipeline import Pipeline
-    from mone_train.preflight import compose_config
+    from mone_train.parallel.pipeline import Pipeline
+    from mone_train.parallel.process_groups import init_distributed
 
     cfg = compose_config(overrides)
     t = cfg.trainer
@@ -193,8 +193,8 @@ def _run_ranks(overrides: list[str], nproc: int) -> list[dict]:
 def run_case(model: str, seq: int, recompute: str, layout: str = "1") -> list[dict]:
     """Estimate and measurement of one (model, sequence length, recompute, layout) case: one
     row, or one per pipeline stage (the fullest rank of the stage)."""
-    from mone_train.plan import activation_bytes, make_plan, shape_of
-    from mone_train.preflight import compose_config
+    from mone_train.compose import compose_config
+    from mone_train.planning.plan import activation_bytes, make_plan, shape_of
 
     overrides = _overrides(model, seq, recompute, layout)
     cfg = compose_config(overrides)

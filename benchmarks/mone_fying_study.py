@@ -90,8 +90,8 @@ def main() -> None:
         tool("mone_train.importer.cli", str(out / "dense-hf"), "--out", str(upcycled),
              "--upcycle-experts", "8", "--upcycle-topk", "2", "--granularity", "2",
              "--overwrite")  # fmt: skip
+    from mone_train.compose import compose_config
     from mone_train.data.corpus import prepare_stdlib_corpus
-    from mone_train.preflight import compose_config
 
     cfg = compose_config([])
     corpus = prepare_stdlib_corpus(cfg.data.cache_dir, cfg.data.valid_every)

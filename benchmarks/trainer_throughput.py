@@ -47,7 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import isa_tag, machine_info  # noqa: E402
 
-from mone_train.preflight import compose_config  # noqa: E402
+from mone_train.compose import compose_config  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GOAL_VS_BARE = 1.2  # trainer/mone tokens/s over the bare loop's (DESIGN section 4)
@@ -107,7 +107,7 @@ def trainer_stepper(name: str, overrides: list[str], workdir: Path, info) -> Ste
     """mone-train's Trainer, one loop step (``Trainer.step``) at a time."""
     from tqdm import tqdm
 
-    from mone_train.checkpointer import PreemptionFlag
+    from mone_train.components.checkpointer import PreemptionFlag
     from mone_train.trainer import Trainer
 
     cfg = compose_config(
@@ -271,7 +271,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    from mone_train.distributed import init_distributed, shutdown_distributed
+    from mone_train.parallel.process_groups import init_distributed, shutdown_distributed
     from mone_train.runtime import configure_torch
 
     configure_torch(compose_config(args.overrides))

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine_info  # noqa: E402
 from trainer_throughput import RESULTS, measure, quartiles, trainer_stepper  # noqa: E402
 
-from mone_train.preflight import compose_config  # noqa: E402
+from mone_train.compose import compose_config  # noqa: E402
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
-    from mone_train.distributed import init_distributed, shutdown_distributed
+    from mone_train.parallel.process_groups import init_distributed, shutdown_distributed
     from mone_train.runtime import configure_torch
 
     configure_torch(compose_config(args.overrides))

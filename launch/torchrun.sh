@@ -10,7 +10,7 @@
 # trainer reads them. If any worker fails, torchrun stops the others and exits non-zero.
 #
 # In-place restarts: MAX_RESTARTS=N (default 0) lets torchrun restart all workers up to N times
-# after a worker fails: a crash, or the hang watchdog's exit (code 76, mone_train/watchdog.py:
+# after a worker fails: a crash, or the hang watchdog's exit (code 76, mone_train/components/watchdog.py:
 # a rank without progress dumps its stacks to <run_dir>/hangs/ and exits). The restarted
 # workers run the same command, which resumes from the run's newest checkpoint.
 #
@@ -26,8 +26,9 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 TORCHRUN=${TORCHRUN:-$ROOT/.venv/bin/torchrun}
 NNODES=${NNODES:-1}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
-EXIT_PREEMPTED=75
-EXIT_HANG=76
+PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
+# EXIT_PREEMPTED, EXIT_HANG, ...: one source, mone_train/errors.py
+eval "$("$PYTHON" -m mone_train.errors)"
 
 if [[ "$NNODES" == 1 ]]; then
   cmd=("$TORCHRUN" --standalone --nnodes 1 --nproc-per-node "$NPROC" --max-restarts "$MAX_RESTARTS")
@@ -40,10 +41,10 @@ fi
 
 # A bad override or a layout that does not fit NNODES x NPROC processes: one line, before any
 # worker starts.
-"${PYTHON:-$ROOT/.venv/bin/python}" -m mone_train.preflight --world-size "$((NNODES * NPROC))" "$@"
+"$PYTHON" -m mone_train.preflight --world-size "$((NNODES * NPROC))" "$@"
 
 # torchrun exits 1 whatever its workers' codes were: a worker that ends on a hang notes its code
-# here (mone_train/watchdog.py), so that this script can exit with it (SLURM requeues on it).
+# here (mone_train/components/watchdog.py), so that this script can exit with it (SLURM requeues on it).
 export MONE_EXIT_CODE_FILE=${MONE_EXIT_CODE_FILE:-$(mktemp -t mone-exit.XXXXXX)}
 "${cmd[@]}" -m mone_train.train "$@" &
 launcher=$!

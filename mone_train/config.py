@@ -18,7 +18,7 @@ from mone_train.errors import ConfigError
 
 FLAVOURS = ("mone", "moe")
 # bf16: weights, compute and activations in bf16; fp32 master weights, optimizer state and
-# gradient reduction (mone_train/optim.py); checkpoints hold the fp32 masters either way.
+# gradient reduction (mone_train/components/optimizer.py); checkpoints hold the fp32 masters either way.
 PRECISIONS = ("fp32", "bf16")
 RECOMPUTE = ("none", "moe", "full")  # activation recompute: off | MoE layers | whole layers
 SCHEDULES = ("cosine", "linear", "constant")
@@ -440,7 +440,7 @@ class TrainerConfig:
     backend: Optional[str] = None  # torch.distributed backend; null: nccl with CUDA, else gloo
     init_timeout_s: float = 600.0  # how long ranks wait for each other at start-up
     collective_timeout_s: float = 1800.0  # a collective that takes longer fails the job
-    # A rank without progress this long dumps its stacks and exits (mone_train/watchdog.py):
+    # A rank without progress this long dumps its stacks and exits (mone_train/components/watchdog.py):
     # null: automatic (20 median steps, at least 120 s; 900 s before steps are measured); 0: off.
     hang_timeout_s: Optional[float] = None
     precision: str = "fp32"  # fp32 | bf16 (bf16 compute, fp32 master weights and optimizer)

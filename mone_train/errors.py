@@ -9,8 +9,17 @@ from __future__ import annotations
 import sys
 import traceback
 
+# The exit codes the launchers read (launch/*.sh take them from ``python -m mone_train.errors``).
 EXIT_CONFIG_ERROR = 2  # a bad value or input: one line on stderr, nothing written
 EXIT_DIVERGED = 3  # too many consecutive non-finite steps: one line, the last good checkpoint
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved on SIGTERM/SIGUSR1, requeue and resume
+EXIT_HANG = 76  # the hang watchdog ended a rank without progress: restart or requeue
+EXIT_CODES = {
+    "EXIT_CONFIG_ERROR": EXIT_CONFIG_ERROR,
+    "EXIT_DIVERGED": EXIT_DIVERGED,
+    "EXIT_PREEMPTED": EXIT_PREEMPTED,
+    "EXIT_HANG": EXIT_HANG,
+}
 
 
 class ConfigError(ValueError):
@@ -43,3 +52,7 @@ def report_failure(
     traceback.print_exc()
     print(f"{prog}: failed: {type(err).__name__}: {err}", file=sys.stderr)
     return 1
+
+
+if __name__ == "__main__":  # the launchers' source of the exit codes: NAME=value lines
+    print("\n".join(f"{name}={code}" for name, code in EXIT_CODES.items()))

@@ -16,9 +16,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from mone_train import silence_megatron_notices
+from mone_train.compose import CONFIG_DIR
 from mone_train.config import Config, register_configs
 from mone_train.errors import EXIT_CONFIG_ERROR, EXIT_DIVERGED, ConfigError, TrainingDiverged
-from mone_train.preflight import CONFIG_DIR, check_overrides
+from mone_train.preflight import check_overrides
 
 
 class JobFailed(RuntimeError):

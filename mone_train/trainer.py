@@ -18,29 +18,35 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from mone_kernels.cpu_kernel import cpu_kernel_error
-from mone_train.checkpoint import EXIT_PREEMPTED, load_initial_weights, model_signature
-from mone_train.checkpointer import Checkpointer, PreemptionFlag, TrainState
+from mone_train.components.checkpoint import load_initial_weights, model_signature
+from mone_train.components.checkpointer import Checkpointer, PreemptionFlag, TrainState
+from mone_train.components.evaluator import Evaluator
+from mone_train.components.metrics import TrainMetrics
+from mone_train.components.optimizer import (
+    OptimizerSharding,
+    build_optimizer,
+    lr_at,
+    optimizer_state_bytes,
+)
+from mone_train.components.run_dir import RunFinished, mark_finished, prepare_run_dir
+from mone_train.components.tracking import MetricsLogger
+from mone_train.components.train_step import NonFiniteGuard, TrainStep
+from mone_train.components.watchdog import HangWatchdog
 from mone_train.config import Config, model_vocab_size
 from mone_train.data.dataset import micro_batches
 from mone_train.data.run_data import RunData, build_run_data
-from mone_train.distributed import (
+from mone_train.errors import EXIT_PREEMPTED
+from mone_train.model.builder import build_model
+from mone_train.model.lm import causal_mask
+from mone_train.model.params import count_parameters
+from mone_train.parallel.pipeline import Pipeline
+from mone_train.parallel.process_groups import (
     DistInfo,
     init_distributed,
     launch_environment,
     shutdown_distributed,
 )
-from mone_train.evaluator import Evaluator
-from mone_train.metrics import TrainMetrics
-from mone_train.model.builder import build_model
-from mone_train.model.lm import causal_mask
-from mone_train.model.params import count_parameters
-from mone_train.optim import OptimizerSharding, build_optimizer, lr_at, optimizer_state_bytes
-from mone_train.pipeline import Pipeline
-from mone_train.run_dir import RunFinished, mark_finished, prepare_run_dir
 from mone_train.runtime import check_kernel_impl, configure_torch
-from mone_train.tracking import MetricsLogger
-from mone_train.train_step import NonFiniteGuard, TrainStep
-from mone_train.watchdog import HangWatchdog
 
 
 class Trainer:

@@ -29,7 +29,7 @@ requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a
 @pytest.fixture
 def megatron_single():
     """A 1-process gloo group with megatron-core's parallel state (EP = 1)."""
-    from mone_train.distributed import init_distributed, shutdown_distributed
+    from mone_train.parallel.process_groups import init_distributed, shutdown_distributed
 
     info = init_distributed(1)
     yield info
@@ -39,8 +39,8 @@ def megatron_single():
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     """The default stdlib corpus, built once per test session in the user cache."""
+    from mone_train.compose import compose_config
     from mone_train.data.corpus import prepare_stdlib_corpus
-    from mone_train.preflight import compose_config
 
     cfg = compose_config([])
     return prepare_stdlib_corpus(cfg.data.cache_dir, cfg.data.valid_every)

@@ -71,7 +71,7 @@ def _is_png(path: Path) -> bool:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, corpus):
     """A plain-MoE run long enough to have learnt something, and a short MoNE (rho = 0.5) run."""
-    from mone_train.preflight import compose_config
+    from mone_train.compose import compose_config
     from mone_train.trainer import run
 
     root = tmp_path_factory.mktemp("runs")
@@ -116,11 +116,11 @@ def test_sparsify_our_moe_checkpoint(trained, corpus, tmp_path, megatron_single)
     assert _is_png(out / "sparsify.png")
 
     # p = 0 is exactly the model as the trainer loads and runs it.
-    from mone_train.checkpoint import load_checkpoint, model_signature
+    from mone_train.components.checkpoint import load_checkpoint, model_signature
+    from mone_train.components.optimizer import build_optimizer
+    from mone_train.compose import compose_config
     from mone_train.model.builder import build_model
     from mone_train.model.lm import causal_mask
-    from mone_train.optim import build_optimizer
-    from mone_train.preflight import compose_config
 
     cfg = compose_config(overrides)
     model, params = build_model(cfg, 258)

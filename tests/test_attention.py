@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mone_train.preflight import compose_config
+from mone_train.compose import compose_config
 
 SEQ, BATCH, HEADS, HEAD_DIM = 12, 3, 4, 8
 
@@ -143,7 +143,7 @@ def test_gpt_model_with_sdpa_core_matches_megatron_core(megatron_single, num_que
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     from mone_train.model.attention import SDPAttention
-    from tests.gpt_parity import loss_and_grads, tiny_gpt
+    from tests.helpers.gpt_parity import loss_and_grads, tiny_gpt
 
     groups = f"model.num_query_groups={num_query_groups}"
     reference = tiny_gpt("moe=moe", "model.attention=megatron", groups)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from mone_train.checkpoint import CHECKPOINTS, EXIT_PREEMPTED, LATEST, MARKER, CheckpointError
-from mone_train.errors import ConfigError
-from tests.distributed import TINY_RUN, losses, metrics, run_processes, train
+from mone_train.components.checkpoint import CHECKPOINTS, LATEST, MARKER, CheckpointError
+from mone_train.errors import EXIT_PREEMPTED, ConfigError
+from tests.helpers.distributed import TINY_RUN, losses, metrics, run_processes, train
 
 # Training runs, subprocesses or process groups: the full tier only (make test).
 pytestmark = pytest.mark.slow
@@ -179,7 +179,7 @@ _GLOO_THREAD_PROBE = """
 import json, os, sys
 import torch
 import torch.distributed as dist
-from mone_train.checkpoint import single_threaded_collectives
+from mone_train.components.checkpoint import single_threaded_collectives
 
 torch.set_num_threads(2)
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
@@ -205,7 +205,7 @@ def test_collectives_in_saves_start_no_openmp_team_in_gloo_threads():
     """The after-save slowdown's cause and its guard, on real gloo threads: a large gathered
     object makes the worker thread start an OpenMP team (one more thread libgomp manages, which
     shortens its spin-wait process-wide), unless torch's thread count is 1 while it runs."""
-    from tests.distributed import free_port
+    from tests.helpers.distributed import free_port
 
     out = subprocess.run(
         [sys.executable, "-c", _GLOO_THREAD_PROBE, str(free_port())],

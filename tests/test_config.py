@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from mone_train.compose import CONFIG_DIR, compose_config
 from mone_train.config import Config, validate
 from mone_train.errors import ConfigError
-from mone_train.preflight import CONFIG_DIR, check_overrides, compose_config
+from mone_train.preflight import check_overrides
 
 GROUPS = ["model", "moe", "data", "optim", "trainer", "logging"]
 REPO = Path(__file__).resolve().parent.parent

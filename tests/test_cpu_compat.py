@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mone_train import cpu_compat
-from tests.cpu_probes import PROBES
+from mone_train.parallel import cpu_compat
+from tests.helpers.cpu_probes import PROBES
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,7 +45,7 @@ def test_megatron_path_works_with_the_patch(megatron_single, patch):
 def test_megatron_path_fails_without_the_patch(patch):
     env = {**os.environ, "TORCHDYNAMO_DISABLE": "1"}
     result = subprocess.run(
-        [sys.executable, "tests/cpu_probes.py", patch],
+        [sys.executable, "tests/helpers/cpu_probes.py", patch],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -26,7 +26,7 @@ from mone_kernels.cpu_kernel import (
     rms_norm_cpu,
     rope_cpu,
 )
-from tests.references import ng_lbl_literal
+from tests.helpers.references import ng_lbl_literal
 
 pytestmark = pytest.mark.skipif(
     cpu_kernel_error() is not None, reason=f"CPU kernel not buildable: {cpu_kernel_error()}"
@@ -398,7 +398,7 @@ def test_without_a_compiler_auto_warns_once_and_uses_the_reference(tmp_path):
 @pytest.mark.slow  # about 15 s on 2 CPU cores: two 5-step training runs
 def test_five_training_steps_match_the_reference_path(tmp_path):
     pytest.importorskip("megatron.core")
-    from tests.gpt_parity import kernel_run_losses
+    from tests.helpers.gpt_parity import kernel_run_losses
 
     reference = kernel_run_losses(tmp_path / "reference", "reference")
     fused = kernel_run_losses(tmp_path / "cpu", "cpu")

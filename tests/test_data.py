@@ -91,8 +91,8 @@ def test_gpt_dataset_samples_and_rank_slices(megatron_single, corpus, tmp_path):
 
 def test_eval_seed_fixes_the_held_out_draw_whatever_the_training_seed(megatron_single, corpus,
                                                                       tmp_path):  # fmt: skip
+    from mone_train.compose import compose_config
     from mone_train.data.run_data import build_run_data
-    from mone_train.preflight import compose_config
 
     def draw(*overrides):
         cfg = compose_config(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.distributed import metrics, run_processes
+from tests.helpers.distributed import metrics, run_processes
 
 # Training runs, subprocesses or process groups: the full tier only (make test).
 pytestmark = pytest.mark.slow
@@ -25,7 +25,7 @@ def _train(tmp_path, name, world_size, *extra):
     run_dir = tmp_path / name
     overrides = [*TINY, f"trainer.run_dir={run_dir}", *extra]
     if world_size == 1:
-        from mone_train.preflight import compose_config
+        from mone_train.compose import compose_config
         from mone_train.trainer import run
 
         run(compose_config(overrides))

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mone_train.preflight import CONFIG_DIR, compose_config
-from mone_train.report import main as report_main
+from mone_train.compose import CONFIG_DIR, compose_config
+from mone_train.report.cli import main as report_main
 
 # Training runs, subprocesses or process groups: the full tier only (make test).
 pytestmark = pytest.mark.slow
@@ -147,7 +147,7 @@ def test_wandb_offline_files_settings_and_resume_keep_the_run(tmp_path, monkeypa
 
 
 def test_wandb_run_settings_come_from_config(tmp_path, monkeypatch):
-    from mone_train.tracking import MetricsLogger
+    from mone_train.components.tracking import MetricsLogger
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     cfg = compose_config(
@@ -175,7 +175,7 @@ def test_wandb_run_settings_come_from_config(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("mode", ["offline", "disabled"])
 def test_wandb_mode_from_config(tmp_path, monkeypatch, mode):
-    from mone_train.tracking import MetricsLogger
+    from mone_train.components.tracking import MetricsLogger
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     cfg = compose_config([f"logging.wandb_mode={mode}"])

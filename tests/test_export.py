@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mone_train.export.cli import main as export_main
-from mone_train.generate import main as generate_main
+from mone_train.inference.cli import main as generate_main
 
 TRAIN = [
     "model=tiny",
@@ -36,7 +36,7 @@ MONE = [
 
 
 def _train(run_dir: Path, extra: list[str]) -> Path:
-    from mone_train.preflight import compose_config
+    from mone_train.compose import compose_config
     from mone_train.trainer import run
 
     run(compose_config([*TRAIN, *extra, f"trainer.run_dir={run_dir}"]))
@@ -71,7 +71,7 @@ def _export(source: Path, out: Path, *extra: str) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, corpus):
     """Tiny trained runs: plain MoE and MoNE at EP = 1, MoNE saved at EP = 2."""
-    from tests.distributed import run_processes
+    from tests.helpers.distributed import run_processes
 
     root = tmp_path_factory.mktemp("export-runs")
     ep2 = root / "mone-ep2"

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from mone_train.compose import compose_config
 from mone_train.errors import ConfigError
 from mone_train.families import family_names, load_family
-from mone_train.preflight import compose_config
-from tests.distributed import losses, metrics, train
-from tests.gpt_parity import VOCAB, loss_and_grads, tiny_gpt
+from tests.helpers.distributed import losses, metrics, train
+from tests.helpers.gpt_parity import VOCAB, loss_and_grads, tiny_gpt
 
 FAMILIES = family_names()
 
@@ -108,7 +108,7 @@ def test_keep_ratio_one_equals_megatrons_own_layers(megatron_single, case, share
 
 
 def test_token_dropping_really_drops(megatron_single):
-    from mone_train.health import HealthMonitor
+    from mone_train.components.health import HealthMonitor
 
     model = tiny_gpt("arch=qwen3_moe", "model.capacity_factor=0.5")
     monitor = HealthMonitor(model)
@@ -124,10 +124,10 @@ def test_token_dropping_really_drops(megatron_single):
 
 def _one_train_step(info, *overrides: str, observe=None):
     """A TrainStep of `tiny` + overrides and a fixed batch (``info``: megatron's groups)."""
+    from mone_train.components.optimizer import build_optimizer
+    from mone_train.components.train_step import TrainStep
     from mone_train.model.builder import build_model
     from mone_train.model.lm import causal_mask
-    from mone_train.optim import build_optimizer
-    from mone_train.train_step import TrainStep
 
     cfg = compose_config(["model=tiny", *overrides])
     model, params = build_model(cfg, VOCAB)
@@ -291,7 +291,7 @@ def test_expert_parallel_equals_one_process_layout_for_deepseek(tmp_path, flavou
 def test_resume_is_bit_exact_with_the_expert_and_neuron_biases_restored(tmp_path):
     from megatron.core import dist_checkpointing
 
-    from mone_train.checkpoint import CHECKPOINTS
+    from mone_train.components.checkpoint import CHECKPOINTS
 
     recipe = ["arch=deepseek", "moe.neuron_balance=bias", "trainer.seq_length=32"]
     train(tmp_path / "straight", 1, *recipe, "trainer.steps=20")

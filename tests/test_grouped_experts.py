@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mone_train.preflight import compose_config
-from tests.distributed import metrics, run_processes
+from mone_train.compose import compose_config
+from tests.helpers.distributed import metrics, run_processes
 
 HIDDEN, NEURONS, EXPERTS = 32, 24, 4
 
@@ -236,7 +236,7 @@ def _losses(run_dir):
 
 @pytest.mark.slow
 def test_expert_parallel_grouped_matches_sequential_and_loads_its_checkpoint(tmp_path):
-    from mone_train.checkpoint import CHECKPOINTS
+    from mone_train.components.checkpoint import CHECKPOINTS
 
     sequential, grouped, resumed = (tmp_path / n for n in ("sequential", "grouped", "resumed"))
     run_processes(

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from mone_train.health import HealthMonitor, histogram_summary
-from mone_train.preflight import compose_config
+from mone_train.components.health import HealthMonitor, histogram_summary
+from mone_train.compose import compose_config
 
 
 @pytest.fixture
@@ -71,7 +71,7 @@ def test_gate_quantiles_from_the_histogram():
         s = torch.sigmoid(g)
         g = g - (g * s - target) / (s + g * s * (1 - s))
     monitor_hist = torch.zeros(220, dtype=torch.float64)
-    from mone_train import health
+    from mone_train.components import health
 
     magnitude = torch.nn.functional.silu(g).abs().log10()
     monitor_hist += torch.histc(magnitude, bins=220, min=health.LOG10_MIN, max=health.LOG10_MAX)
@@ -113,7 +113,7 @@ def test_training_run_logs_consistent_health_metrics(tmp_path):
 
 
 def test_flops_and_peak_lookup():
-    from mone_train.health import model_flops_per_token, peak_tflops
+    from mone_train.components.health import model_flops_per_token, peak_tflops
 
     assert model_flops_per_token(1_000_000, 4, 128, 256) == 6e6 + 12 * 4 * 128 * 256
     assert peak_tflops("NVIDIA H200", "bf16") == 989.0

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from mone_train.importer.cli import main as import_main
-from tests.distributed import free_port
-from tests.hf_models import (
+from tests.helpers.distributed import free_port
+from tests.helpers.hf_models import (
     DENSE_TYPES,
     MOE_TYPES,
     build_hf_model,
@@ -67,8 +67,8 @@ def test_imported_moe_reproduces_transformers_logits(imported, model_type):
 
 _EP2_LOGITS = """
 import sys, torch
-from mone_train.distributed import init_distributed, shutdown_distributed
-from mone_train.checkpoint import config_from_marker, load_model_weights, read_marker
+from mone_train.parallel.process_groups import init_distributed, shutdown_distributed
+from mone_train.components.checkpoint import config_from_marker, load_model_weights, read_marker
 from mone_train.model.builder import build_gpt_model
 from mone_train.model.lm import causal_mask
 from pathlib import Path

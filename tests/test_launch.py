@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mone_train.distributed import LaunchError, launch_environment
-from tests.distributed import free_port
+from mone_train.parallel.process_groups import LaunchError, launch_environment
+from tests.helpers.distributed import free_port
 
 # Training runs, subprocesses or process groups: the full tier only (make test).
 pytestmark = pytest.mark.slow

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from mone_train.compose import compose_config
 from mone_train.errors import EXIT_CONFIG_ERROR
-from mone_train.layout_search import (
+from mone_train.hardware import GIB
+from mone_train.planning.layout_search import (
     HARDWARE,
     Layout,
     Overlap,
@@ -18,8 +20,7 @@ from mone_train.layout_search import (
     search,
     step_time,
 )
-from mone_train.plan import GIB, make_plan
-from mone_train.preflight import compose_config
+from mone_train.planning.plan import make_plan
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 50304
@@ -28,7 +29,7 @@ ONE_B = ["model=1b", "trainer=gpu"]
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "mone_train.plan_cli", *args],
+        [sys.executable, "-m", "mone_train.planning.cli", *args],
         capture_output=True, text=True, cwd=REPO, timeout=120,
     )  # fmt: skip
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mone_train.preflight import compose_config
+from mone_train.compose import compose_config
 
 
 def _build(overrides, vocab=258):

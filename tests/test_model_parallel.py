@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from mone_train.checkpoint import CHECKPOINTS
-from tests.distributed import free_port, metrics, train
+from mone_train.components.checkpoint import CHECKPOINTS
+from tests.helpers.distributed import free_port, metrics, train
 
 # Training runs, subprocesses or process groups: the full tier only (make test).
 pytestmark = pytest.mark.slow
@@ -184,10 +184,10 @@ def _count_collectives(rank: int, world_size: int, port: int, out: str) -> None:
     from megatron.core.tensor_parallel import layers, mappings
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
-    from mone_train.distributed import init_distributed
+    from mone_train.compose import compose_config
     from mone_train.model.builder import build_model
     from mone_train.model.lm import causal_mask
-    from mone_train.preflight import compose_config
+    from mone_train.parallel.process_groups import init_distributed
 
     cfg = compose_config(["model=tiny", "moe=mone", "trainer.tensor_parallel_size=2",
                           "trainer.expert_parallel_size=2"])  # fmt: skip

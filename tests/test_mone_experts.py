@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.references import mone_activation_explicit, ng_lbl_literal
+from tests.helpers.references import mone_activation_explicit, ng_lbl_literal
 
 HIDDEN, NEURONS, EXPERTS = 32, 24, 4
 

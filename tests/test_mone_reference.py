@@ -13,7 +13,7 @@ from mone_kernels import (
     neuron_topk_swiglu_reference,
     num_kept_neurons,
 )
-from tests.references import mone_activation_explicit, ng_lbl_literal, topk_mask_by_sort
+from tests.helpers.references import mone_activation_explicit, ng_lbl_literal, topk_mask_by_sort
 
 
 @pytest.mark.parametrize("rows,neurons", [(1, 8), (7, 96), (64, 257)])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mone_kernels.cpu_kernel import cpu_kernel_error, rms_norm_cpu
-from mone_train.preflight import compose_config
+from mone_train.compose import compose_config
 
 pytestmark = pytest.mark.skipif(
     cpu_kernel_error() is not None, reason=f"CPU kernel not buildable: {cpu_kernel_error()}"
@@ -83,7 +83,7 @@ def test_gpt_model_with_fused_norm_matches_megatrons_norm(megatron_single):
     is improbable), so results differ by rounding only: 1e-5 is about 20 fp32 ulps of a
     per-token loss near 5.5, and gradients are below 1."""
     from mone_train.model.norm import RMSNorm
-    from tests.gpt_parity import loss_and_grads, tiny_gpt
+    from tests.helpers.gpt_parity import loss_and_grads, tiny_gpt
 
     reference, model = tiny_gpt("moe=moe", "model.norm=torch"), tiny_gpt("moe=moe")
     assert list(model.state_dict()) == list(reference.state_dict())

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from mone_train.compose import compose_config
 from mone_train.errors import EXIT_CONFIG_ERROR
-from mone_train.plan import (
+from mone_train.planning.plan import (
     activation_bytes,
     all_to_all_bytes,
     format_plan,
@@ -22,7 +23,6 @@ from mone_train.plan import (
     stage_layers,
     suggestions,
 )
-from mone_train.preflight import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARK = REPO / "benchmarks" / "memory_plan_check.py"
@@ -55,9 +55,13 @@ LAYOUTS = {
 def test_parameter_gradient_and_optimizer_bytes_equal_the_built_model(
     megatron_single, layout, precision
 ):
+    from mone_train.components.optimizer import (
+        attach_main_grads,
+        build_optimizer,
+        detach_main_grads,
+    )
     from mone_train.model.builder import build_model
     from mone_train.model.params import count_parameters
-    from mone_train.optim import attach_main_grads, build_optimizer, detach_main_grads
 
     cfg = compose_config([*LAYOUTS[layout], f"trainer.precision={precision}"])
     model, params = build_model(cfg, VOCAB)
@@ -99,13 +103,13 @@ PARALLEL_LAYOUTS = {
 @pytest.mark.slow  # a subprocess builds every rank's model (megatron import: seconds)
 @pytest.mark.parametrize("layout", list(PARALLEL_LAYOUTS))
 def test_per_device_parameters_equal_every_ranks_built_model(layout):
-    """Each rank of the layout built on the meta device (tests/layout_probe.py, torch's fake
+    """Each rank of the layout built on the meta device (tests/helpers/layout_probe.py, torch's fake
     process group for the others): the planner's per-device count of its stage, exactly.
     Gradient buffers and optimizer state are fixed bytes per parameter (4 and 8 or 12, checked
     against built buffers above), so they are exact too."""
     world_size, overrides = PARALLEL_LAYOUTS[layout]
     result = subprocess.run(
-        [sys.executable, "tests/layout_probe.py", str(world_size), *overrides],
+        [sys.executable, "tests/helpers/layout_probe.py", str(world_size), *overrides],
         capture_output=True, text=True, cwd=REPO, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
@@ -124,7 +128,7 @@ def test_per_device_parameters_equal_every_ranks_built_model(layout):
 
 
 def test_flops_use_the_trainers_activated_counts(megatron_single):
-    from mone_train.health import model_flops_per_token
+    from mone_train.components.health import model_flops_per_token
     from mone_train.model.builder import build_model
     from mone_train.model.params import count_parameters
 
@@ -308,7 +312,7 @@ def test_a_plan_that_does_not_fit_names_settings_that_do(gib, knobs):
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "mone_train.plan_cli", *args], capture_output=True, text=True
+        [sys.executable, "-m", "mone_train.planning.cli", *args], capture_output=True, text=True
     )
 
 

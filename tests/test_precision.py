@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mone_train.checkpoint import CHECKPOINTS
-from mone_train.preflight import compose_config
-from tests.distributed import TINY_RUN, losses, metrics, train
+from mone_train.components.checkpoint import CHECKPOINTS
+from mone_train.compose import compose_config
+from tests.helpers.distributed import TINY_RUN, losses, metrics, train
 
 BASE = TINY_RUN
 
@@ -22,12 +22,12 @@ def test_optimizer_updates_fp32_masters_and_rounds_them_into_bf16_weights(
 ):
     """Three steps of TrainStep against torch AdamW run by hand on fp32 copies of the masters
     with the gradients DDP reduced (fp32): masters equal, weights are the masters in bf16."""
+    from mone_train.components.optimizer import build_optimizer
+    from mone_train.components.train_step import TrainStep
     from mone_train.data.dataset import build_gpt_datasets, micro_batches
     from mone_train.data.tokenizer import tokenizer_from_config
     from mone_train.model.builder import build_model
     from mone_train.model.lm import causal_mask
-    from mone_train.optim import build_optimizer
-    from mone_train.train_step import TrainStep
 
     cfg = compose_config([*BASE, f"moe={flavour}", "trainer.precision=bf16"])
     model, params = build_model(cfg, vocab_size=258)

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mone_train.compose import compose_config
 from mone_train.config import validate
 from mone_train.data import preprocess as pp
 from mone_train.data.tokenizer import TokenizerError, build_tokenizer
 from mone_train.data.tokenizer_cli import main as tokenizer_main
 from mone_train.data.tokenizer_cli import train_bpe
 from mone_train.errors import ConfigError
-from mone_train.preflight import compose_config
 
 DOCS = [
     "def add(a, b):\n    return a + b\n",

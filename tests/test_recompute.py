@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mone_train.compose import compose_config
 from mone_train.errors import ConfigError
-from mone_train.preflight import compose_config
 
 SEQ, BATCH, VOCAB = 64, 4, 258
 RECOMPUTE = ("none", "moe", "full")
@@ -46,7 +46,7 @@ def _train_forward_backward(overrides: list[str], recompute: str) -> dict:
     )
     from torch.profiler import ProfilerActivity, profile
 
-    from mone_train.health import HealthMonitor
+    from mone_train.components.health import HealthMonitor
     from mone_train.model.builder import build_model
     from mone_train.model.lm import causal_mask
 
@@ -83,7 +83,7 @@ def _train_forward_backward(overrides: list[str], recompute: str) -> dict:
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def runs(request):
-    from mone_train.distributed import init_distributed, shutdown_distributed
+    from mone_train.parallel.process_groups import init_distributed, shutdown_distributed
 
     init_distributed(1)
     try:

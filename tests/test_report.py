@@ -6,8 +6,8 @@ import json
 import statistics
 from pathlib import Path
 
-from mone_train.preflight import compose_config
-from mone_train.report import build_report, main
+from mone_train.compose import compose_config
+from mone_train.report.cli import build_report, main
 
 
 def _fake_run(folder: Path, overrides: list[str], seed: int, losses: list[float]) -> None:

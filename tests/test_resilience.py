@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed import TINY_RUN, free_port, losses, metrics
+from tests.helpers.distributed import TINY_RUN, free_port, losses, metrics
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHRUN = REPO / "launch" / "torchrun.sh"
@@ -42,7 +42,7 @@ def _torchrun(nproc: int, run_dir: Path, *overrides: str, timeout: float = 300, 
 def test_watchdog_reports_progress_and_fires_on_none(tmp_path):
     """In a thread of this process: progress keeps it quiet; a stopped loop is detected and
     reported (the exit is replaced so that the test survives it)."""
-    from mone_train import watchdog as wd
+    from mone_train.components import watchdog as wd
 
     fired = []
     dog = wd.HangWatchdog(tmp_path, rank=3, timeout_s=0.5)
@@ -63,7 +63,7 @@ def test_watchdog_reports_progress_and_fires_on_none(tmp_path):
 
 
 def test_automatic_timeout_follows_the_step_time(tmp_path):
-    from mone_train import watchdog as wd
+    from mone_train.components import watchdog as wd
 
     dog = wd.HangWatchdog(tmp_path, rank=0, timeout_s=None)
     try:
@@ -85,7 +85,7 @@ def test_a_frozen_rank_ends_the_job_within_the_timeout_with_stacks(tmp_path):
     """Rank 1 sleeps in the forward of step 3: both ranks exit within the 5 s time-out plus
     start-up and a margin (not the 30-minute collective time-out), the launcher exits with the
     watchdog's code, and each rank's stack file names where it was."""
-    from mone_train.watchdog import EXIT_HANG
+    from mone_train.errors import EXIT_HANG
 
     run_dir = tmp_path / "run"
     code, stderr, seconds = _torchrun(
@@ -134,7 +134,7 @@ def test_the_straggler_report_names_the_slow_rank(tmp_path):
 
 
 def test_one_process_has_no_straggler_report(tmp_path, megatron_single):
-    from mone_train.stragglers import StragglerReport
+    from mone_train.components.stragglers import StragglerReport
 
     report = StragglerReport(1, megatron_single.device, True)
     assert report.collect(1.0, 0.0, 5) == {}
@@ -226,7 +226,7 @@ def test_waiting_for_a_living_builder_gives_up_after_the_timeout(tmp_path, monke
 def test_a_signal_during_start_up_ends_the_process_promptly(tmp_path):
     """SIGTERM while the run is still starting (here held in start-up by an injected sleep)
     ends it at once with the preemption code, instead of setting a flag nothing reads."""
-    from mone_train.checkpoint import EXIT_PREEMPTED
+    from mone_train.errors import EXIT_PREEMPTED
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "mone_train.train", *TINY_RUN, f"trainer.run_dir={tmp_path}"],

@@ -69,7 +69,7 @@ def test_gpt_model_with_fused_rope_is_bit_identical(megatron_single):
     from megatron.core.models.common.embeddings import rope_utils
 
     from mone_train.model.rope import fused_apply_rotary_pos_emb
-    from tests.gpt_parity import loss_and_grads, tiny_gpt
+    from tests.helpers.gpt_parity import loss_and_grads, tiny_gpt
 
     model = tiny_gpt("moe=moe", "model.rope_fusion=true")
     reference = tiny_gpt("moe=moe", "model.rope_fusion=false")

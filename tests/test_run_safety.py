@@ -17,10 +17,10 @@ import psutil
 import pytest
 import torch
 
-from mone_train.checkpoint import CHECKPOINTS, EXIT_PREEMPTED, MARKER
-from mone_train.errors import EXIT_DIVERGED, ConfigError
-from mone_train.preflight import compose_config
-from tests.distributed import free_port
+from mone_train.components.checkpoint import CHECKPOINTS, MARKER
+from mone_train.compose import compose_config
+from mone_train.errors import EXIT_DIVERGED, EXIT_PREEMPTED, ConfigError
+from tests.helpers.distributed import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = [
@@ -54,10 +54,10 @@ def _complete(run_dir: Path) -> list[Path]:
 def test_a_non_finite_step_leaves_weights_and_optimizer_state_untouched(megatron_single):
     import itertools
 
+    from mone_train.components.optimizer import build_optimizer
+    from mone_train.components.train_step import TrainStep
     from mone_train.model.builder import build_model
     from mone_train.model.lm import causal_mask
-    from mone_train.optim import build_optimizer
-    from mone_train.train_step import TrainStep
 
     cfg = compose_config(["model=tiny"])
     model, params = build_model(cfg, 258)
@@ -81,7 +81,7 @@ def test_a_non_finite_step_leaves_weights_and_optimizer_state_untouched(megatron
 def test_a_poisoned_step_is_skipped_counted_and_training_goes_on(tmp_path, monkeypatch):
     from mone_train import trainer
     from mone_train.trainer import run
-    from tests.faults import poisoned_builder
+    from tests.helpers.faults import poisoned_builder
 
     monkeypatch.setattr(trainer, "build_model", poisoned_builder(trainer.build_model, {3}))
     summary = run(compose_config([*BASE, "trainer.steps=6", f"trainer.run_dir={tmp_path}"]))
@@ -113,7 +113,7 @@ def _distcp_tensors(checkpoint: Path) -> dict:
 
 @pytest.mark.slow
 def test_a_non_finite_streak_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-    cmd = [sys.executable, "-m", "tests.faults", "4,5,6,7,8", *BASE, "trainer.steps=12",
+    cmd = [sys.executable, "-m", "tests.helpers.faults", "4,5,6,7,8", *BASE, "trainer.steps=12",
            "trainer.save_interval=2", "trainer.keep_last=1", f"trainer.run_dir={tmp_path}"]  # fmt: skip
     done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == EXIT_DIVERGED, done.stderr[-3000:]

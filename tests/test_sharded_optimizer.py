@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from mone_train.checkpoint import CHECKPOINTS
-from tests.distributed import TINY_RUN, losses, metrics, train
+from mone_train.components.checkpoint import CHECKPOINTS
+from tests.helpers.distributed import TINY_RUN, losses, metrics, train
 
 # Training runs, subprocesses or process groups: the full tier only (make test).
 pytestmark = pytest.mark.slow
@@ -39,8 +39,8 @@ def test_sharded_state_trains_like_unsharded_with_half_the_bytes(tmp_path, ep, p
         assert sum(sharded_bytes) == full_bytes[0]
         assert max(sharded_bytes) <= 0.55 * full_bytes[0], (sharded_bytes, full_bytes)
     else:  # dense state split; each rank's own experts' state stays (expert DP is 1)
-        from mone_train.plan import parameter_numbers, shape_of
-        from mone_train.preflight import compose_config
+        from mone_train.compose import compose_config
+        from mone_train.planning.plan import parameter_numbers, shape_of
 
         cfg = compose_config([*TINY_RUN, *BATCH, *common])
         dense = parameter_numbers(shape_of(cfg, 258, ep_size=2)).dense

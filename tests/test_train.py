@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import yaml
 
+from mone_train.components.optimizer import lr_at
+from mone_train.compose import compose_config
 from mone_train.config import OptimConfig
 from mone_train.errors import ConfigError
-from mone_train.optim import lr_at
-from mone_train.preflight import compose_config
 
 
 def _smoke(run_dir, *extra):
@@ -98,7 +98,7 @@ def test_fused_adamw_matches_torch_default_and_refuses_strided_weights():
     (on which the fused CPU kernel computes wrong updates) is refused, not silently stepped."""
     import torch
 
-    from mone_train.optim import build_optimizer
+    from mone_train.components.optimizer import build_optimizer
 
     torch.manual_seed(0)
     start = [torch.randn(64, 32), torch.randn(32)]
@@ -127,10 +127,10 @@ def test_each_step_sees_only_its_own_gradient(megatron_single):
 
     import torch
 
+    from mone_train.components.optimizer import build_optimizer
+    from mone_train.components.train_step import TrainStep
     from mone_train.model.builder import build_model
     from mone_train.model.lm import causal_mask
-    from mone_train.optim import build_optimizer
-    from mone_train.train_step import TrainStep
 
     cfg = compose_config(
         ["model=tiny", "optim.lr=0", "optim.warmup_steps=0", "optim.weight_decay=0"]

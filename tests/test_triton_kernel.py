@@ -18,7 +18,7 @@ from mone_kernels.triton_topk_swiglu import (
     triton_runnable,
     unpack_mask,
 )
-from tests.references import ng_lbl_literal
+from tests.helpers.references import ng_lbl_literal
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(
@@ -223,7 +223,7 @@ def test_custom_ops_pass_torch_library_checks():
 @pytest.mark.slow  # about 40 s on 2 CPU cores: two 5-step training runs
 def test_five_training_steps_match_the_reference_path(tmp_path):
     pytest.importorskip("megatron.core")
-    from tests.gpt_parity import kernel_run_losses
+    from tests.helpers.gpt_parity import kernel_run_losses
 
     reference = kernel_run_losses(tmp_path / "reference", "reference")
     triton = kernel_run_losses(tmp_path / "triton", "triton")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from mone_train.errors import ConfigError
 
-class AnalysisError(ValueError):
+
+class AnalysisError(ConfigError):
     """A model path, data file, option value or output folder that cannot be used.
 
     The message is one line naming the option or file and what would be valid.

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from mone_train.analysis.errors import AnalysisError
 from mone_train.analysis.neurons import NeuronControl, kept_counts
-from mone_train.checkpoint import (
+from mone_train.components.checkpoint import (
     CheckpointError,
     config_from_marker,
     load_model_weights,
@@ -40,11 +40,11 @@ from mone_train.checkpoint import (
 )
 from mone_train.config import one_process_layout
 from mone_train.data.tokenizer import tokenizer_from_config
-from mone_train.distributed import init_distributed, shutdown_distributed
 from mone_train.errors import ConfigError
 from mone_train.model.builder import build_gpt_model
 from mone_train.model.lm import causal_mask
 from mone_train.model.mone_experts import experts_forward
+from mone_train.parallel.process_groups import init_distributed, shutdown_distributed
 from mone_train.runtime import configure_torch
 
 

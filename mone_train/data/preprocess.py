@@ -38,13 +38,14 @@ import numpy as np
 
 from mone_train import silence_megatron_notices
 from mone_train.data.tokenizer import KINDS, TokenizerError, build_tokenizer
+from mone_train.errors import ConfigError
 
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
 META_SUFFIX = ".meta.json"
 BATCH_DOCUMENTS = 256
 
 
-class PreprocessError(ValueError):
+class PreprocessError(ConfigError):
     """Bad input; the message names the file (and line) and what was expected."""
 
 

@@ -11,7 +11,7 @@ from mone_train.config import Config
 from mone_train.data.corpus import prepare_stdlib_corpus
 from mone_train.data.dataset import build_blended_datasets, build_gpt_datasets
 from mone_train.data.tokenizer import tokenizer_from_config
-from mone_train.distributed import DistInfo
+from mone_train.parallel.process_groups import DistInfo
 
 
 @dataclass

@@ -15,16 +15,16 @@ from pathlib import Path
 
 import torch
 
-from mone_train.checkpoint import (
+from mone_train.components.checkpoint import (
     config_from_marker,
     load_model_weights,
     read_marker,
     resolve_checkpoint,
 )
 from mone_train.config import Config, one_process_layout
-from mone_train.distributed import init_distributed, shutdown_distributed
 from mone_train.export.errors import ExportError
 from mone_train.model.builder import build_gpt_model, recipe_settings
+from mone_train.parallel.process_groups import init_distributed, shutdown_distributed
 from mone_train.runtime import configure_torch
 
 

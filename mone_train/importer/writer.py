@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from mone_train.checkpoint import MARKER, model_signature, use_forked_results_queue
+from mone_train.components.checkpoint import MARKER, model_signature, use_forked_results_queue
 from mone_train.config import Config, ModelConfig
 from mone_train.importer.hf_source import TOKENIZER_FILES, HFSource, ImportError_
 
@@ -99,8 +99,8 @@ def write_import(
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    from mone_train.distributed import init_distributed, shutdown_distributed
     from mone_train.model.builder import build_gpt_model
+    from mone_train.parallel.process_groups import init_distributed, shutdown_distributed
 
     tokenizer = tokenizer_settings(source, settings["vocab_size"], out)
     cfg = imported_config(settings, tokenizer, out)

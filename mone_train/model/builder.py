@@ -291,7 +291,7 @@ def build_gpt_model(cfg: Config, vocab_size: int) -> GPTModel:
 
 def to_bf16_with_masters(model: GPTModel) -> None:
     """Megatron's bf16 mode: weights (and so compute and activations) in bf16, each weight's
-    fp32 value kept as ``param.main_param`` for the optimizer (mone_train/optim.py).
+    fp32 value kept as ``param.main_param`` for the optimizer (mone_train/components/optimizer.py).
 
     What stays fp32 inside: the router (``moe_router_dtype``), the MoNE selection statistic and
     NG-LBL (computed in fp32 by the experts), the loss (logits upcast), and, through DDP's

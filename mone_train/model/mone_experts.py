@@ -75,7 +75,7 @@ class MoNEExperts(SequentialMLP):
         # Set by the model builder from the enclosing MoE layer; used for per-layer logging.
         self.layer_number: int | None = None
         self.num_layers = config.num_layers
-        # Set by mone_train.health.HealthMonitor: called with the local experts' neuron masks.
+        # Set by mone_train.components.health.HealthMonitor: called with the local experts' neuron masks.
         self.monitor = None
         self.neuron_bias_update_rate = neuron_bias_update_rate
         if neuron_bias_update_rate is not None and self.num_kept < self.num_neurons:

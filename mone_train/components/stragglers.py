@@ -25,7 +25,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from mone_train import comm_stats
+from mone_train.parallel import comm_stats
 
 RATIO_WARN = 1.25
 WARN_INTERVALS = 3

@@ -36,14 +36,13 @@ from dataclasses import dataclass, replace
 from mone_kernels.rules import num_kept_neurons
 from mone_train.config import Config, model_vocab_size
 from mone_train.errors import ConfigError
+from mone_train.hardware import DEFAULT_GPU, GIB, GPUS
 
-GIB = 2**30
 FP32 = 4
 # Bytes per parameter: (weights, gradient buffer, optimizer state). bf16 weights keep fp32
 # masters (4) beside AdamW's two fp32 moments (8); gradients are reduced in fp32 either way.
 PRECISION_BYTES = {"fp32": (4, 4, 8), "bf16": (2, 4, 12)}
 RECOMPUTE_SETTINGS = ("none", "moe", "full")
-DEFAULT_GPU = "H100"
 
 
 @dataclass(frozen=True)
@@ -447,7 +446,7 @@ class FlopsPerToken:
 
 def flops_per_token(shape: Shape) -> FlopsPerToken:
     """FLOPs per token by ``health.model_flops_per_token`` (the trainer's MFU formula)."""
-    from mone_train.health import model_flops_per_token
+    from mone_train.components.health import model_flops_per_token
 
     numbers = parameter_numbers(shape)
     h, F, K = shape.hidden, shape.neurons, shape.kept
@@ -465,11 +464,9 @@ def flops_per_token(shape: Shape) -> FlopsPerToken:
 
 
 def peak_tflops_of(gpu: str, precision: str) -> float:
-    """Dense peak TFLOP/s of ``gpu`` (a ``health.PEAK_TFLOPS`` name) for ``precision`` (fp32
-    matmuls at the TF32 peak, as GPU training runs them)."""
-    from mone_train.health import PEAK_TFLOPS
-
-    return PEAK_TFLOPS[gpu]["bf16" if precision == "bf16" else "tf32"]
+    """Dense peak TFLOP/s of ``gpu`` (a :data:`mone_train.hardware.GPUS` name) for ``precision``
+    (fp32 matmuls at the TF32 peak, as GPU training runs them)."""
+    return GPUS[gpu].peak("bf16" if precision == "bf16" else "tf32")
 
 
 # ------------------------------------------------------------------------------ the plan

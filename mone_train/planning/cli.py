@@ -1,5 +1,5 @@
-"""``mone-plan``'s command line: the plan of a run (``mone_train/plan.py``) or, with
-``--search``, the layouts that fit ranked by the cost model (``mone_train/layout_search.py``).
+"""``mone-plan``'s command line: the plan of a run (``mone_train/planning/plan.py``) or, with
+``--search``, the layouts that fit ranked by the cost model (``mone_train/planning/layout_search.py``).
 Bad input ends in one line and exit code 2."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from pathlib import Path
 
 from mone_train.config import Config
 from mone_train.errors import EXIT_CONFIG_ERROR, ConfigError
-from mone_train.plan import DEFAULT_GPU, format_plan, make_plan
+from mone_train.hardware import DEFAULT_GPU, GPUS
+from mone_train.planning.plan import format_plan, make_plan
 
 
 def vocab_size_of(cfg: Config) -> int:
@@ -24,8 +25,7 @@ def vocab_size_of(cfg: Config) -> int:
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """(options, Hydra overrides) from the command line."""
-    from mone_train.health import PEAK_TFLOPS
-    from mone_train.layout_search import HARDWARE
+    from mone_train.planning.layout_search import HARDWARE
 
     parser = argparse.ArgumentParser(
         prog="mone-plan",
@@ -33,12 +33,17 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "it starts. Takes mone-train's Hydra overrides, e.g. "
         "`mone-plan model=1b trainer.expert_parallel_size=8 --world-size 8`.",
     )
-    parser.add_argument("--world-size", type=int, default=1, help="devices in the job")
-    parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory per device")
-    parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation")
     parser.add_argument(
-        "--gpu", default=DEFAULT_GPU, help=f"one of {', '.join(sorted(PEAK_TFLOPS))}"
+        "--world-size",
+        type=int,
+        help="devices in the job (default 1; with --search, "
+        "nodes x GPUs per node, 8 per node unless --gpus-per-node says otherwise)",
     )
+    parser.add_argument(
+        "--gpu-memory-gib", type=float, help="memory per device (default: the --gpu's)"
+    )
+    parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation")
+    parser.add_argument("--gpu", default=DEFAULT_GPU, help=f"one of {', '.join(sorted(GPUS))}")
     search = parser.add_argument_group(
         "layout search", "--search ranks every layout that fits by a cost model's step time"
     )
@@ -64,14 +69,15 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         if not folder.is_dir():
             raise ConfigError(f"--config-dir {folder}: no such folder")
         overrides.append(f"hydra.searchpath=[file://{folder}]")
-    gpus = sorted(set(PEAK_TFLOPS) | (set(HARDWARE) if args.search else set()))
-    if args.gpu not in (HARDWARE if args.search else PEAK_TFLOPS):
+    gpus = sorted(set(GPUS) | (set(HARDWARE) if args.search else set()))
+    if args.gpu not in (HARDWARE if args.search else GPUS):
         raise ConfigError(f"--gpu={args.gpu} is invalid: expected one of {', '.join(gpus)}")
     for name in ("nodes", "gpus_per_node", "json"):
         if getattr(args, name) not in (None, False) and not args.search:
             raise ConfigError(f"--{name.replace('_', '-')} needs --search")
-    args.nodes = args.nodes or 1
-    args.gpus_per_node = args.gpus_per_node or 8
+    _fill_search_world(args)
+    args.world_size = 1 if args.world_size is None else args.world_size
+    args.gpu_memory_gib = args.gpu_memory_gib or GPUS[args.gpu].memory_gib
     for name, value, ok in (
         ("--world-size", args.world_size, args.world_size >= 1),
         ("--gpu-memory-gib", args.gpu_memory_gib, args.gpu_memory_gib > 0),
@@ -92,9 +98,29 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, overrides
 
 
+def _fill_search_world(args: argparse.Namespace) -> None:
+    """Nodes and GPUs per node for --search, from themselves or from --world-size."""
+    world, per_node = args.world_size, args.gpus_per_node
+    if args.search and world is not None and args.nodes is None and world >= 1:
+        per_node = per_node or min(world, 8)
+        if world % per_node:
+            raise ConfigError(
+                f"--world-size={world} is not a whole number of nodes of {per_node} GPUs; "
+                "give --nodes and --gpus-per-node"
+            )
+        args.nodes = world // per_node
+    args.nodes = args.nodes or 1
+    args.gpus_per_node = per_node or 8
+    if args.search and world is not None and world != args.nodes * args.gpus_per_node:
+        raise ConfigError(
+            f"--world-size={world} differs from --nodes x --gpus-per-node = "
+            f"{args.nodes} x {args.gpus_per_node}; give one or the other"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: print the plan, or one line and exit code 2 on a bad input."""
-    from mone_train.preflight import compose_config, describe_error
+    from mone_train.compose import compose_config, describe_error
 
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -118,7 +144,7 @@ def run_search(cfg: Config, vocab: int, args: argparse.Namespace, overrides: lis
     """``--search``: the fitting layouts, fastest first, as text or JSON."""
     import json
 
-    from mone_train.layout_search import (
+    from mone_train.planning.layout_search import (
         HARDWARE,
         Overlap,
         as_json,

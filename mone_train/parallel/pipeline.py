@@ -24,7 +24,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from mone_train.distributed import DistInfo
+from mone_train.parallel.process_groups import DistInfo
 
 
 class Pipeline:

@@ -19,9 +19,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from mone_train import cpu_compat
 from mone_train.config import layout_problem
 from mone_train.errors import ConfigError, first_line
+from mone_train.parallel import cpu_compat
 
 RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -102,7 +102,7 @@ def init_distributed(
 
     A rank that cannot reach the master within ``timeout_s`` raises LaunchError instead of
     waiting for ever; a collective that takes longer than ``collective_timeout_s`` fails (the
-    hang watchdog usually ends a stuck job sooner, with stack dumps: mone_train/watchdog.py).
+    hang watchdog usually ends a stuck job sooner, with stack dumps: mone_train/components/watchdog.py).
     """
     cpu_compat.apply()
     use_cuda = torch.cuda.is_available()

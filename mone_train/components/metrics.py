@@ -3,7 +3,7 @@
 Per log interval: mean loss, learning rate, gradient norm, tokens/s (time spent evaluating or
 saving excluded), megatron's auxiliary losses and our NG-LBL (read from megatron's tracker),
 expert-parallel all-to-all bytes, activated parameters both ways, the MoE/MoNE health metrics
-and, on GPU, MFU and peak memory. Records go through :class:`~mone_train.tracking.MetricsLogger`.
+and, on GPU, MFU and peak memory. Records go through :class:`~mone_train.components.tracking.MetricsLogger`.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from megatron.core.transformer.moe.moe_utils import (
     get_moe_layer_wise_logging_tracker,
 )
 
-from mone_train import comm_stats
+from mone_train.components.health import HealthMonitor, model_flops_per_token, peak_tflops
+from mone_train.components.stragglers import StragglerReport
+from mone_train.components.tracking import MetricsLogger
 from mone_train.config import Config
-from mone_train.distributed import DistInfo
-from mone_train.health import HealthMonitor, model_flops_per_token, peak_tflops
 from mone_train.model.builder import num_moe_layers
 from mone_train.model.params import ParamCounts
-from mone_train.stragglers import StragglerReport
-from mone_train.tracking import MetricsLogger
+from mone_train.parallel import comm_stats
+from mone_train.parallel.process_groups import DistInfo
 
 
 @dataclass

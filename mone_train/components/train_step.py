@@ -21,11 +21,7 @@ from megatron.core import parallel_state
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-from mone_train.distributed import DistInfo
-from mone_train.errors import TrainingDiverged
-from mone_train.model.lm import lm_loss
-from mone_train.model.neuron_balance import update_neuron_biases
-from mone_train.optim import (
+from mone_train.components.optimizer import (
     OptimizerSharding,
     attach_main_grads,
     clip_grads_,
@@ -33,7 +29,11 @@ from mone_train.optim import (
     detach_main_grads,
     global_grad_norm,
 )
-from mone_train.pipeline import Pipeline
+from mone_train.errors import TrainingDiverged
+from mone_train.model.lm import lm_loss
+from mone_train.model.neuron_balance import update_neuron_biases
+from mone_train.parallel.pipeline import Pipeline
+from mone_train.parallel.process_groups import DistInfo
 
 
 class StepResult(NamedTuple):
@@ -89,12 +89,12 @@ class TrainStep:
         self.owned = params if sharding is None else sharding.owned
         self.dp_group = parallel_state.get_data_parallel_group()
         self.expert_dp_group = parallel_state.get_expert_data_parallel_group()
-        # what the gradient norm adds up over (mone_train/optim.py: global_grad_norm)
+        # what the gradient norm adds up over (mone_train/components/optimizer.py: global_grad_norm)
         self.model_parallel_group = parallel_state.get_model_parallel_group()
         self.expert_model_parallel_group = (
             parallel_state.get_expert_tensor_model_pipeline_parallel_group()
         )
-        # More than one pipeline stage: megatron's 1F1B schedule (mone_train/pipeline.py).
+        # More than one pipeline stage: megatron's 1F1B schedule (mone_train/parallel/pipeline.py).
         self.pipeline = pipeline
         # megatron scales its auxiliary losses' gradients by this (the mean over micro batches;
         # its pipeline schedule sets the same again at every forward, as a [1] tensor). A

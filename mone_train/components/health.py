@@ -41,20 +41,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from mone_train import hardware
+
 GATE_ROWS = 16  # rows of fc1 output sampled per expert call for the |SiLU(gate)| histogram
 BINS_PER_DECADE = 20
 LOG10_MIN, LOG10_MAX = -8.0, 3.0  # |g| below 1e-8 counts in the first bin, above 1e3 the last
 QUANTILES = (0.1, 0.5, 0.9, 0.99)
 THRESHOLDS = (0.01, 0.1)
-
-# Dense bf16 / tf32 / fp32 peak TFLOP/s of common accelerators, for the MFU estimate.
-PEAK_TFLOPS = {
-    "B200": {"bf16": 2250.0, "tf32": 1100.0, "fp32": 80.0},
-    "H200": {"bf16": 989.0, "tf32": 494.5, "fp32": 66.9},
-    "H100": {"bf16": 989.0, "tf32": 494.5, "fp32": 66.9},
-    "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},
-    "L40S": {"bf16": 362.0, "tf32": 183.0, "fp32": 91.6},
-}
 
 
 class HealthMonitor:
@@ -364,10 +357,7 @@ def peak_tflops(device_name: str, precision: str) -> float | None:
     TF32 is allowed), or None."""
     if precision == "fp32" and torch.backends.cuda.matmul.allow_tf32:
         precision = "tf32"
-    for name, peaks in PEAK_TFLOPS.items():
-        if name in device_name:
-            return peaks.get(precision)
-    return None
+    return hardware.peak_tflops(device_name, precision)
 
 
 def model_flops_per_token(

@@ -37,7 +37,8 @@ import threading
 import time
 from pathlib import Path
 
-EXIT_HANG = 76  # beside 75 (preempted, saved) and 3 (diverged): restart or requeue
+from mone_train.errors import EXIT_HANG
+
 PHASES = ("startup", "data", "forward", "backward", "grad_sync", "optimizer", "eval", "save")
 SLOW_PHASES = ("eval", "save")
 MIN_TIMEOUT_S = 120.0  # automatic time-out floor: GC pauses, page cache, a neighbour's load

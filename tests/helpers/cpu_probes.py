@@ -3,7 +3,7 @@
 Used in-process (with every patch on: the path works) and in a subprocess with all patches but
 one (the path must fail with the error the patch exists for). Run as a script:
 
-    python tests/cpu_probes.py <patch-name-to-leave-out>
+    python tests/helpers/cpu_probes.py <patch-name-to-leave-out>
 
 prints ``FAILED <ExceptionType>: <message>`` or ``OK``.
 """
@@ -142,7 +142,7 @@ PROBES = {
 def _run_without(left_out: str) -> str:
     from megatron.core import parallel_state
 
-    from mone_train import cpu_compat
+    from mone_train.parallel import cpu_compat
 
     cpu_compat.apply(only=tuple(p for p in cpu_compat.PATCHES if p != left_out))
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)

@@ -1,6 +1,6 @@
 """The trainer's checkpointing component: resume, periodic saves, and saves on preemption.
 
-The format (atomic folders, completion marker, resharding) is :mod:`mone_train.checkpoint`;
+The format (atomic folders, completion marker, resharding) is :mod:`mone_train.components.checkpoint`;
 this component decides when to save, restores the loop's position on resume, and turns
 SIGTERM/SIGUSR1 (what SLURM sends before a job's time ends) into a save and exit code 75.
 """
@@ -16,16 +16,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mone_train.checkpoint import (
-    EXIT_PREEMPTED,
+from mone_train.components.checkpoint import (
     checkpoint_bytes_share,
     free_bytes,
     load_checkpoint,
     save_checkpoint,
 )
 from mone_train.config import TrainerConfig
-from mone_train.distributed import DistInfo
-from mone_train.errors import TrainingDiverged
+from mone_train.errors import EXIT_PREEMPTED, TrainingDiverged
+from mone_train.parallel.process_groups import DistInfo
 
 
 @dataclass

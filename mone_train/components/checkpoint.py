@@ -37,7 +37,6 @@ from mone_train.errors import ConfigError, first_line
 CHECKPOINTS = "checkpoints"
 MARKER = "COMPLETE.json"
 LATEST = "latest"
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved on SIGTERM/SIGUSR1, requeue and resume
 
 
 class CheckpointError(ConfigError):

@@ -7,9 +7,9 @@ import torch.distributed as dist
 
 from mone_train.config import TrainerConfig
 from mone_train.data.dataset import micro_batches
-from mone_train.distributed import DistInfo
 from mone_train.model.lm import lm_loss
-from mone_train.pipeline import Pipeline
+from mone_train.parallel.pipeline import Pipeline
+from mone_train.parallel.process_groups import DistInfo
 
 
 class Evaluator:

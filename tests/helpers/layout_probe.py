@@ -3,7 +3,7 @@ with torch's fake process group standing in for the other ranks (collectives do 
 megatron-core's parallel state forms the real layout). Prints, per rank, its place and the
 parameters it holds, as JSON lines:
 
-    python tests/layout_probe.py WORLD_SIZE [hydra overrides ...]
+    python tests/helpers/layout_probe.py WORLD_SIZE [hydra overrides ...]
 
 The planner's per-device counts are tested against these (tests/test_plan.py).
 """
@@ -23,10 +23,10 @@ def probe(world_size: int, overrides: list[str]) -> list[dict]:
     from megatron.core import parallel_state
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from mone_train import cpu_compat
+    from mone_train.compose import compose_config
     from mone_train.config import model_vocab_size
     from mone_train.model.builder import build_gpt_model
-    from mone_train.preflight import compose_config
+    from mone_train.parallel import cpu_compat
 
     cpu_compat.apply()
     cfg = compose_config(overrides)

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import yaml
 
+from mone_train.errors import ConfigError
+
 RUN_FILES = ("metrics.jsonl", "config.yaml", "params.json")
 NOT_RUNS = {".hydra", "wandb", "checkpoints"}  # folders inside a run that hold similar files
 
@@ -146,7 +148,7 @@ def find_run_dirs(inputs: list[Path]) -> list[Path]:
     return sorted(found)
 
 
-class ReportError(ValueError):
+class ReportError(ConfigError):
     """Bad input to mone-report; the message names the path."""
 
 

@@ -15,8 +15,8 @@ def tiny_gpt(*overrides: str):
     """``build_gpt_model`` of ``model=tiny`` + ``overrides``, seeded (needs megatron's groups)."""
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
+    from mone_train.compose import compose_config
     from mone_train.model.builder import build_gpt_model
-    from mone_train.preflight import compose_config
 
     cfg = compose_config(["model=tiny", *overrides])
     torch.manual_seed(0)
@@ -40,9 +40,9 @@ def loss_and_grads(model, seq: int = 32, batch: int = 2, seed: int = 5):
 def kernel_run_losses(run_dir, impl: str) -> list[float]:
     """Losses of a 5-step `tiny` training run (and its final validation) with
     ``moe.kernel_impl=impl``, in logged order."""
-    from mone_train.preflight import compose_config
+    from mone_train.compose import compose_config
     from mone_train.trainer import run
-    from tests.distributed import losses
+    from tests.helpers.distributed import losses
 
     run(
         compose_config(

@@ -5,7 +5,7 @@ sequence parallelism, within a node), pipeline parallel PP (1F1B), expert parall
 whole, ETP = 1), the data-parallel sizes they leave, the micro batch, activation recompute
 (none / moe / full) and ZeRO-1 on or off. The global batch and sequence length are the config's.
 A layout is kept when the planner's memory of its fullest stage (exact model states, estimated
-activations: ``mone_train/plan.py``) fits in the GPU's memory minus a headroom. Kept layouts are
+activations: ``mone_train/planning/plan.py``) fits in the GPU's memory minus a headroom. Kept layouts are
 ranked by the step time of the cost model below; docs/memory.md writes the model down with its
 constants and how it compares with published training runs.
 
@@ -49,9 +49,9 @@ from dataclasses import asdict, dataclass, replace
 
 from mone_train.config import Config, layout_problem
 from mone_train.errors import ConfigError
-from mone_train.plan import (
+from mone_train.hardware import GIB, GPUS, Hardware
+from mone_train.planning.plan import (
     FP32,
-    GIB,
     PRECISION_BYTES,
     RECOMPUTE_SETTINGS,
     Plan,
@@ -59,34 +59,7 @@ from mone_train.plan import (
     parameter_numbers,
 )
 
-
-@dataclass(frozen=True)
-class Hardware:
-    """One GPU type: its memory, dense bf16 peak and the bandwidths the cost model uses.
-
-    Bandwidths are per GPU and direction, as collectives achieve them (NCCL bus bandwidth),
-    not the links' nominal figures; ``gemm_efficiency`` is the share of the peak large bf16
-    GEMMs reach in practice."""
-
-    name: str
-    memory_gib: float
-    peak_tflops: float  # dense bf16 (fp32 runs use the TF32 peak: half)
-    gemm_efficiency: float
-    hbm_gbps: float  # GB/s
-    nvlink_gbps: float  # GB/s, inside a node
-    network_gbps: float  # GB/s, between nodes (one NIC per GPU)
-
-
-HARDWARE = {
-    # A100 SXM 80 GB: NVLink3 600 GB/s both ways; HDR InfiniBand 200 Gb/s per GPU
-    "A100": Hardware("A100", 80.0, 312.0, 0.70, 2039.0, 230.0, 23.0),
-    # H100 SXM 80 GB: NVLink4 900 GB/s both ways; NDR InfiniBand 400 Gb/s per GPU
-    "H100": Hardware("H100", 80.0, 989.0, 0.70, 3350.0, 360.0, 45.0),
-    # H200 SXM 141 GB: H100's compute and links, more and faster memory
-    "H200": Hardware("H200", 141e9 / GIB, 989.0, 0.70, 4800.0, 360.0, 45.0),
-    # B200 180 GB: NVLink5 1.8 TB/s both ways; 400 Gb/s per GPU
-    "B200": Hardware("B200", 180e9 / GIB, 2250.0, 0.65, 8000.0, 720.0, 45.0),
-}
+HARDWARE = {name: hw for name, hw in GPUS.items() if hw.searchable}  # with link figures
 EXPERT_ROWS_HALF_EFFICIENCY = 256  # rows reaching an expert at which its GEMMs run at half speed
 OPTIMIZER_BYTES_PER_PARAM = 36  # AdamW: fp32 master, two moments, gradient; read and written
 DEFAULT_HEADROOM = 0.10  # of the GPU's memory: allocator fragmentation, workspaces

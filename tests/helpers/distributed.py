@@ -24,7 +24,7 @@ def _worker(rank: int, world_size: int, port: int, overrides: list[str]) -> None
         MASTER_PORT=str(port),
         TORCHDYNAMO_DISABLE="1",
     )
-    from mone_train.preflight import compose_config
+    from mone_train.compose import compose_config
     from mone_train.trainer import run
 
     run(compose_config(overrides))
@@ -73,7 +73,7 @@ def train(run_dir: Path, world_size: int, *overrides: str) -> dict | None:
     if world_size > 1:
         run_processes(world_size, full)
         return None
-    from mone_train.preflight import compose_config
+    from mone_train.compose import compose_config
     from mone_train.trainer import run
 
     return run(compose_config(full))

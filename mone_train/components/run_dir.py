@@ -27,16 +27,16 @@ from pathlib import Path
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from mone_train.checkpoint import (
+from mone_train.components.checkpoint import (
     CHECKPOINTS,
     find_checkpoint,
     model_signature,
     read_marker,
     signature_mismatch,
 )
+from mone_train.components.tracking import METRICS_FILE
 from mone_train.config import Config
 from mone_train.errors import ConfigError
-from mone_train.tracking import METRICS_FILE
 
 FINISHED = "FINISHED.json"
 CONFIG_FILE = "config.yaml"

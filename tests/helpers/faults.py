@@ -4,7 +4,7 @@
 gradient is NaN in the backward passes of the given optimizer steps (1-based; one micro batch
 per step, so the n-th backward is step n). As a script, it runs ``mone-train`` with that patch:
 
-    python -m tests.faults 4,5,6 model=tiny trainer=smoke ...
+    python -m tests.helpers.faults 4,5,6 model=tiny trainer=smoke ...
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""``mone-generate``: text from a trained or exported model (``cli``)."""

@@ -1,0 +1,1 @@
+"""``mone-report``: finished runs compared in a table and plots (``cli``)."""

@@ -1,0 +1,1 @@
+"""Shared test helpers: process spawning, reference models, fault injection, probes."""
