@@ -24,9 +24,9 @@ from machine import machine_info  # noqa: E402
 from mone_train import silence_megatron_notices  # noqa: E402
 
 silence_megatron_notices()
+from mone_train.data.bpe import train_bpe  # noqa: E402
 from mone_train.data.corpus import stdlib_sources  # noqa: E402
 from mone_train.data.preprocess import preprocess  # noqa: E402
-from mone_train.data.tokenizer_cli import train_bpe  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

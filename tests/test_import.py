@@ -158,7 +158,7 @@ def _tokenizer(tmp_path: Path, vocab: int) -> Path:
     """A byte-level BPE tokenizer of ``vocab`` tokens trained on a few stdlib files."""
     import json as json_module
 
-    from mone_train.data.tokenizer_cli import main as tokenizer_main
+    from mone_train.data.cli import tokenizer_main
 
     text = tmp_path / f"text-{vocab}.txt"
     sources = sorted(Path(json_module.__file__).parent.glob("*.py"))[:4]

@@ -12,9 +12,9 @@ import pytest
 from mone_train.compose import compose_config
 from mone_train.config import validate
 from mone_train.data import preprocess as pp
+from mone_train.data.bpe import train_bpe
+from mone_train.data.cli import preprocess_main, tokenizer_main
 from mone_train.data.tokenizer import TokenizerError, build_tokenizer
-from mone_train.data.tokenizer_cli import main as tokenizer_main
-from mone_train.data.tokenizer_cli import train_bpe
 from mone_train.errors import ConfigError
 
 DOCS = [
@@ -169,7 +169,7 @@ def test_tiny_training_run_on_preprocessed_jsonl_with_trained_bpe(tmp_path):
         == 0
     )
     assert (
-        pp.main(
+        preprocess_main(
             [
                 "--input",
                 str(source),
@@ -212,7 +212,7 @@ def test_tiny_training_run_on_preprocessed_jsonl_with_trained_bpe(tmp_path):
 
 
 def _fails(capsys, argv) -> str:
-    assert pp.main([*argv, "--quiet"]) == 2
+    assert preprocess_main([*argv, "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mone-preprocess: ")
     return err[0]
@@ -244,7 +244,7 @@ def test_bad_json_line_stops_with_file_and_line_or_is_skipped(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
 
     assert (
-        pp.main(
+        preprocess_main(
             [
                 "--input",
                 str(source),

@@ -13,17 +13,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
 from mone_train.analysis.errors import AnalysisError
+from mone_train.command_line import CommandParser, quiet_libraries
 from mone_train.errors import report_failure
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line and exit code 2."""
-
-    def error(self, message: str):
-        raise AnalysisError(message)
 
 
 def _floats(option: str, text: str) -> list[float]:
@@ -59,7 +52,7 @@ def parse_fractions(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)
+    common = CommandParser(add_help=False)
     common.add_argument(
         "--model",
         required=True,
@@ -86,12 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--overwrite", action="store_true", help="replace existing result files")
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    parser = _Parser(
+    parser = CommandParser(
         prog="mone-analyze",
+        examples=(
+            "mone-analyze sparsify --model runs/my-moe --data data/web",
+            "mone-analyze sparsify --model ~/models/OLMoE-1B-7B-0924 --text held_out.txt --p 0,0.5,0.9",
+            "mone-analyze activations --model runs/my-mone --data data/web --out analysis/act",
+        ),
         description="Sparsification and neuron-activation studies of MoE models "
         "(docs/analysis.md). Nothing is downloaded: --model must be a local directory.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     sp = sub.add_parser(
         "sparsify", parents=[common], help="held-out loss with activated experts' neurons pruned"
     )
@@ -252,13 +250,7 @@ def _plan(args, names):
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit code."""
-    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (is|are) not installed")
-    warnings.filterwarnings("ignore", message=r"full scope is deprecated")
-    # torch.distributed.checkpoint announces deprecations on every megatron-core load.
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    # Never reach the network: any model or tokenizer must already be on disk.
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    quiet_libraries()  # and never reach the network: models and tokenizers are on disk
     try:
         args = build_parser().parse_args(argv)
         if args.device == "cpu":
@@ -266,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
         run(args)
     except Exception as err:
-        return report_failure("mone-analyze", err, bad_input=(AnalysisError,))
+        return report_failure("mone-analyze", err)
     return 0
 
 

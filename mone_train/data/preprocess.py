@@ -23,12 +23,10 @@ Bytes that are not UTF-8 are replaced (U+FFFD) and the documents affected are co
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import multiprocessing
 import os
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -36,8 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mone_train import silence_megatron_notices
-from mone_train.data.tokenizer import KINDS, TokenizerError, build_tokenizer
+from mone_train.data.tokenizer import build_tokenizer
 from mone_train.errors import ConfigError
 
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
@@ -335,7 +332,7 @@ def read_meta(prefix: str | Path) -> dict | None:
         return None
 
 
-def _format_summary(s: dict) -> str:
+def format_summary(s: dict) -> str:
     mib = s["output_bytes"] / 2**20
     rate = s["tokens"] / max(s["seconds"], 1e-9)
     lines = [
@@ -353,53 +350,3 @@ def _format_summary(s: dict) -> str:
             f"  replaced non-UTF-8 bytes in {s['documents_with_replaced_bytes']:,} documents"
         )
     return "\n".join(lines)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mone-preprocess",
-        description="Tokenize .txt / .jsonl / .jsonl.gz files into a megatron-core indexed dataset.",
-    )
-    parser.add_argument("--input", nargs="+", required=True, help="files or directories")
-    parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx/.meta.json")
-    parser.add_argument("--tokenizer-type", choices=KINDS, default="byte")
-    parser.add_argument("--tokenizer", help="tokenizer file (hf: tokenizer.json; sentencepiece)")
-    parser.add_argument("--eod-token", help="hf: end-of-document token if not a usual name")
-    parser.add_argument("--json-key", default="text", help="JSONL field holding the text")
-    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes")
-    parser.add_argument("--skip-bad-lines", action="store_true", help="count and skip bad lines")
-    parser.add_argument("--no-eod", action="store_true", help="do not append end-of-document")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    silence_megatron_notices()
-    args = build_parser().parse_args(argv)
-    try:
-        summary = preprocess(
-            args.input,
-            args.output_prefix,
-            tokenizer_type=args.tokenizer_type,
-            tokenizer_path=args.tokenizer,
-            eod_token=args.eod_token,
-            json_key=args.json_key,
-            workers=args.workers,
-            skip_bad_lines=args.skip_bad_lines,
-            append_eod=not args.no_eod,
-            overwrite=args.overwrite,
-            progress=not args.quiet,
-        )
-    except (PreprocessError, TokenizerError) as err:
-        print(f"mone-preprocess: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("mone-preprocess: interrupted; nothing written", file=sys.stderr)
-        return 130
-    print(_format_summary(summary))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -10,24 +10,20 @@ exit code 2, before anything is written. See docs/inference.md.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import warnings
 
-from mone_train.errors import ConfigError, report_failure
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line and exit code 2."""
-
-    def error(self, message: str):
-        raise ConfigError(message)
+from mone_train.command_line import CommandParser, quiet_libraries
+from mone_train.errors import report_failure
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``mone-export`` command line."""
-    parser = OneLineParser(
+    parser = CommandParser(
         prog="mone-export",
+        examples=(
+            "mone-export runs/my-run --out exported/my-run",
+            "mone-export runs/my-run/checkpoints/step_000600 --out exported/s600 --dtype bfloat16",
+        ),
         description="Write a mone-train checkpoint as a Hugging Face model directory "
         "(docs/inference.md). Loads offline with AutoModelForCausalLM.from_pretrained(DIR, "
         "trust_remote_code=True).",
@@ -40,16 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="dtype of the written weights (training keeps fp32 masters)",
     )  # fmt: skip
     return parser
-
-
-def quiet_libraries() -> None:
-    """Silence megatron's and torch.distributed.checkpoint's start-up notices; stay offline."""
-    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (is|are) not installed")
-    warnings.filterwarnings("ignore", message=r"full scope is deprecated")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,13 +21,19 @@ import sys
 import time
 from pathlib import Path
 
+from mone_train.command_line import CommandParser, quiet_libraries
 from mone_train.errors import report_failure
-from mone_train.export.cli import OneLineParser, quiet_libraries
 
 
-def build_parser() -> OneLineParser:
-    parser = OneLineParser(
+def build_parser() -> CommandParser:
+    parser = CommandParser(
         prog="mone-import",
+        examples=(
+            "mone-import ~/models/OLMoE-1B-7B-0924 --out runs/olmoe-import",
+            "mone-train --config-dir runs/olmoe-import arch=imported moe.neuron_keep_ratio=0.5",
+            "mone-import ~/models/Llama-3.2-1B --out runs/llama-moe --upcycle-experts 16 "
+            "--upcycle-topk 4 --granularity 4",
+        ),
         description="Import a local Hugging Face model (docs/import.md) as a checkpoint that "
         "`mone-train --config-dir DIR arch=imported` starts from.",
     )

@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mone_train.command_line import CommandParser, quiet_libraries
 from mone_train.errors import ConfigError, report_failure
-from mone_train.export.cli import OneLineParser, quiet_libraries
 
 DECODE_PATHS = ("auto", "dense", "sparse")
 
@@ -177,8 +177,12 @@ def generate_text(
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``mone-generate`` command line."""
-    parser = OneLineParser(
+    parser = CommandParser(
         prog="mone-generate",
+        examples=(
+            'mone-generate exported/my-run --prompt "def fibonacci(" --greedy',
+            'mone-generate runs/my-run --prompt "import os" --max-new-tokens 50 --decode sparse',
+        ),
         description="Generate text with a trained model (docs/inference.md): an exported "
         "directory, a run directory or a checkpoint. Nothing is downloaded.",
     )

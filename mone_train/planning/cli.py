@@ -8,6 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from mone_train.command_line import CommandParser
 from mone_train.config import Config
 from mone_train.errors import EXIT_CONFIG_ERROR, ConfigError
 from mone_train.hardware import DEFAULT_GPU, GPUS
@@ -27,8 +28,14 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """(options, Hydra overrides) from the command line."""
     from mone_train.planning.layout_search import HARDWARE
 
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="mone-plan",
+        examples=(
+            "mone-plan model=3b arch=deepseek trainer=gpu trainer.expert_parallel_size=8 "
+            "--world-size 8",
+            "mone-plan model=1b trainer=gpu --search --nodes 4 --gpus-per-node 8 --gpu H100",
+            "mone-plan --config-dir runs/olmoe-import arch=imported --search --world-size 16",
+        ),
         description="Memory, all-to-all traffic and FLOPs of a mone-train run per device, before "
         "it starts. Takes mone-train's Hydra overrides, e.g. "
         "`mone-plan model=1b trainer.expert_parallel_size=8 --world-size 8`.",

@@ -27,16 +27,15 @@ Writes into ``--out`` (default ``<first input>/report``):
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
 
-from mone_train.errors import ConfigError
+from mone_train.command_line import CommandParser
+from mone_train.errors import ConfigError, report_failure
 
 RUN_FILES = ("metrics.jsonl", "config.yaml", "params.json")
 NOT_RUNS = {".hydra", "wandb", "checkpoints"}  # folders inside a run that hold similar files
@@ -400,16 +399,21 @@ def _group_record(group: RunGroup) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mone-report", description=__doc__.split("\n")[0])
+    parser = CommandParser(
+        prog="mone-report",
+        description=__doc__.split("\n")[0],
+        examples=(
+            "mone-report runs/sweeps                      # a keep-ratio sweep and its baselines",
+            "mone-report runs/mone-r50 runs/moe --out reports/r50-vs-moe",
+        ),
+    )
     parser.add_argument("runs", nargs="+", type=Path, help="run directories or folders of them")
     parser.add_argument("--out", type=Path, help="output folder (default: <first input>/report)")
-    args = parser.parse_args(argv)
-    out = args.out or args.runs[0] / "report"
     try:
-        result = build_report(args.runs, out)
-    except ReportError as err:
-        print(f"mone-report: {err}", file=sys.stderr)
-        return 2
+        args = parser.parse_args(argv)
+        result = build_report(args.runs, args.out or args.runs[0] / "report")
+    except ConfigError as err:
+        return report_failure("mone-report", err)
     print(result["table"].split("\nSkipped:")[0], end="")
     for folder, why in result["skipped"]:
         print(f"skipped {folder}: {why}")

@@ -1,4 +1,4 @@
-"""``mone-tokenizer``: train a byte-level BPE tokenizer offline, and inspect tokenizer files.
+"""A byte-level BPE tokenizer trained offline (``mone-tokenizer train``, ``data/cli.py``).
 
     mone-tokenizer train --stdlib --vocab-size 4096 --output stdlib-bpe.json
     mone-tokenizer train --input corpus/ dump.jsonl.gz --vocab-size 32000 --output tok.json
@@ -14,22 +14,16 @@ pre-tokenizer, so every string is encodable) with ``<|endoftext|>`` (end of docu
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 import time
 from pathlib import Path
 
-from mone_train import silence_megatron_notices
 from mone_train.data.preprocess import (
     PreprocessError,
     Stats,
     decode_record,
-    find_inputs,
     read_records,
 )
-from mone_train.data.tokenizer import KINDS, TokenizerError, build_tokenizer
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<pad>")
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS) + 1  # the byte alphabet, the specials, one merge
@@ -99,68 +93,3 @@ def train_bpe(
         "skipped_lines": stats.skipped_lines,
         "seconds": time.perf_counter() - start,
     }
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mone-tokenizer", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a byte-level BPE tokenizer (offline)")
-    source = train.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input", nargs="+", help="files or directories (.txt, .jsonl[.gz])")
-    source.add_argument(
-        "--stdlib", action="store_true", help="the default corpus's training documents"
-    )
-    train.add_argument("--vocab-size", type=int, required=True)
-    train.add_argument("--output", required=True, help="tokenizer.json to write")
-    train.add_argument("--json-key", default="text")
-    train.add_argument("--min-frequency", type=int, default=2)
-    train.add_argument("--valid-every", type=int, default=50, help="--stdlib: held-out stride")
-    train.add_argument("--skip-bad-lines", action="store_true")
-    train.add_argument("--overwrite", action="store_true")
-    train.add_argument("--quiet", action="store_true")
-    info = sub.add_parser("info", help="print a tokenizer file's vocabulary and special tokens")
-    info.add_argument("path")
-    info.add_argument("--type", choices=[k for k in KINDS if k != "byte"], default="hf")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    silence_megatron_notices()
-    args = build_parser().parse_args(argv)
-    try:
-        if args.command == "info":
-            print(json.dumps(build_tokenizer(args.type, args.path).describe(), indent=2))
-            return 0
-        if args.stdlib:
-            from mone_train.data.corpus import stdlib_sources
-
-            # The training split only: the held-out documents stay unseen by the vocabulary too.
-            every = args.valid_every
-            if every < 1:
-                raise PreprocessError(f"--valid-every={every}: expected an integer >= 1")
-            files = [p for i, p in enumerate(stdlib_sources()) if i % every != every - 1]
-        else:
-            files = find_inputs(args.input)
-        summary = train_bpe(
-            files,
-            args.output,
-            args.vocab_size,
-            json_key=args.json_key,
-            min_frequency=args.min_frequency,
-            skip_bad_lines=args.skip_bad_lines,
-            overwrite=args.overwrite,
-            progress=not args.quiet,
-        )
-    except (PreprocessError, TokenizerError) as err:
-        print(f"mone-tokenizer: {err}", file=sys.stderr)
-        return 2
-    print(
-        f"wrote {summary['output']}: vocabulary {summary['vocab_size']:,} from "
-        f"{summary['documents']:,} documents ({summary['input_bytes'] / 2**20:,.1f} MiB) in "
-        f"{summary['seconds']:.1f} s"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
