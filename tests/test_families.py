@@ -78,16 +78,28 @@ PARITY_CASES = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("case", list(PARITY_CASES))
-@pytest.mark.parametrize("shared_mone", [False, True], ids=["dense-shared", "mone-shared"])
+def _recipe(case: str) -> list[str]:
+    return PARITY_CASES[case] or [f"arch={case}"]
+
+
+# MoNE shared experts only where the recipe has a shared expert.
+PARITY_CASES_AND_SHARED = [(case, False) for case in PARITY_CASES] + [
+    (case, True)
+    for case in PARITY_CASES
+    if compose_config(_recipe(case)).model.shared_expert_ffn_hidden_size > 0
+]
+
+
+@pytest.mark.parametrize(
+    "case, shared_mone",
+    PARITY_CASES_AND_SHARED,
+    ids=[f"{c}-{'mone' if s else 'dense'}-shared" for c, s in PARITY_CASES_AND_SHARED],
+)
 def test_keep_ratio_one_equals_megatrons_own_layers(megatron_single, case, shared_mone):
     """MoNE at rho = 1 (our experts, our shared experts with shared_expert_mone) against
     megatron-core's SequentialMLP and SharedExpertMLP in the family's recipe: the same loss
     and every gradient (1e-5: the same products, sums in another order at most)."""
-    recipe = PARITY_CASES[case] or [f"arch={case}"]
-    has_shared = compose_config(recipe).model.shared_expert_ffn_hidden_size > 0
-    if shared_mone and not has_shared:
-        pytest.skip("no shared expert in this recipe")
+    recipe = _recipe(case)
     # fp32 without the fused norm/RoPE on both sides: only the experts differ
     common = [*recipe, "model.norm=torch", "model.rope_fusion=false", "model.attention=megatron"]
     reference = tiny_gpt(*common, "moe=moe")
