@@ -2,13 +2,14 @@
 #   make train   set up .venv (once), build the default corpus (once), train the default model
 #   make test    set up .venv (once), run the whole test suite (what CI runs, after make lint)
 #   make test-fast   the unit tests only (no training runs, no subprocesses): about 2.1 min
+#   make test-gpu    the GPU tier only (tests/test_gpu.py; skipped without a CUDA device)
 VENV ?= .venv
 STAMP := $(VENV)/.installed
 PY := $(VENV)/bin/python
 # Extra Hydra overrides for `make train`, e.g. make train ARGS="moe=moe trainer.steps=100"
 ARGS ?=
 
-.PHONY: install train test test-fast lint format bench clean
+.PHONY: install train test test-fast test-gpu lint format bench clean
 
 install: $(STAMP)
 
@@ -23,6 +24,9 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-gpu: install
+	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

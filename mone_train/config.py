@@ -10,6 +10,7 @@ be valid. This module needs neither torch nor megatron-core.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -24,6 +25,9 @@ RECOMPUTE = ("none", "moe", "full")  # activation recompute: off | MoE layers | 
 SCHEDULES = ("cosine", "linear", "constant")
 WANDB_MODES = ("offline", "online", "disabled")
 BACKENDS = ("nccl", "gloo")
+# Where a run computes: auto = CUDA when a device is present (MONE_TRAIN_DEVICE=cpu|cuda,
+# as the test suite sets it, says what auto means: mone_train/parallel/process_groups.py).
+DEVICES = ("auto", "cpu", "cuda")
 DATA_SOURCES = ("stdlib", "indexed")
 TOKENIZER_KINDS = ("byte", "hf", "sentencepiece")
 ATTENTION_CORES = ("sdpa", "megatron")  # torch's fused SDPA | megatron's DotProductAttention
@@ -34,6 +38,17 @@ LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
 TOKEN_DROP_POLICIES = ("probs", "position")  # drop the lowest-probability | the latest tokens
 QK_NORMS = ("none", "head", "full")  # per attention head (Qwen3) | over all heads (OLMoE)
 NEURON_BALANCE = ("ng_lbl", "bias", "none")
+# RoPE frequencies: plain | Llama 3.x scaling | YaRN (Qwen3, DeepSeek long context)
+ROPE_TYPES = ("default", "llama3", "yarn")
+# The keys of transformers' rope_parameters (besides rope_type, rope_theta) each type reads
+ROPE_PARAMETER_KEYS = {
+    "default": (),
+    "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor",
+               "high_freq_factor"),
+    "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+             "mscale_all_dim", "attention_factor", "truncate"),
+}  # fmt: skip
+SET_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # a validation set's name, as it appears in keys
 
 
 def _require(ok: bool, key: str, value: Any, valid: str) -> None:
@@ -45,6 +60,89 @@ def _require_positive(section: str, obj: Any, names: tuple[str, ...]) -> None:
     for name in names:
         value = getattr(obj, name)
         _require(value >= 1, f"{section}.{name}", value, "an integer >= 1")
+
+
+@dataclass
+class RopeScalingConfig:
+    """RoPE frequency scaling as released checkpoints state it (``model.rope_scaling``): the
+    fields of transformers' ``rope_parameters`` (without ``rope_theta``, which is
+    ``model.rotary_base``), so an import copies them and an export writes them back.
+
+    ``llama3`` reads ``factor``, ``low_freq_factor``, ``high_freq_factor`` and
+    ``original_max_position_embeddings``; ``yarn`` reads ``factor``,
+    ``original_max_position_embeddings``, ``beta_fast``, ``beta_slow``, ``truncate`` and the
+    cos/sin scale ``attention_factor`` (null: from ``factor``, ``mscale`` and
+    ``mscale_all_dim`` as transformers derives it, :meth:`yarn_attention_factor`).
+    """
+
+    rope_type: str = "default"  # default | llama3 | yarn
+    factor: float = 1.0  # how many times the pretraining context the model was stretched to
+    original_max_position_embeddings: Optional[int] = None  # the pretraining context
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn: rotations below which a dimension is interpolated ...
+    beta_slow: float = 1.0  # ... and above which it is kept (extrapolated)
+    mscale: Optional[float] = None  # yarn (DeepSeek): attention scale's numerator weight
+    mscale_all_dim: Optional[float] = None  # yarn (DeepSeek): its denominator weight
+    attention_factor: Optional[float] = None  # yarn: cos/sin times this; null: derived
+    truncate: bool = True  # yarn: the correction range rounded to whole dimensions
+
+    def yarn_attention_factor(self) -> float:
+        """The factor on YaRN's cos and sin, as transformers' ``_compute_yarn_parameters``
+        derives it: ``attention_factor``, else 0.1 ln(s) + 1 (a ratio of two such terms
+        weighted by ``mscale`` / ``mscale_all_dim`` when both are set and nonzero)."""
+        if self.attention_factor is not None:
+            return float(self.attention_factor)
+
+        def get_mscale(scale: float, weight: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * weight * math.log(scale) + 1.0
+
+        if self.mscale and self.mscale_all_dim:
+            return get_mscale(self.factor, self.mscale) / get_mscale(
+                self.factor, self.mscale_all_dim
+            )
+        return get_mscale(self.factor)
+
+    def hf_parameters(self, rope_theta: float, max_position_embeddings: int) -> dict:
+        """transformers' ``rope_parameters`` of this RoPE (what an export writes)."""
+        out = {"rope_type": self.rope_type, "rope_theta": rope_theta}
+        for key in ROPE_PARAMETER_KEYS[self.rope_type]:
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.rope_type != "default":
+            out["original_max_position_embeddings"] = self.original_context(max_position_embeddings)
+        return out
+
+    def original_context(self, max_position_embeddings: int) -> int:
+        """The pretraining context (``original_max_position_embeddings``, else the model's)."""
+        return self.original_max_position_embeddings or max_position_embeddings
+
+    def validate(self) -> None:
+        """A known type and positive parameters."""
+        key = "model.rope_scaling"
+        _require(self.rope_type in ROPE_TYPES, f"{key}.rope_type", self.rope_type,
+                 f"one of {list(ROPE_TYPES)}")  # fmt: skip
+        if self.rope_type == "default":
+            return
+        _require(self.factor >= 1, f"{key}.factor", self.factor, "a number >= 1")
+        if self.original_max_position_embeddings is not None:
+            _require(self.original_max_position_embeddings >= 1,
+                     f"{key}.original_max_position_embeddings",
+                     self.original_max_position_embeddings, "null or an integer >= 1")  # fmt: skip
+        if self.rope_type == "llama3":
+            _require(0 < self.low_freq_factor < self.high_freq_factor, f"{key}.high_freq_factor",
+                     self.high_freq_factor,
+                     f"a number > model.rope_scaling.low_freq_factor={self.low_freq_factor} "
+                     "> 0")  # fmt: skip
+        else:
+            _require(self.beta_fast > 0 and self.beta_slow > 0, f"{key}.beta_fast",
+                     (self.beta_fast, self.beta_slow), "beta_fast and beta_slow > 0")  # fmt: skip
+            if self.attention_factor is not None:
+                # megatron derives the factor from the scale, which cannot move it at s = 1
+                _require(self.attention_factor > 0 and (self.factor > 1
+                         or self.attention_factor == 1), f"{key}.attention_factor",
+                         self.attention_factor, "null or a number > 0 (1 when "
+                         "model.rope_scaling.factor=1)")  # fmt: skip
 
 
 @dataclass
@@ -76,9 +174,28 @@ class ModelConfig:
     norm: str = "fused"  # RMSNorm: fused (ours; fused backward on CPU) | torch (megatron's)
     rope_fusion: bool = True  # megatron's apply_rope_fusion (TE's kernel, or ours on CPU)
     rotary_base: float = 10000.0  # RoPE theta
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     norm_epsilon: float = 1e-5  # RMSNorm epsilon (all norms)
     qk_layernorm: str = "none"  # RMSNorm of queries and keys: none | head | full (all heads)
     qkv_bias: bool = False  # biases on the query/key/value projection (Qwen2)
+    # Multi-head latent attention (DeepSeek-V2/V3; megatron-core's MLASelfAttention) instead of
+    # grouped-query attention: queries through an RMSNorm-ed rank-q_lora_rank latent (null: one
+    # full-rank projection, as DeepSeek-V2-Lite), keys and values through one shared RMSNorm-ed
+    # rank-kv_lora_rank latent; each head's query and key are qk_head_dim wide without RoPE plus
+    # qk_pos_emb_head_dim with it (the key's RoPE part shared by all heads), its value
+    # v_head_dim wide. RoPE: model.rope_scaling (default or yarn).
+    multi_latent_attention: bool = False
+    q_lora_rank: Optional[int] = None
+    kv_lora_rank: int = 512
+    qk_head_dim: int = 128
+    qk_pos_emb_head_dim: int = 64
+    v_head_dim: int = 128
+    # Multi-token prediction (DeepSeek-V3; megatron-core's MTP block, on the last pipeline
+    # stage): this many extra layers after the last one, the i-th predicting token t + 1 + i
+    # from its predecessor's output and the embedding of token t + i (0: none); their mean
+    # loss times mtp_loss_scaling_factor joins the LM loss's gradient (logged as mtp_loss).
+    mtp_num_layers: int = 0
+    mtp_loss_scaling_factor: float = 0.1
     first_dense_layers: int = 0  # the first n layers have a dense MLP (DeepSeek)
     # Shared experts: an always-on SwiGLU MLP of this width beside the routed ones (0: none),
     # its output optionally scaled by sigmoid(w . x) (Qwen2-MoE's gate).
@@ -99,6 +216,10 @@ class ModelConfig:
     capacity_factor: Optional[float] = None
     token_drop_policy: str = "probs"  # probs | position
     pad_to_capacity: bool = False  # pad every expert's input to its capacity
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, dict):  # ModelConfig(**settings) of plain values
+            self.rope_scaling = RopeScalingConfig(**self.rope_scaling)
 
     def attention_head_dim(self) -> int:
         """The size of one attention head."""
@@ -226,7 +347,43 @@ class ModelConfig:
         _require(self.qk_layernorm in QK_NORMS, "model.qk_layernorm", self.qk_layernorm,
                  f"one of {list(QK_NORMS)}")  # fmt: skip
         _require(self.rotary_base > 0, "model.rotary_base", self.rotary_base, "a number > 0")
+        self.rope_scaling.validate()
+        if self.multi_latent_attention:
+            self._validate_mla()
+        _require(self.mtp_num_layers >= 0, "model.mtp_num_layers", self.mtp_num_layers,
+                 "an integer >= 0 (0: no multi-token prediction)")  # fmt: skip
+        _require(self.mtp_loss_scaling_factor >= 0, "model.mtp_loss_scaling_factor",
+                 self.mtp_loss_scaling_factor, "a number >= 0")  # fmt: skip
         _require(self.norm_epsilon > 0, "model.norm_epsilon", self.norm_epsilon, "a number > 0")
+
+    def _validate_mla(self) -> None:
+        """Multi-head latent attention: its sizes, and the options megatron's MLA lacks."""
+        for name in ("kv_lora_rank", "qk_head_dim", "v_head_dim"):
+            _require(getattr(self, name) >= 1, f"model.{name}", getattr(self, name),
+                     "an integer >= 1")  # fmt: skip
+        _require(self.qk_pos_emb_head_dim >= 2 and self.qk_pos_emb_head_dim % 2 == 0,
+                 "model.qk_pos_emb_head_dim", self.qk_pos_emb_head_dim,
+                 "an even integer >= 2 (RoPE rotates pairs)")  # fmt: skip
+        if self.q_lora_rank is not None:
+            _require(self.q_lora_rank >= 1, "model.q_lora_rank", self.q_lora_rank,
+                     "null (full-rank queries) or an integer >= 1")  # fmt: skip
+        _require(self.qk_layernorm == "none", "model.qk_layernorm", self.qk_layernorm,
+                 "none with model.multi_latent_attention=true (MLA normalises its query and "
+                 "key/value latents; megatron's MLA has no per-head or all-head QK-norm)")  # fmt: skip
+        _require(self.num_query_groups is None, "model.num_query_groups", self.num_query_groups,
+                 "null with model.multi_latent_attention=true (every head has its own key and "
+                 "value)")  # fmt: skip
+        _require(self.attention == "sdpa", "model.attention", self.attention,
+                 "sdpa with model.multi_latent_attention=true (megatron's local "
+                 "DotProductAttention takes no separate key and value head sizes)")  # fmt: skip
+        rs = self.rope_scaling
+        _require(rs.rope_type in ("default", "yarn"), "model.rope_scaling.rope_type",
+                 rs.rope_type, "default or yarn with model.multi_latent_attention=true "
+                 "(megatron's MLA has no Llama 3 scaling)")  # fmt: skip
+        if rs.rope_type == "yarn":
+            _require(rs.truncate, "model.rope_scaling.truncate", False,
+                     "true with model.multi_latent_attention=true (megatron's MLA rounds YaRN's "
+                     "correction range to whole dimensions)")  # fmt: skip
 
     def _validate_groups(self) -> None:
         """Group-limited routing: groups divide the experts, the top-k spreads evenly over the
@@ -426,6 +583,8 @@ class TrainerConfig:
     global_batch_size: int = 16
     seq_length: int = 256
     eval_interval: int = 250
+    # Global batches of validation sequences per evaluation (per set): the same sequences on
+    # every layout (micro batch, DP, TP, PP, EP sizes), docs/evaluation.md.
     eval_iters: int = 20
     log_interval: int = 25
     seed: int = 1234
@@ -437,6 +596,7 @@ class TrainerConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     expert_tensor_parallel_size: int = 1  # 1 only (docs/launching.md: why)
+    device: str = "auto"  # auto | cpu | cuda (auto: cuda when present; see DEVICES)
     backend: Optional[str] = None  # torch.distributed backend; null: nccl with CUDA, else gloo
     init_timeout_s: float = 600.0  # how long ranks wait for each other at start-up
     collective_timeout_s: float = 1800.0  # a collective that takes longer fails the job
@@ -512,6 +672,8 @@ class TrainerConfig:
             "1: experts stay whole (a tensor-split expert holds part of each neuron's row, and "
             "a token's top-K over its F neurons would need a top-K across ranks)",
         )
+        _require(self.device in DEVICES, "trainer.device", self.device,
+                 f"one of {list(DEVICES)}")  # fmt: skip
         if self.backend is not None:
             _require(
                 self.backend in BACKENDS,
@@ -559,6 +721,44 @@ class LoggingConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """What each evaluation measures (docs/evaluation.md). Every evaluation reads the same
+    ``trainer.eval_iters`` global batches of sequences from each validation set, whatever the
+    layout; the data's own validation split is the set ``valid``."""
+
+    # More validation sets: name -> a dataset prefix (mone-preprocess output) or a list of
+    # prefixes (blended in proportion to their sizes); all of each is validation data.
+    sets: dict[str, Any] = field(default_factory=dict)
+    tasks: list[str] = field(default_factory=list)  # multiple-choice JSONL files
+    # The built-in task of the stdlib corpus (real vs shuffled continuation of held-out files):
+    # this many examples; 0: none.
+    stdlib_task_examples: int = 0
+    # Evaluate the same weights at these keep ratios too (MoNE: the experts' K changes).
+    keep_ratios: list[float] = field(default_factory=list)
+    task_micro_batch_size: Optional[int] = None  # task rows per forward; null: the trainer's
+
+    def validate(self) -> None:
+        """Set names, task files' suffix, keep ratios in (0, 1], sizes."""
+        for name, source in self.sets.items():
+            _require(bool(SET_NAME.fullmatch(str(name))), "evaluation.sets", name,
+                     "names of letters, digits, '_', '-' or '.'")  # fmt: skip
+            prefixes = [source] if isinstance(source, str) else list(source or [])
+            _require(bool(prefixes) and all(isinstance(p, str) and p for p in prefixes),
+                     f"evaluation.sets.{name}", source,
+                     "a dataset prefix or a list of them")  # fmt: skip
+        _require("valid" not in self.sets, "evaluation.sets.valid", self.sets.get("valid"),
+                 "another name ('valid' is the data's own validation split)")  # fmt: skip
+        for ratio in self.keep_ratios:
+            _require(0.0 < ratio <= 1.0, "evaluation.keep_ratios", list(self.keep_ratios),
+                     "ratios in (0, 1]")  # fmt: skip
+        _require(self.stdlib_task_examples >= 0, "evaluation.stdlib_task_examples",
+                 self.stdlib_task_examples, "an integer >= 0")  # fmt: skip
+        if self.task_micro_batch_size is not None:
+            _require(self.task_micro_batch_size >= 1, "evaluation.task_micro_batch_size",
+                     self.task_micro_batch_size, "null or an integer >= 1")  # fmt: skip
+
+
+@dataclass
 class Config:
     """The whole run."""
 
@@ -568,6 +768,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def validate(self, world_size: int | None = None) -> None:
         """Every section, then the rules that span sections; raise ConfigError on the first.
@@ -575,7 +776,9 @@ class Config:
         ``world_size`` (when known) enables the batch check that depends on it; whether EP
         divides the world size is checked when the process groups form.
         """
-        for section in (self.model, self.moe, self.data, self.optim, self.trainer, self.logging):
+        sections = (self.model, self.moe, self.data, self.optim, self.trainer, self.logging,
+                    self.evaluation)  # fmt: skip
+        for section in sections:
             section.validate()
         m, t = self.model, self.trainer
         _require(
@@ -623,6 +826,11 @@ class Config:
                      "false with tensor parallelism (a tensor-split shared expert holds part of "
                      "each token's neurons: its top-K would cross ranks)")  # fmt: skip
         if pp > 1:
+            # the last stage would hold its own embedding copy, synchronised with the first's
+            # (megatron's tied-embedding path, which this trainer does not set up)
+            _require(m.mtp_num_layers == 0, "model.mtp_num_layers", m.mtp_num_layers,
+                     f"0 with trainer.pipeline_parallel_size={pp} (multi-token prediction runs "
+                     "without pipeline parallelism for now)")  # fmt: skip
             _require(m.num_layers % pp == 0, "trainer.pipeline_parallel_size", pp,
                      f"a divisor of model.num_layers={m.num_layers} (equal stages)")  # fmt: skip
             _require(not m.tie_embeddings, "model.tie_embeddings", True,

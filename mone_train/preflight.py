@@ -3,7 +3,9 @@
 Hydra reports composition errors over several lines with hints; a user who typed
 ``trainer.stpes=10`` or ``moe.neuron_keep_ratio=1.5`` should instead see one line naming the key
 and what would be valid, and get a non-zero exit. Sweeps (``--multirun``) and Hydra's own flags
-are left to Hydra: each job of a sweep still validates its config when it starts.
+are left to Hydra: each job of a sweep still validates its config when it starts. Hydra's
+``--config-dir DIR`` (how an imported model trains: ``--config-dir DIR arch=imported``) is
+composed in, so its overrides get the same checks.
 
 The launchers run ``python -m mone_train.preflight --world-size N [overrides]`` before they
 start any worker, so that a bad value or a layout that does not fit the job's processes is
@@ -13,19 +15,47 @@ one line from the launcher, not one per worker followed by the launcher's own re
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from mone_train.compose import compose_config, describe_error
 from mone_train.config import register_configs
 from mone_train.errors import EXIT_CONFIG_ERROR, ConfigError
 
+CONFIG_DIR_FLAGS = ("--config-dir", "-cd")  # Hydra's: one more folder of config groups
+
+
+def composable_overrides(argv: list[str]) -> list[str] | None:
+    """The overrides that compose ``argv``'s config as Hydra will (``--config-dir DIR`` as a
+    search path, e.g. a mone-import output's ``arch=imported``); None when Hydra's other flags
+    or a sweep leave the check to Hydra. Exits with one line for a missing ``--config-dir``."""
+    search, rest = [], []
+    args = iter(argv)
+    for arg in args:
+        flag, equals, value = arg.partition("=")
+        if flag in CONFIG_DIR_FLAGS:
+            value = value if equals else next(args, "")
+            if not value:
+                _fail(f"{flag} needs a folder of config groups (e.g. a mone-import output)")
+            folder = Path(value).expanduser().absolute()
+            if not folder.is_dir():
+                _fail(f"{flag} {folder}: no such folder (expected a folder of config groups, "
+                      "e.g. a mone-import output)")  # fmt: skip
+            search.append(f"file://{folder}")
+        else:
+            rest.append(arg)
+    if any(arg.startswith("-") for arg in rest):
+        return None
+    overrides = [a for a in rest if not a.lstrip("+~").startswith("hydra.")]
+    if _has_sweep(overrides):
+        return None  # a sweep (e.g. over an experiment's multirun): each job validates itself
+    return ([f"hydra.searchpath=[{','.join(search)}]"] if search else []) + overrides
+
 
 def check_overrides(argv: list[str]) -> None:
     """Exit with one line on stderr if the overrides in ``argv`` do not make a valid config."""
-    if any(arg.startswith("-") for arg in argv):
+    overrides = composable_overrides(argv)
+    if overrides is None:
         return
-    overrides = [a for a in argv if not a.lstrip("+~").startswith("hydra.")]
-    if _has_sweep(overrides):
-        return  # a sweep (e.g. over an experiment's multirun): each job validates itself
     try:
         cfg = compose_config(overrides)
         cfg.validate()
@@ -67,12 +97,11 @@ def main(argv: list[str] | None = None) -> None:
     silence_megatron_notices()
     register_configs()
     check_overrides(args)
-    if any(arg.startswith("-") for arg in args) or _has_sweep(args):
+    overrides = composable_overrides(args)
+    if overrides is None:
         return  # Hydra's flags and sweeps: each job checks itself
     try:
-        compose_config(
-            [a for a in args if not a.lstrip("+~").startswith("hydra.")]
-        ).validate_layout(world_size)
+        compose_config(overrides).validate_layout(world_size)
     except ConfigError as err:
         _fail(str(err))
 

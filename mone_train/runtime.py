@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from mone_train.config import Config
+from mone_train.parallel.process_groups import run_device
 
 
 def configure_torch(cfg: Config) -> None:
@@ -19,7 +20,7 @@ def configure_torch(cfg: Config) -> None:
     compile_enabled = cfg.trainer.compile
     if compile_enabled is None:
         # On CPU torch.compile buys nothing measurable here and costs 10-20 s on the first step.
-        compile_enabled = torch.cuda.is_available()
+        compile_enabled = run_device(cfg.trainer.device) == "cuda"
     dynamo.config.disable = not compile_enabled
 
 
@@ -31,7 +32,7 @@ def check_kernel_impl(cfg: Config) -> None:
     from mone_train.errors import ConfigError
 
     impl = cfg.moe.kernel_impl
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(run_device(cfg.trainer.device))
     if impl == "triton" and not triton_runnable(device):
         raise ConfigError(
             "moe.kernel_impl=triton is invalid on this machine: the Triton kernel needs a CUDA "

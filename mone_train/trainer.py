@@ -20,7 +20,14 @@ from tqdm import tqdm
 from mone_kernels.cpu_kernel import cpu_kernel_error
 from mone_train.components.checkpoint import load_initial_weights, model_signature
 from mone_train.components.checkpointer import Checkpointer, PreemptionFlag, TrainState
-from mone_train.components.evaluator import Evaluator
+from mone_train.components.evaluator import (
+    Evaluator,
+    build_validation_sets,
+    check_evaluation,
+    evaluation_echo,
+    load_run_tasks,
+    validation_samples,
+)
 from mone_train.components.metrics import TrainMetrics
 from mone_train.components.optimizer import (
     OptimizerSharding,
@@ -157,7 +164,11 @@ class Trainer:
         )
         self.guard = NonFiniteGuard(t.max_nonfinite_steps)
         self.metrics = TrainMetrics(cfg, info, self.model, self.counts, self.logger, accum)
-        self.evaluator = Evaluator(self.model, t, info, mask, pipeline)
+        tokenizer = self.data.tokenizer
+        sets = build_validation_sets(cfg, tokenizer, self.data.valid)
+        self.evaluator = Evaluator(
+            self.model, cfg, info, sets, load_run_tasks(cfg), tokenizer, pipeline
+        )
 
     def _on_phase(self, phase: str) -> None:
         """The step entered ``phase``: progress for the watchdog, timing for the report."""
@@ -171,7 +182,7 @@ class Trainer:
 
     def _build_data(self) -> RunData:
         t, info = self.cfg.trainer, self.info
-        eval_samples = t.eval_iters * t.micro_batch_size * info.dp_size
+        eval_samples = validation_samples(self.cfg)  # the same sequences on every layout
         return build_run_data(
             self.cfg, info, (t.steps * t.global_batch_size, eval_samples, eval_samples)
         )
@@ -187,10 +198,10 @@ class Trainer:
             val_loss = self._loop(progress)
         self.checkpointer.wait()  # the last save is complete before the run counts as done
         if val_loss is None:  # resumed at the last step: still end with an evaluation
-            val_loss = self.evaluate("val_loss", self.data.valid)
+            val_loss = self.evaluate()
         test_loss = None
         if self.data.test is not None:  # the blend's held-out test split, once at the end
-            test_loss = self.evaluate("test_loss", self.data.test)
+            test_loss = self.evaluate_test()
         return self.finish(val_loss, test_loss)
 
     def _loop(self, progress: tqdm) -> float | None:
@@ -229,19 +240,30 @@ class Trainer:
         self.guard.check(state.step, result, self.checkpointer.newest)
         val_loss = None
         if self.evaluator.due(state.step):
-            val_loss = self.evaluate("val_loss", self.data.valid)
+            val_loss = self.evaluate()
         self.checkpoint(state)
         self.watchdog.step_done(state.step)
         return val_loss
 
-    def evaluate(self, key: str, dataset) -> float:
-        """Evaluate on ``dataset`` and log it as ``key`` (outside the throughput clock)."""
+    def evaluate(self) -> float:
+        """Evaluate (validation sets, tasks, keep ratios) and log the record, outside the
+        throughput clock; return the validation loss."""
         self.watchdog.enter("eval")
         with self.metrics.paused():
-            loss = self.evaluator.evaluate(dataset)
+            record = self.evaluator.evaluate()
+        step = self.state.step
+        self.logger.log({"step": step, **record}, echo=evaluation_echo(step, record))
+        return record["val_loss"]
+
+    def evaluate_test(self) -> float:
+        """The test split's loss, logged as ``test_loss``."""
+        self.watchdog.enter("eval")
+        with self.metrics.paused():
+            loss = self.evaluator.loss(self.data.test)
         step = self.state.step
         self.logger.log(
-            {"step": step, key: loss}, echo=f"step {step:>6} | {key} {loss:.4f} nats/token"
+            {"step": step, "test_loss": loss},
+            echo=f"step {step:>6} | test_loss {loss:.4f} nats/token",
         )
         return loss
 
@@ -306,12 +328,13 @@ def run(cfg: Config) -> dict:
     """Train as configured; return the summary (final validation loss, counts, run dir)."""
     layout = launch_environment()  # the layout is checked before any process group starts
     cfg.validate(world_size=1 if layout is None else layout[1])
+    check_evaluation(cfg)  # task files, validation sets and keep ratios before any work
     configure_torch(cfg)
     check_kernel_impl(cfg)
     t = cfg.trainer
     info = init_distributed(
         t.expert_parallel_size, t.backend, t.init_timeout_s, t.collective_timeout_s,
-        t.tensor_parallel_size, t.pipeline_parallel_size,
+        t.tensor_parallel_size, t.pipeline_parallel_size, t.device,
     )  # fmt: skip
     preemption = PreemptionFlag()  # before anything is written: a signal then always saves
     trainer = None

@@ -1,4 +1,12 @@
-"""Shared test set-up: CPU patches, no torch.compile, and megatron-core process groups."""
+"""Shared test set-up: CPU patches, no torch.compile, and megatron-core process groups.
+
+Every test computes on the CPU unless it asks for CUDA: MONE_TRAIN_DEVICE=cpu makes
+``trainer.device=auto`` (and ``init_distributed``'s default) the CPU in this process and in every
+process it starts, also on a machine with a GPU. The `gpu` tier (tests/test_gpu.py, `make
+test-gpu`) names CUDA itself; it runs last, after the CPU patches are taken out again, and is
+skipped without a GPU. MONE_TEST_GPU_TIER=cpu runs that tier on the CPU instead, at toy sizes
+(benchmarks/gpu_check.sh with DRY_RUN=1 does so to check its steps).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,8 @@ import os
 # megatron's jit_fuser is torch.compile: 10-20 s per first call on CPU and nothing to test.
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
+os.environ["MONE_TRAIN_DEVICE"] = "cpu"
+GPU_TIER_DEVICE = os.environ.get("MONE_TEST_GPU_TIER", "cuda")
 
 
 def _cuda_present() -> bool:
@@ -23,7 +33,31 @@ if not _cuda_present():
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+requires_gpu = pytest.mark.skipif(
+    GPU_TIER_DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device"
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The `gpu` tier last (CPU tests first, in their usual order), skipped without a GPU."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return
+    items[:] = [item for item in items if not item.get_closest_marker("gpu")] + gpu
+    for item in gpu:
+        item.add_marker(requires_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _cuda_without_cpu_patches(request):
+    """A `gpu` test on CUDA starts without the CPU patches earlier CPU tests installed."""
+    if request.node.get_closest_marker("gpu") and GPU_TIER_DEVICE == "cuda":
+        from mone_train.parallel import cpu_compat
+        from mone_train.parallel.process_groups import shutdown_distributed
+
+        shutdown_distributed()
+        cpu_compat.restore()
+    yield
 
 
 @pytest.fixture

@@ -98,17 +98,26 @@ def test_health_overhead_benchmark_runs(tmp_path):
 
 @pytest.mark.slow  # trains twice in subprocesses
 def test_gpu_check_dry_run_writes_every_table(tmp_path):
-    """benchmarks/gpu_check.sh at toy sizes on CPU: the script a GPU runs, every step exercised
-    (kernel compile report, kernel benchmark, bf16 MoE vs MoNE step time through the trainer)."""
+    """benchmarks/gpu_check.sh at toy sizes on CPU: the script a GPU runs, its quicker steps
+    exercised (kernel compile report, kernel benchmark, bf16 MoE vs MoNE step time through the
+    trainer, grouped GEMMs) and the others reported as skipped; the whole dry run (the GPU tier
+    and the defaults' runs too) takes tens of minutes on 2 cores (docs/testing.md)."""
     import os
 
     out = tmp_path / "gpu"
+    steps = ["grouped_gemm", "kernel_bench", "step_time", "kernel_static"]
     done = subprocess.run(
         ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(out)],
-        capture_output=True, text=True, timeout=300,
-        env={**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "WHEELS": str(tmp_path / "none")},
+        capture_output=True, text=True, timeout=400,
+        env={**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable,
+             "WHEELS": str(tmp_path / "none"), "STEPS": " ".join(steps)},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
+    ran = {s["step"]: s["status"] for s in json.loads((out / "steps.json").read_text())["steps"]}
+    assert ran == {"gpu_tier": "skipped", "gpu_defaults": "skipped", "checkpoint_save": "skipped",
+                   **{name: "ok" for name in steps}}  # fmt: skip
+    grouped = json.loads((out / "gpu_grouped_gemm_cpu_dry_run.json").read_text())["results"]
+    assert len(grouped) == 18 and all(r["grouped_tflops"] > 0 for r in grouped)
     assert "all targets met" in (out / "kernel_static.txt").read_text()
     assert json.loads(next(out.glob("kernel_bench_cpu-*.json")).read_text())
     step = json.loads((out / "step_time_cpu_dry_run.json").read_text())
@@ -116,6 +125,36 @@ def test_gpu_check_dry_run_writes_every_table(tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["peak_rss_gib"] > 0 for r in step["runs"])
     assert step["mone_over_moe_step_time"] > 0
     assert "tables in" in (out / "gpu_check.log").read_text()
+
+
+@pytest.mark.slow  # a bash script starting interpreters
+def test_gpu_check_says_what_it_could_not_run(tmp_path):
+    """Without a GPU and with its budget spent, gpu_check.sh skips every step, says why in
+    steps.md / steps.json, and exits 0 (nothing failed)."""
+    import os
+
+    out = tmp_path / "gpu"
+    done = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(out)],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "DRY_RUN": "0", "BUDGET_S": "0", "PYTHON": sys.executable,
+             "WHEELS": str(tmp_path / "none")},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    steps = json.loads((out / "steps.json").read_text())["steps"]
+    assert [s["step"] for s in steps] == [
+        "gpu_tier",
+        "grouped_gemm",
+        "kernel_bench",
+        "step_time",
+        "gpu_defaults",
+        "checkpoint_save",
+        "kernel_static",
+    ]
+    notes = {s["step"]: (s["status"], s["note"]) for s in steps}
+    assert notes["gpu_tier"] == ("skipped", "no CUDA device")
+    assert notes["kernel_static"] == ("skipped", "budget of 0 s spent")
+    assert "| step_time | skipped | 0 | no CUDA device |" in (out / "steps.md").read_text()
 
 
 @pytest.mark.slow  # trains in a subprocess

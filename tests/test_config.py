@@ -13,7 +13,7 @@ from mone_train.config import Config, validate
 from mone_train.errors import ConfigError
 from mone_train.preflight import check_overrides
 
-GROUPS = ["model", "moe", "data", "optim", "trainer", "logging"]
+GROUPS = ["model", "moe", "data", "optim", "trainer", "logging", "evaluation"]
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -23,6 +23,7 @@ EXPECTED_FAILURE = {
     "te_names": "te_general_gemm",
     "alltoall_splits": "incompatible function arguments",
     "schedule_tokens": "Torch not compiled with CUDA enabled",
+    "mla_te_stubs": "isinstance() arg 2 must be a type",
 }
 
 pytestmark = [
@@ -62,3 +63,18 @@ def test_apply_is_idempotent_and_rejects_unknown_names():
     assert cpu_compat.apply() == before
     with pytest.raises(ValueError, match="unknown cpu_compat patch"):
         cpu_compat.apply(only=("warp_drive",))
+
+
+def test_a_cuda_run_without_transformer_engine_gets_only_the_te_patch():
+    """On CUDA no CPU patch is installed, but MLA still needs megatron told that TE is absent."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib.util; from mone_train.parallel import cpu_compat; "
+        "print(sorted(cpu_compat.apply(device='cuda')), "
+        "importlib.util.find_spec('transformer_engine') is None)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    patches, te_absent = done.stdout.strip().rsplit(" ", 1)
+    assert patches == ("['mla_te_stubs']" if te_absent == "True" else "[]")

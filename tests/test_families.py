@@ -21,7 +21,7 @@ FAMILIES = family_names()
 
 
 def test_every_family_ships_a_folder_with_its_recipe_and_mapping():
-    assert FAMILIES == ["deepseek", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
+    assert FAMILIES == ["deepseek", "deepseek_v3", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
     for name in FAMILIES:
         family = load_family(name)
         assert family.name == name
@@ -323,7 +323,8 @@ NATIVE = {"mixtral": "MixtralForCausalLM", "olmoe": "OlmoeForCausalLM",
 
 
 @pytest.mark.slow  # a 3-step run and an export per family and flavour
-@pytest.mark.parametrize("family", FAMILIES)
+# deepseek_v3 (multi-head latent attention) is not exportable yet: tests/test_deepseek_v3.py
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "deepseek_v3"])
 @pytest.mark.parametrize("flavour", ["moe", "mone"])
 def test_export_writes_the_family_class_and_reproduces_megatrons_logits(
     tmp_path, family, flavour, corpus

@@ -118,3 +118,25 @@ def test_flops_and_peak_lookup():
     assert model_flops_per_token(1_000_000, 4, 128, 256) == 6e6 + 12 * 4 * 128 * 256
     assert peak_tflops("NVIDIA H200", "bf16") == 989.0
     assert peak_tflops("Some Unknown GPU", "bf16") is None
+
+
+@pytest.mark.slow
+def test_auxiliary_losses_are_interval_means_whatever_the_log_interval(tmp_path):
+    """aux_loss and ng_lbl of an interval are the mean over its steps: logged every step or
+    every third, the same run gives the same numbers (a checkpoint or evaluation pause between
+    steps must not drop the steps before it)."""
+    from mone_train.trainer import run
+
+    logged = {}
+    for interval in (1, 3):
+        run_dir = tmp_path / f"every{interval}"
+        run(compose_config(["model=tiny", "trainer=smoke", "trainer.steps=3",
+                            f"trainer.log_interval={interval}", "trainer.eval_interval=2",
+                            f"trainer.run_dir={run_dir}", "logging.wandb_mode=disabled"]))  # fmt: skip
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        logged[interval] = [r for r in map(json.loads, lines) if "aux_loss" in r]
+    assert [r["step"] for r in logged[1]] == [1, 2, 3] and [r["step"] for r in logged[3]] == [3]
+    for name in ("aux_loss", "ng_lbl"):
+        mean = sum(r[name] for r in logged[1]) / 3
+        assert logged[3][0][name] == pytest.approx(mean, rel=1e-5), name
+        assert logged[3][0][name] > 0.5  # a balance loss near 1 at initialisation, not 1/3 of it

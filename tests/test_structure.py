@@ -128,3 +128,51 @@ def test_config_validation_imports_neither_torch_nor_triton():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
     )
     assert done.stdout.strip() == "[]"
+
+
+# The layers, lowest first: a module may import its own layer and those below, never above.
+LAYERS = (
+    ("mone_kernels", "mone_train.errors", "mone_train.hardware"),
+    ("mone_train.command_line", "mone_train.config", "mone_train.families", "mone_train.compose"),
+    ("mone_train.data", "mone_train.model", "mone_train.parallel", "mone_train.runtime"),
+    ("mone_train.components", "mone_train.evaluation"),
+    ("mone_train.trainer", "mone_train.planning", "mone_train.analysis", "mone_train.export",
+     "mone_train.importer", "mone_train.inference", "mone_train.report"),
+    ("mone_train.preflight", "mone_train.train"),
+)  # fmt: skip
+MAX_MODULES_PER_FOLDER = 12
+
+
+def _layer(module: str) -> int | None:
+    if module.endswith(".cli"):
+        return len(LAYERS) - 1  # every command line sits on top
+    best = None
+    for rank, prefixes in enumerate(LAYERS):
+        for prefix in prefixes:
+            if module == prefix or module.startswith(prefix + "."):
+                if best is None or len(prefix) > best[1]:
+                    best = (rank, len(prefix))
+    return None if best is None else best[0]
+
+
+def test_every_module_has_a_layer_and_imports_nothing_above_it():
+    graph = _graph()
+    unplaced = [name for name in graph if name != "mone_train" and _layer(name) is None]
+    assert unplaced == []
+    upward = [
+        f"{name} -> {target}"
+        for name, targets in graph.items()
+        for target in targets
+        if name != "mone_train" and target != "mone_train" and _layer(target) > _layer(name)
+    ]
+    assert upward == []
+
+
+def test_no_folder_of_the_package_holds_more_than_a_dozen_modules():
+    crowded = {}
+    for package in PACKAGES:
+        for folder in [REPO / package, *(p for p in (REPO / package).rglob("*") if p.is_dir())]:
+            modules = [p for p in folder.glob("*.py") if p.name != "__init__.py"]
+            if len(modules) > MAX_MODULES_PER_FOLDER and "remote_code" not in folder.parts:
+                crowded[str(folder.relative_to(REPO))] = len(modules)
+    assert crowded == {}

@@ -21,9 +21,14 @@ from mone_kernels.triton_topk_swiglu import (
 from tests.helpers.references import ng_lbl_literal
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-pytestmark = pytest.mark.skipif(
-    not triton_runnable(DEVICE), reason="needs CUDA or TRITON_INTERPRET=1 (set by conftest)"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not triton_runnable(DEVICE), reason="needs CUDA or TRITON_INTERPRET=1 (set by conftest)"
+    ),
+    # Compiled on a GPU: there these belong to the gpu tier (run last, without the CPU patches
+    # of earlier tests: tests/conftest.py).
+    *([pytest.mark.gpu] if DEVICE.type == "cuda" else []),
+]
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
@@ -225,8 +230,8 @@ def test_five_training_steps_match_the_reference_path(tmp_path):
     pytest.importorskip("megatron.core")
     from tests.helpers.gpt_parity import kernel_run_losses
 
-    reference = kernel_run_losses(tmp_path / "reference", "reference")
-    triton = kernel_run_losses(tmp_path / "triton", "triton")
+    reference = kernel_run_losses(tmp_path / "reference", "reference", DEVICE.type)
+    triton = kernel_run_losses(tmp_path / "triton", "triton", DEVICE.type)
     assert len(triton) == 6
     for got, want in zip(triton, reference):
         assert abs(got - want) <= 1e-5

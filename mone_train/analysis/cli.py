@@ -125,8 +125,10 @@ def _device(choice: str):
 
     if choice == "cuda" and not torch.cuda.is_available():
         raise AnalysisError("--device cuda is invalid here: no CUDA device (use auto or cpu)")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "auto":  # CUDA when present, unless MONE_TRAIN_DEVICE says otherwise
+        from mone_train.parallel.process_groups import run_device
+
+        choice = run_device()
     return torch.device(choice)
 
 

@@ -31,21 +31,16 @@ import torch.nn.functional as F
 
 from mone_train.analysis.errors import AnalysisError
 from mone_train.analysis.neurons import NeuronControl, kept_counts
-from mone_train.components.checkpoint import (
-    CheckpointError,
-    config_from_marker,
-    load_model_weights,
-    read_marker,
-    resolve_checkpoint,
+from mone_train.components.checkpoint import CheckpointError
+from mone_train.components.checkpoint_model import (
+    describe_checkpoint,
+    open_checkpoint_model,
+    saved_vocab_size,
 )
-from mone_train.config import one_process_layout
 from mone_train.data.tokenizer import tokenizer_from_config
 from mone_train.errors import ConfigError
-from mone_train.model.builder import build_gpt_model
 from mone_train.model.lm import causal_mask
 from mone_train.model.mone_experts import experts_forward
-from mone_train.parallel.process_groups import init_distributed, shutdown_distributed
-from mone_train.runtime import configure_torch
 
 
 class _ExpertsHook:
@@ -95,58 +90,30 @@ class OurModel:
 
     def __init__(self, path: Path, device: torch.device) -> None:
         try:
-            self.checkpoint = resolve_checkpoint(path, key="--model")
-            marker = read_marker(self.checkpoint)
-            cfg = config_from_marker(self.checkpoint, marker)
+            self.checkpoint, marker, self.cfg = describe_checkpoint(path, key="--model")
         except CheckpointError as err:
             raise AnalysisError(str(err)) from None
         self.step = marker.get("step")
-        one_process_layout(cfg)  # dist_checkpointing reshards the saved layout
-        self.cfg = cfg
-        self._vocab_size = (marker.get("signature") or {}).get("vocab_size") or cfg.model.vocab_size
+        self._vocab_size = saved_vocab_size(marker, self.cfg)
         self._tokenizer = None
-        self._own_group = False
+        self._opened = None
         self.control = NeuronControl()
         self.device = device
-        self._start(device)
-
-    def _start(self, device: torch.device) -> None:
-        import torch.distributed as dist
-
-        configure_torch(self.cfg)
-        self._own_group = not dist.is_initialized()
         try:
-            info = init_distributed(1)
-            if info.device.type != device.type:
-                raise AnalysisError(
-                    f"--device {device.type}: megatron-core runs this checkpoint on "
-                    f"{info.device.type} here (hide GPUs with --device cpu)"
-                )
             if self._vocab_size is None:
                 self._vocab_size = self.tokenizer().vocab_size
-            self.model = self._build_and_load()
-        except ConfigError as err:  # tokenizer, launch environment
-            self.close()
+            self._opened = open_checkpoint_model(
+                self.checkpoint, "--model", device=device.type, vocab_size=self._vocab_size
+            )
+        except ConfigError as err:  # tokenizer, launch environment, the weights
             raise AnalysisError(f"--model {self.checkpoint}: {err}") from None
+        self.model = self._opened.model
+        self._causal_mask = causal_mask
+        try:
+            self.hooks = self._hook_experts()
         except BaseException:
             self.close()
             raise
-        self._causal_mask = causal_mask
-        self.hooks = self._hook_experts()
-
-    def _build_and_load(self):
-        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-        torch.manual_seed(self.cfg.trainer.seed)
-        model_parallel_cuda_manual_seed(self.cfg.trainer.seed)
-        model = build_gpt_model(self.cfg, self._vocab_size)
-        if torch.cuda.is_available():
-            model.cuda(torch.cuda.current_device())
-        try:
-            load_model_weights(self.checkpoint, model, key="--model")
-        except CheckpointError as err:
-            raise AnalysisError(str(err)) from None
-        return model.eval()
 
     def _hook_experts(self) -> list[_ExpertsHook]:
         from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -244,6 +211,5 @@ class OurModel:
 
     def close(self) -> None:
         """Tear down the process group if this object started it."""
-        if self._own_group:
-            shutdown_distributed()
-            self._own_group = False
+        if self._opened is not None:
+            self._opened.close()

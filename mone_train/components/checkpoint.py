@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from mone_train.config import Config
 from mone_train.errors import ConfigError, first_line
+from mone_train.parallel.process_groups import on_cuda
 
 CHECKPOINTS = "checkpoints"
 MARKER = "COMPLETE.json"
@@ -159,18 +160,38 @@ def resolve_checkpoint(path: Path, key: str = "checkpoint") -> Path:
         return path
     if not path.is_dir():
         raise CheckpointError(f"{key}={str(path)!r}: no such checkpoint directory")
+    if path.name.startswith(STAGING_PREFIX):
+        raise CheckpointError(f"{key}={str(path)!r} is a save {_SAVE_IN_PROGRESS}")
     if not (path / CHECKPOINTS).is_dir():
+        if (path / RUN_CONFIG).is_file():
+            raise CheckpointError(f"{key}={str(path)!r}: {_NO_SAVE}")
         raise CheckpointError(
             f"{key}={str(path)!r} is incomplete (no {MARKER}); a save was interrupted "
             "(expected a complete checkpoint or a run directory)"
         )
     newest = newest_checkpoint(path, warn=False)
     if newest is None:
-        raise CheckpointError(
-            f"{key}={str(path)!r}: run directory without a complete checkpoint (no "
-            f"{CHECKPOINTS}/step_*/{MARKER}; train with trainer.save_interval > 0)"
-        )
+        staging = sorted((path / CHECKPOINTS).glob(f"{STAGING_PREFIX}*"))
+        if staging:
+            where = f"{CHECKPOINTS}/{staging[-1].name}"
+            raise CheckpointError(
+                f"{key}={str(path)!r}: its only save, {where}, is {_SAVE_IN_PROGRESS}"
+            )
+        raise CheckpointError(f"{key}={str(path)!r}: {_NO_SAVE}")
     return newest
+
+
+STAGING_PREFIX = ".tmp-"  # a save is written here, then renamed to step_<N> (save_checkpoint)
+RUN_CONFIG = "config.yaml"  # what every run directory holds from its start (run_dir.py)
+_SAVE_IN_PROGRESS = (
+    f"still being written (no {MARKER} yet): use it once the save completes and is "
+    "renamed to step_<N> (if its run was killed during the save, it never will)"
+)
+_NO_SAVE = (
+    f"a run directory that saved no checkpoint (no {CHECKPOINTS}/step_*/{MARKER}): train with "
+    "trainer.save_interval=N > 0 (the last step then always saves), or send SIGUSR1 to a "
+    "running job to save at its next step"
+)
 
 
 def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
@@ -396,6 +417,21 @@ def free_bytes(folder: Path) -> int:
     return shutil.disk_usage(folder).free
 
 
+def require_free_space(folder: Path, need: int, key: str) -> None:
+    """CheckpointError naming ``key`` when the disk of ``folder`` has less than ``need`` bytes
+    free (checked before anything is written)."""
+    free = free_bytes(folder)
+    if need > free:
+        raise CheckpointError(
+            f"{key} {folder}: writing it needs {_size(need)} but its disk has {_size(free)} "
+            "free (choose a folder on a disk with more space)"
+        )
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 1e9:,.2f} GB" if num_bytes >= 10**8 else f"{num_bytes / 1e6:,.1f} MB"
+
+
 @single_threaded_collectives
 def save_checkpoint(
     run_dir: Path,
@@ -424,7 +460,7 @@ def save_checkpoint(
     rank = dist.get_rank()
     folder = run_dir / CHECKPOINTS
     final = folder / f"step_{step:08d}"
-    staging = folder / f".tmp-{final.name}"
+    staging = folder / f"{STAGING_PREFIX}{final.name}"
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)  # left by a save that was killed
@@ -498,7 +534,7 @@ def _save_rng_states(staging: Path, rank: int) -> None:
     dist.barrier()
     rng = {
         "cpu": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state() if on_cuda() else None,
         "tracker": get_cuda_rng_tracker().get_states(),
     }
     torch.save(rng, staging / "rng" / f"rank{rank}.pt")
@@ -578,7 +614,7 @@ def load_checkpoint(path: Path, model, optimizer, signature: dict) -> ResumePoin
     if rng_file.is_file():  # absent when resuming on more ranks than saved
         rng = torch.load(rng_file, weights_only=False)
         torch.set_rng_state(rng["cpu"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
+        if rng["cuda"] is not None and on_cuda():
             torch.cuda.set_rng_state(rng["cuda"])
         get_cuda_rng_tracker().set_states(rng["tracker"])
     return ResumePoint(path, common["step"], common["consumed_samples"], common.get("wandb_id"))

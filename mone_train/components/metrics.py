@@ -19,6 +19,7 @@ from megatron.core.transformer.moe.moe_utils import (
     clear_aux_losses_tracker,
     get_moe_layer_wise_logging_tracker,
 )
+from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
 from mone_train.components.health import HealthMonitor, model_flops_per_token, peak_tflops
 from mone_train.components.stragglers import StragglerReport
@@ -27,7 +28,7 @@ from mone_train.config import Config
 from mone_train.model.builder import num_moe_layers
 from mone_train.model.params import ParamCounts
 from mone_train.parallel import comm_stats
-from mone_train.parallel.process_groups import DistInfo
+from mone_train.parallel.process_groups import DistInfo, on_cuda
 
 
 @dataclass
@@ -70,6 +71,7 @@ class TrainMetrics:
         comm_stats.take()
         self.stragglers = StragglerReport(info.world_size, info.device, info.is_main)
         get_moe_layer_wise_logging_tracker().clear()  # a global: start from nothing tracked
+        clear_mtp_loss()  # likewise (forwards before the first step track their MTP loss)
         self.interval = IntervalStats()
 
     def _gpu_flops(self) -> tuple[float | None, float] | None:
@@ -91,10 +93,18 @@ class TrainMetrics:
         """Time inside is not training time (evaluation, saving); its exchanges not training's."""
         start = time.perf_counter()
         self.interval.collective_s += self.stragglers.collective_seconds()
+        # The interval's auxiliary losses so far survive the pause; what ran inside does not
+        # count (clearing them here dropped all but the last step of each interval).
+        tracker = get_moe_layer_wise_logging_tracker()
+        kept = {name: entry["values"].clone() for name, entry in tracker.items()}
         try:
             yield
         finally:
-            clear_aux_losses_tracker()
+            for name, entry in tracker.items():
+                if name in kept:
+                    entry["values"].copy_(kept[name])
+                else:
+                    entry["values"].zero_()
             comm_stats.take()
             self.stragglers.collective_seconds()  # not the steps' waits
             self.interval.start += time.perf_counter() - start
@@ -127,6 +137,7 @@ class TrainMetrics:
             get_moe_layer_wise_logging_tracker(), self.num_moe, interval.steps * self.accum
         )
         clear_aux_losses_tracker()
+        mtp_loss = read_mtp_loss(self.cfg.model.mtp_num_layers, interval.steps * self.accum)
         record = {
             "step": step,
             # The mean over finite losses (None when no step of the interval had one).
@@ -138,6 +149,7 @@ class TrainMetrics:
             "aux_loss": next((aux[k] for k in AUX_LOSS_NAMES if k in aux), None),
             "z_loss": aux.get("z_loss"),
             "ng_lbl": aux.get("ng_lbl"),
+            "mtp_loss": mtp_loss,  # multi-token prediction, unscaled (model.mtp_num_layers)
             # Expert-parallel token exchange of the whole job per step (0 at EP = 1).
             "a2a_bytes": job_total(interval.a2a_bytes, self.info) / interval.steps,
             # Activated parameters per token, both ways (docs/method.md): MoE routing alone, and
@@ -199,9 +211,7 @@ def read_aux_losses(tracker: dict, num_moe: int, num_forwards: int) -> dict[str,
         dist.all_gather_object(every, names)
         names = sorted(set().union(*every))
     holders = dist.get_world_size() // stages
-    device = (
-        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    )
+    device = torch.device("cuda", torch.cuda.current_device()) if on_cuda() else None
     out = {}
     for name in names:
         entry = tracker.get(name)
@@ -218,10 +228,41 @@ def read_aux_losses(tracker: dict, num_moe: int, num_forwards: int) -> dict[str,
     return out
 
 
+def clear_mtp_loss() -> None:
+    """Zero megatron's multi-token prediction loss tracker (it exists after the first MTP
+    forward only; evaluation forwards, in eval mode, add nothing to it)."""
+    values = MTPLossLoggingHelper.tracker.get("values")
+    if values is not None:
+        values.zero_()
+
+
+def read_mtp_loss(num_mtp_layers: int, num_forwards: int) -> float | None:
+    """Mean multi-token prediction loss over MTP layers and forward passes, job-wide (None
+    without MTP). megatron's tracker adds each micro batch's per-token loss of each MTP layer
+    on the last pipeline stage, the same on its tensor-parallel ranks: the sum over all ranks
+    divided by the ranks that hold the layers (world / pipeline stages) is the mean over
+    data-parallel replicas. Clears the tracker."""
+    if not num_mtp_layers:
+        return None
+    from megatron.core import parallel_state
+
+    values = MTPLossLoggingHelper.tracker.get("values")
+    total = float(values.float().sum()) if values is not None else 0.0
+    clear_mtp_loss()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if on_cuda() else None
+        summed = torch.tensor([total], dtype=torch.float64, device=device)
+        dist.all_reduce(summed)
+        stages = parallel_state.get_pipeline_model_parallel_world_size()
+        total = float(summed) / (dist.get_world_size() // stages)
+    return total / num_mtp_layers / max(1, num_forwards)
+
+
 _OPTIONAL_FIELDS = (  # (record key, label, format) shown on the log line when present
     ("aux_loss", "aux", ".4f"),
     ("z_loss", "z", ".4f"),
     ("ng_lbl", "ng_lbl", ".4f"),
+    ("mtp_loss", "mtp", ".4f"),
     ("load/imbalance", "load max/mean", ".2f"),
     ("neurons/utilisation", "neuron util", ".3f"),
     ("gate_abs/q50", "|g| median", ".3g"),

@@ -1,7 +1,8 @@
 """Where metrics go: the terminal, ``metrics.jsonl`` in the run directory, and wandb.
 
 Only the main rank writes. Every record is one JSON object per line with at least ``step``;
-evaluation records carry ``val_loss`` (nats per token).
+evaluation records carry ``val_loss`` (nats per token) and the evaluator's other metrics
+(``eval/<set>/...``, ``task/<task>/...``, ``rho<r>/...``: docs/evaluation.md).
 """
 
 from __future__ import annotations

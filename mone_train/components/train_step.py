@@ -20,6 +20,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
 
 from mone_train.components.optimizer import (
     OptimizerSharding,
@@ -102,6 +103,9 @@ class TrainStep:
         # overwrite in place: start from a fresh [1] tensor.
         MoEAuxLossAutoScaler.main_loss_backward_scale = None
         MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=info.device) / accum)
+        # the same for the multi-token prediction loss (model.mtp_num_layers)
+        MTPLossAutoScaler.main_loss_backward_scale = None
+        MTPLossAutoScaler.set_loss_scale(torch.ones(1, device=info.device) / accum)
 
     def __call__(self, batches: Iterator[dict], lr: float) -> StepResult:
         """Forward/backward ``accum`` micro batches from ``batches``, then step at ``lr``."""

@@ -1,10 +1,12 @@
 """``mone-export``: a run directory or checkpoint -> a Hugging Face model directory.
 
     mone-export RUN_DIR_OR_CHECKPOINT --out DIR [--overwrite] [--dtype float32|bfloat16|float16]
+                [--max-shard-size 5GB]
 
-Bad input (a path that is no checkpoint, a checkpoint folder without ``COMPLETE.json``, an
-existing ``--out`` without ``--overwrite``) ends in one line ``mone-export: ...`` on stderr and
-exit code 2, before anything is written. See docs/inference.md.
+Bad input (a path that is no checkpoint, a checkpoint folder without ``COMPLETE.json``, a run
+that saved no checkpoint, a save still being written, an existing ``--out`` without
+``--overwrite``, too little free disk for ``--out``) ends in one line ``mone-export: ...`` on
+stderr and exit code 2, before anything is written. See docs/inference.md.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import sys
 
 from mone_train.command_line import CommandParser, quiet_libraries
 from mone_train.errors import report_failure
+
+DEFAULT_MAX_SHARD_SIZE = "5GB"  # transformers' default until v5
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
         help="dtype of the written weights (training keeps fp32 masters)",
     )  # fmt: skip
+    parser.add_argument(
+        "--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, metavar="SIZE",
+        help="largest safetensors file (e.g. 5GB, 500MB; a larger tensor gets a file of its own)",
+    )  # fmt: skip
     return parser
 
 
@@ -45,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         from mone_train.export.writer import export_checkpoint
 
-        result = export_checkpoint(args.source, args.out, args.overwrite, args.dtype)
+        result = export_checkpoint(
+            args.source, args.out, args.overwrite, args.dtype, args.max_shard_size
+        )
     except Exception as err:
         return report_failure("mone-export", err)
     print(

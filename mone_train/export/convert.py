@@ -199,8 +199,11 @@ def hf_layer_names(cfg: Config, t: dict[str, torch.Tensor], arch: str) -> dict[s
     return out
 
 
-def _layer_entries(cfg: Config, state: dict[str, torch.Tensor]) -> dict[int, dict[str, object]]:
-    """Group megatron's per-layer weights: {layer: {name: tensor, "experts": {e: {fc: w}}}}."""
+def _layer_entries(
+    cfg: Config, state: dict[str, torch.Tensor], complete: bool = True
+) -> dict[int, dict[str, object]]:
+    """Group megatron's per-layer weights: {layer: {name: tensor, "experts": {e: {fc: w}}}};
+    ``complete``: every decoder layer must be there."""
     layers: dict[int, dict[str, object]] = {}
     for key, tensor in state.items():
         match = _LAYER.fullmatch(key)
@@ -213,7 +216,7 @@ def _layer_entries(cfg: Config, state: dict[str, torch.Tensor]) -> dict[int, dic
             entry["experts"].setdefault(int(expert.group(1)), {})[expert.group(2)] = tensor
         else:
             entry[rest] = tensor
-    if sorted(layers) != list(range(cfg.model.num_layers)):
+    if complete and sorted(layers) != list(range(cfg.model.num_layers)):
         raise ExportError(
             f"the checkpoint holds decoder layers {sorted(layers)}, expected "
             f"{cfg.model.num_layers} (0 ... {cfg.model.num_layers - 1})"
@@ -244,6 +247,35 @@ def convert_state_dict(
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
 
+# megatron's names of the tensors outside the decoder layers -> Hugging Face's
+OUTER_NAMES = {
+    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "decoder.final_layernorm.weight": "model.norm.weight",
+    "output_layer.weight": "lm_head.weight",
+}
+
+
+def convert_partial(
+    cfg: Config, state: dict[str, torch.Tensor], arch: str
+) -> dict[str, torch.Tensor]:
+    """Some of the model's megatron tensors (the outer ones, or whole decoder layers: what a
+    streaming export reads at a time; meta tensors too) -> their Hugging Face tensors, named
+    and laid out as :func:`convert_state_dict` does."""
+    state = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
+    out = {}
+    for ours, theirs in OUTER_NAMES.items():
+        tensor = state.pop(ours, None)
+        if tensor is not None and not (ours == "output_layer.weight" and cfg.model.tie_embeddings):
+            out[theirs] = tensor
+    for layer, entry in sorted(_layer_entries(cfg, state, complete=False).items()):
+        names = hf_layer_names(cfg, megatron_layer(cfg, entry, layer), arch)
+        out.update({f"model.layers.{layer}.{name}": tensor for name, tensor in names.items()})
+    unmapped = [k for k in state if not _LAYER.fullmatch(k)]
+    if unmapped:
+        raise ExportError(f"megatron weight {unmapped[0]!r} has no mapping")
+    return out
+
+
 def hf_config_kwargs(cfg: Config, vocab_size: int, special: dict[str, int | None]) -> dict:
     """Keyword arguments shared by every target's config."""
     m = cfg.model
@@ -269,12 +301,12 @@ def hf_config(cfg: Config, vocab_size: int, special: dict[str, int | None], arch
     """The transformers config object of the export (the family's class's, or ``MoNEConfig``)."""
     common = hf_config_kwargs(cfg, vocab_size, special)
     m = cfg.model
+    rope = m.rope_scaling.hf_parameters(m.rotary_base, m.max_position_embeddings)
     if arch != MONE:
         import transformers
 
         family = load_family(arch)
         config_class = getattr(transformers, family.hf_class.replace("ForCausalLM", "Config"))
-        rope = {"rope_type": "default", "rope_theta": m.rotary_base}
         return config_class(**common, **family.hf_config_kwargs(cfg), rope_parameters=rope)
     from mone_train.export.remote_code.configuration_mone import MoNEConfig
 
@@ -302,4 +334,5 @@ def hf_config(cfg: Config, vocab_size: int, special: dict[str, int | None], arch
         qk_layernorm=m.qk_layernorm,
         qkv_bias=m.qkv_bias,
         rope_theta=m.rotary_base,
+        rope_parameters=rope,
     )

@@ -1,52 +1,29 @@
 """A mone-train checkpoint as a megatron-core GPTModel in this process, for conversion.
 
-The model is rebuilt from the resolved config in the checkpoint's ``COMPLETE.json`` at expert
-parallel size 1 (``dist_checkpointing`` reshards a checkpoint saved at any EP size on load) and
-only its weights are read; the optimizer moments stay on disk. A one-process gloo group is
-started for megatron's parallel state unless the caller already has one.
+Opened by ``mone_train/components/checkpoint_model.py`` (the one place a checkpoint becomes a
+one-process model: any saved TP/PP/EP layout, weights only), then checked for settings the
+export does not reproduce.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from mone_train.components.checkpoint import (
-    config_from_marker,
-    load_model_weights,
-    read_marker,
-    resolve_checkpoint,
+from mone_train.components.checkpoint_model import (
+    CheckpointModel,
+    checkpoint_model,
+    describe_checkpoint,
 )
-from mone_train.config import Config, one_process_layout
+from mone_train.config import Config
 from mone_train.export.errors import ExportError
-from mone_train.model.builder import build_gpt_model, recipe_settings
-from mone_train.parallel.process_groups import init_distributed, shutdown_distributed
-from mone_train.runtime import configure_torch
+from mone_train.model.builder import recipe_settings
 
-
-@dataclass
-class MegatronCheckpoint:
-    """A loaded checkpoint: where it is, its step, the run's config and the built model."""
-
-    path: Path
-    step: int | None
-    cfg: Config
-    vocab_size: int
-    model: torch.nn.Module
-
-
-def describe_checkpoint(path: Path, key: str = "checkpoint") -> tuple[Path, dict, Config]:
-    """(checkpoint folder, marker, config) of a run directory or checkpoint, without loading
-    any tensor. Raises CheckpointError (a ConfigError) naming ``key`` for a bad path."""
-    checkpoint = resolve_checkpoint(Path(path), key=key)
-    marker = read_marker(checkpoint)
-    cfg = config_from_marker(checkpoint, marker)
-    one_process_layout(cfg)  # dist_checkpointing reshards the saved layout
-    return checkpoint, marker, cfg
+MegatronCheckpoint = CheckpointModel  # (the name the export and its tests use)
+__all__ = ["MegatronCheckpoint", "describe_checkpoint", "megatron_checkpoint", "read_weights"]
 
 
 # The recipe settings (builder.recipe_settings) that change the forward pass of a trained model;
@@ -72,6 +49,7 @@ def check_semantics(model: torch.nn.Module, cfg: Config) -> None:
         "softmax_scale": None,
         "apply_query_key_layer_scaling": False,
         "apply_residual_connection_post_layernorm": False,
+        "multi_latent_attention": False,  # our modeling code has grouped-query attention only
     }
     recipe = recipe_settings(cfg)
     expected.update({name: recipe[name] for name in REPRODUCED_RECIPE})
@@ -88,30 +66,14 @@ def check_semantics(model: torch.nn.Module, cfg: Config) -> None:
 
 
 @contextlib.contextmanager
-def megatron_checkpoint(path: Path, key: str = "checkpoint") -> Iterator[MegatronCheckpoint]:
-    """The checkpoint's GPTModel (eval mode, all experts local) while the context is open."""
-    import torch.distributed as dist
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    checkpoint, marker, cfg = describe_checkpoint(path, key)
-    vocab_size = (marker.get("signature") or {}).get("vocab_size") or cfg.model.vocab_size
-    if vocab_size is None:
-        raise ExportError(f"{key} {checkpoint}: the marker records no vocabulary size")
-    configure_torch(cfg)
-    own_group = not dist.is_initialized()
-    try:
-        init_distributed(1)
-        torch.manual_seed(cfg.trainer.seed)
-        model_parallel_cuda_manual_seed(cfg.trainer.seed)
-        model = build_gpt_model(cfg, vocab_size)
-        if torch.cuda.is_available():
-            model.cuda(torch.cuda.current_device())
-        load_model_weights(checkpoint, model, key=key)
-        check_semantics(model, cfg)
-        yield MegatronCheckpoint(checkpoint, marker.get("step"), cfg, int(vocab_size), model.eval())
-    finally:
-        if own_group:
-            shutdown_distributed()
+def megatron_checkpoint(
+    path: Path, key: str = "checkpoint", meta: bool = False
+) -> Iterator[MegatronCheckpoint]:
+    """The checkpoint's GPTModel (eval mode, all experts local) while the context is open;
+    ``meta``: its shapes only, nothing read."""
+    with checkpoint_model(path, key, meta=meta) as loaded:
+        check_semantics(loaded.model, loaded.cfg)
+        yield loaded
 
 
 def read_weights(path: Path, key: str = "checkpoint") -> tuple[MegatronCheckpoint, dict]:

@@ -5,7 +5,8 @@ A directory written by :func:`export_checkpoint`:
 
     config.json              transformers config (``auto_map`` -> the files below for MoNE)
     generation_config.json   end-of-document / padding ids
-    model.safetensors        the weights (converted by ``convert.py``)
+    model.safetensors        the weights (converted by ``convert.py``; with ``--max-shard-size``
+                             exceeded: model-0000i-of-0000n.safetensors + index, ``shards.py``)
     configuration_mone.py    MoNE architecture only: the modeling code, loaded with
     modeling_mone.py           ``trust_remote_code=True`` (torch + transformers, no megatron)
     sparse_decode.py           (a copy of ``mone_kernels/sparse_decode.py``)
@@ -13,30 +14,44 @@ A directory written by :func:`export_checkpoint`:
     mone_export.json         where it came from: checkpoint, step, flavour, rho, K, config
 
 Everything is written into a staging folder beside ``--out`` and renamed into place at the end,
-so an interrupted export never leaves a half-written model under the requested name.
+so an interrupted export never leaves a half-written model under the requested name. The
+export holds no whole model: megatron's and transformers' models exist on the meta device
+only, and the weights are read, converted and written one group (a decoder layer) at a time;
+the files are those ``save_pretrained`` would write. :func:`hf_model_from_checkpoint` builds
+the whole transformers model in memory instead, for generation.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from mone_train.components.checkpoint import require_free_space
+from mone_train.components.checkpoint_model import load_weight_group
 from mone_train.data.tokenizer import tokenizer_from_config
 from mone_train.errors import ConfigError
 from mone_train.export import remote_code
 from mone_train.export.convert import (
     MONE,
     architecture_for,
+    convert_partial,
     convert_state_dict,
     hf_config,
     num_kept,
 )
 from mone_train.export.errors import ExportError
-from mone_train.export.megatron_source import MegatronCheckpoint, describe_checkpoint, read_weights
+from mone_train.export.megatron_source import (
+    MegatronCheckpoint,
+    describe_checkpoint,
+    megatron_checkpoint,
+    read_weights,
+)
+from mone_train.export.shards import ShardWriter, TensorSpec, plan_shards, size_in_bytes
 from mone_train.export.tokenizer_files import write_tokenizer_files
 
 PROVENANCE = "mone_export.json"
@@ -109,10 +124,7 @@ def hf_model_from_checkpoint(path: Path, dtype: torch.dtype = torch.float32, key
     """(Hugging Face model, the run's tokenizer, checkpoint) for a run directory or checkpoint,
     converted in memory; the same model an export would write."""
     loaded, state = read_weights(Path(path), key)
-    try:
-        tokenizer = tokenizer_from_config(getattr(loaded.cfg.data, "tokenizer", None))
-    except ConfigError as err:
-        raise ExportError(f"{key} {loaded.path}: {err}") from None
+    tokenizer = _tokenizer(loaded, key)
     return build_hf_model(loaded, state, tokenizer, dtype), tokenizer, loaded
 
 
@@ -142,35 +154,116 @@ def _provenance(model, loaded: MegatronCheckpoint, dtype: str) -> dict:
 
 
 def export_checkpoint(
-    source: Path, out: Path, overwrite: bool = False, dtype: str = "float32"
+    source: Path,
+    out: Path,
+    overwrite: bool = False,
+    dtype: str = "float32",
+    max_shard_size: str = "5GB",
 ) -> ExportResult:
-    """Write the Hugging Face directory of ``source`` (run directory or checkpoint) to ``out``."""
+    """Write the Hugging Face directory of ``source`` (run directory or checkpoint) to ``out``.
+
+    Bounded memory: the model exists only on the meta device (megatron's and transformers');
+    the weights are read one group at a time (the outer tensors, then each decoder layer),
+    converted and written into their place in the planned shards."""
     source, out = Path(source).expanduser(), Path(out).expanduser().absolute()
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype} is invalid: expected one of {', '.join(DTYPES)}")
+    max_shard_bytes = size_in_bytes(max_shard_size)
     check_output(out, overwrite)
     describe_checkpoint(source, key="source")  # a bad path fails before any loading
-    model, tokenizer, loaded = hf_model_from_checkpoint(source, DTYPES[dtype], key="source")
-    staging = out.parent / f".{out.name}.export-tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    with megatron_checkpoint(source, key="source", meta=True) as loaded:
+        tokenizer = _tokenizer(loaded, key="source")
         arch = architecture_for(loaded.cfg)
-        if arch == MONE:
-            model.config.auto_map = dict(AUTO_MAP)
-        model.save_pretrained(staging)
-        if arch == MONE:
-            _write_code(staging)
-        tokenizer_cfg = getattr(loaded.cfg.data, "tokenizer", None)
-        write_tokenizer_files(tokenizer_cfg, staging, loaded.cfg.model.max_position_embeddings)
-        provenance = _provenance(model, loaded, dtype)
-        (staging / PROVENANCE).write_text(json.dumps(provenance, indent=2, default=str) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
+        hf_model = _meta_hf_model(loaded, tokenizer, arch)
+        groups = weight_groups(loaded.model, loaded.cfg)
+        specs = [
+            TensorSpec(name, tensor.dtype, tuple(tensor.shape))
+            for group in groups
+            for name, tensor in _hf_tensors(loaded, hf_model, _meta(group), dtype).items()
+        ]
+        require_free_space(out.parent, sum(spec.num_bytes for spec in specs) + 2**20, "--out")
+        staging = out.parent / f".{out.name}.export-tmp"
         shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        try:
+            writer = ShardWriter(staging, plan_shards(specs, max_shard_bytes))
+            for group in groups:
+                state = load_weight_group(loaded.path, group, key="source")
+                for name, tensor in _hf_tensors(loaded, hf_model, state, dtype).items():
+                    writer.write(name, tensor)
+                del state
+            writer.finish()
+            _write_rest(staging, hf_model, loaded, arch, dtype)
+            if out.exists():
+                shutil.rmtree(out)
+            staging.rename(out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     cfg = loaded.cfg
     return ExportResult(
         out, loaded.path, loaded.step, arch, num_kept(cfg), cfg.model.moe_ffn_hidden_size
     )
+
+
+def _tokenizer(loaded: MegatronCheckpoint, key: str):
+    try:
+        return tokenizer_from_config(getattr(loaded.cfg.data, "tokenizer", None))
+    except ConfigError as err:
+        raise ExportError(f"{key} {loaded.path}: {err}") from None
+
+
+def _meta_hf_model(loaded: MegatronCheckpoint, tokenizer, arch: str):
+    """The Hugging Face model on the meta device: its config, generation config and weight
+    conversions (what ``save_pretrained`` reads of a model), no weights."""
+    special = {"eos": int(tokenizer.eod), "pad": int(tokenizer.pad), "bos": None}
+    config = hf_config(loaded.cfg, loaded.vocab_size, special, arch)
+    with torch.device("meta"):
+        return _model_class(arch)(config)
+
+
+def weight_groups(model: torch.nn.Module, cfg) -> list[dict]:
+    """The model's sharded state dict (megatron's names -> sharded tensors) in the groups the
+    export reads at a time: the tensors outside the decoder layers, then each layer."""
+    from mone_train.components.checkpoint_model import weight_entries
+
+    layer = re.compile(r"decoder\.layers\.(\d+)\.")
+    groups: dict[int, dict] = {}
+    for name, value in weight_entries(model.sharded_state_dict()).items():
+        if name == "output_layer.weight" and cfg.model.tie_embeddings:
+            continue  # the embedding again
+        match = layer.match(name)
+        groups.setdefault(int(match.group(1)) if match else -1, {})[name] = value
+    return [groups[i] for i in sorted(groups)]
+
+
+def _meta(group: dict) -> dict[str, torch.Tensor]:
+    return {name: value.data for name, value in group.items()}
+
+
+def _hf_tensors(loaded: MegatronCheckpoint, hf_model, state: dict, dtype: str) -> dict:
+    """A group of megatron tensors -> the tensors ``save_pretrained`` would write for them:
+    Hugging Face names, the class's on-disk layout (its reverted weight conversions), ``dtype``."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    converted = convert_partial(loaded.cfg, state, architecture_for(loaded.cfg))
+    reverted = revert_weight_conversion(hf_model, converted)
+    return {name: tensor.to(DTYPES[dtype]) for name, tensor in reverted.items()}
+
+
+def _write_rest(staging: Path, hf_model, loaded: MegatronCheckpoint, arch: str, dtype: str):
+    """config.json and generation_config.json as ``save_pretrained`` writes them, the modeling
+    code (MoNE), the tokenizer files and the provenance."""
+    config = hf_model.config
+    config.dtype = dtype
+    config.architectures = [type(hf_model).__name__]
+    if arch == MONE:
+        config.auto_map = dict(AUTO_MAP)
+    config.save_pretrained(staging)
+    if hf_model.can_generate():
+        hf_model.generation_config.save_pretrained(staging)
+    if arch == MONE:
+        _write_code(staging)
+    tokenizer_cfg = getattr(loaded.cfg.data, "tokenizer", None)
+    write_tokenizer_files(tokenizer_cfg, staging, loaded.cfg.model.max_position_embeddings)
+    provenance = _provenance(hf_model, loaded, dtype)
+    (staging / PROVENANCE).write_text(json.dumps(provenance, indent=2, default=str) + "\n")

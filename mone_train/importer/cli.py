@@ -1,6 +1,6 @@
 """``mone-import``: a local Hugging Face model directory -> a checkpoint mone-train starts from.
 
-    mone-import HF_DIR --out DIR [--overwrite]
+    mone-import HF_DIR --out DIR [--overwrite] [--dtype auto|float32|bfloat16|float16]
     mone-import DENSE_HF_DIR --out DIR --upcycle-experts E --upcycle-topk k [--granularity g]
 
 MoE models (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE) import as they are; dense ones (Llama, Qwen2,
@@ -10,19 +10,27 @@ output at step 0 equals the dense model's). The result trains with
     mone-train --config-dir DIR arch=imported [moe.neuron_keep_ratio=0.5 ...]
 
 (MoNE at rho = 0.5 by default: "MoNE-fying" the imported MoE; ``moe=moe`` continues it as plain
-MoE). Nothing is downloaded. Bad input (no config.json or weights, a missing shard, an unknown
-architecture, a tokenizer that does not fit the vocabulary, an existing --out) ends in one line
-``mone-import: ...`` and exit code 2, with nothing written. See docs/import.md.
+MoE). The weights keep the checkpoint's dtype (``--dtype`` to change it) and are held once:
+read tensor by tensor, converted, and saved without a model built around them
+(``writer.py``). Nothing is downloaded. Bad input (no config.json or weights, a missing or
+truncated shard, an index naming the wrong shard, an unknown architecture, a tokenizer that
+does not fit the vocabulary, an existing --out, too little free disk for --out) ends in one
+line ``mone-import: ...`` and exit code 2, with nothing written. See docs/import.md.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from functools import partial
 from pathlib import Path
+
+import torch
 
 from mone_train.command_line import CommandParser, quiet_libraries
 from mone_train.errors import report_failure
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_parser() -> CommandParser:
@@ -47,6 +55,10 @@ def build_parser() -> CommandParser:
     parser.add_argument("--granularity", type=int, default=1, metavar="G",
                         help="cut each MLP into G parts first (fine-grained experts)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="upcycling: router rows' seed")
+    parser.add_argument(
+        "--dtype", default="auto", choices=("auto", *DTYPES),
+        help="dtype of the imported weights (auto: the checkpoint's own, e.g. bf16 stays bf16)",
+    )  # fmt: skip
     return parser
 
 
@@ -59,7 +71,7 @@ def run_import(args) -> tuple[Path, dict]:
         model_settings,
     )
     from mone_train.importer.upcycle import upcycled_state
-    from mone_train.importer.writer import check_output, parameters, write_import
+    from mone_train.importer.writer import check_output, write_import
 
     out = Path(args.out).expanduser().absolute()
     upcycling = args.upcycle_experts is not None
@@ -68,22 +80,23 @@ def run_import(args) -> tuple[Path, dict]:
     check_output(out, args.overwrite)
     source = read_hf_dir(Path(args.source))
     family = check_supported(source, upcycling)
-    source.files  # noqa: B018 (the weights are there, every shard: before any work)
+    source.files  # noqa: B018 (the weights are there, every shard whole: before any work)
+    source.dtype = DTYPES.get(args.dtype) or source.stored_dtype
     start = time.perf_counter()
     if upcycling:
         settings = dense_settings(source, family, args.upcycle_experts, args.upcycle_topk,
                                   args.granularity)  # fmt: skip
-        state = upcycled_state(source, settings, args.granularity, args.seed)
+        convert = partial(upcycled_state, source, settings, args.granularity, args.seed)
     else:
         settings = model_settings(source, family)
-        state = megatron_state(source, settings)
+        convert = partial(megatron_state, source, settings)
     provenance = {
         "source": str(source.path.absolute()), "model_type": source.model_type,
-        "family": family, "parameters": parameters(state),
+        "family": family, "dtype": str(source.dtype).removeprefix("torch."),
         "upcycled": {"experts": args.upcycle_experts, "topk": args.upcycle_topk,
                      "granularity": args.granularity, "seed": args.seed} if upcycling else None,
     }  # fmt: skip
-    write_import(source, state, settings, out, provenance)
+    write_import(source, convert, settings, out, provenance)
     provenance["seconds"] = round(time.perf_counter() - start, 1)
     return out, provenance
 

@@ -3,7 +3,9 @@
 Reads ``config.json`` (through transformers' config class of its ``model_type``, offline, so
 that defaults are the class's own), the safetensors weights (one file, or shards listed in
 ``model.safetensors.index.json``), and finds the tokenizer files. Weights are read lazily, one
-tensor at a time. Nothing is ever downloaded: the path must be a local folder.
+tensor at a time, in the checkpoint's own dtype (or the one asked for): nothing else of the
+model is held. Every file's header is checked against its size first, so that a truncated
+download fails before any work. Nothing is ever downloaded: the path must be a local folder.
 
 Expert weights come in either layout transformers writes: one tensor per expert (what
 ``save_pretrained`` writes, and released checkpoints: ``mlp.experts.<e>.gate_proj`` /
@@ -38,6 +40,7 @@ class HFSource:
     config: object  # transformers PretrainedConfig of the model_type
     model_type: str
     tokenizer: Path | None = None  # tokenizer.json, when there is one
+    dtype: torch.dtype | None = None  # what tensor() returns; None: the stored dtype
     _files: dict[str, Path] | None = field(default=None, repr=False)
 
     @property
@@ -51,14 +54,33 @@ class HFSource:
     def has(self, name: str) -> bool:
         return name in self.files
 
+    @property
+    def stored_dtype(self) -> torch.dtype:
+        """The dtype the checkpoint stores its weights in (its embedding's)."""
+        name = "model.embed_tokens.weight"
+        if name not in self.files:
+            raise ImportError_(f"{self.path}: the weights lack {name!r}")
+        code = safetensors_header(self.files[name])[name]["dtype"]
+        if code not in SAFETENSORS_DTYPES:
+            raise ImportError_(f"{self.files[name]}: {name} is stored as {code} (expected one "
+                               f"of {', '.join(SAFETENSORS_DTYPES)})")  # fmt: skip
+        return SAFETENSORS_DTYPES[code]
+
+    @property
+    def num_bytes(self) -> int:
+        """Bytes of the weight files (headers included)."""
+        return sum(file.stat().st_size for file in set(self.files.values()))
+
     def tensor(self, name: str) -> torch.Tensor:
-        """One tensor as fp32 (raises ImportError_ naming it when absent)."""
+        """One tensor, read now, in ``dtype`` (raises ImportError_ naming it when absent). The
+        file is opened per tensor, so no shard stays mapped into memory."""
         from safetensors import safe_open
 
         if name not in self.files:
             raise ImportError_(f"{self.path}: the weights lack {name!r}")
         with safe_open(str(self.files[name]), framework="pt") as f:
-            return f.get_tensor(name).float()
+            tensor = f.get_tensor(name)
+        return tensor if self.dtype in (None, tensor.dtype) else tensor.to(self.dtype)
 
     def experts(self, prefix: str, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
         """([E, 2F, D] gate|up, [E, D, F] down) of the MoE block under ``prefix`` (e.g.
@@ -117,10 +139,34 @@ def _config_object(config_file: Path, raw: dict, model_type: str | None):
         ) from None
 
 
-def _weight_files(path: Path) -> dict[str, Path]:
-    """Tensor name -> the safetensors file holding it."""
-    from safetensors import safe_open
+# safetensors' dtype codes of the weights we read
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
+
+def safetensors_header(file: Path) -> dict:
+    """The header of a safetensors file (tensor name -> dtype, shape, data_offsets), checked
+    against the file's size; ImportError_ naming the file when it is not one or is cut short."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        start = f.read(8)
+        length = int.from_bytes(start, "little") if len(start) == 8 else size
+        if 8 + length > size:
+            raise ImportError_(f"{file}: truncated or not a safetensors file ({size:,} bytes, "
+                               "shorter than its header): copy it again")  # fmt: skip
+        try:
+            header = json.loads(f.read(length))
+        except ValueError as err:
+            raise ImportError_(f"{file}: not a safetensors file ({err})") from None
+    tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
+    end = 8 + length + max((entry["data_offsets"][1] for entry in tensors.values()), default=0)
+    if end > size:
+        raise ImportError_(f"{file}: truncated ({size:,} bytes; its header describes {end:,}): "
+                           "copy it again")  # fmt: skip
+    return tensors
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it (every file's header checked)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -133,6 +179,14 @@ def _weight_files(path: Path) -> dict[str, Path]:
                 f"{path}: shard {missing[0]} listed in {index.name} is missing"
                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             )
+        for file in sorted(set(weight_map.values())):
+            names = safetensors_header(path / file)
+            absent = [
+                name for name, held in weight_map.items() if held == file and name not in names
+            ]
+            if absent:
+                raise ImportError_(f"{path / file} lacks {absent[0]!r}, which {index.name} places "
+                                   "there")  # fmt: skip
         return {name: path / file for name, file in weight_map.items()}
     single = path / "model.safetensors"
     if not single.is_file():
@@ -141,5 +195,4 @@ def _weight_files(path: Path) -> dict[str, Path]:
             f"{path}: no model.safetensors or model.safetensors.index.json (found "
             f"{', '.join(found[:3])}; only safetensors weights are read)"
         )
-    with safe_open(str(single), framework="pt") as f:
-        return {name: single for name in f.keys()}
+    return {name: single for name in safetensors_header(single)}

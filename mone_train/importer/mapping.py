@@ -4,8 +4,8 @@ Settings: the shape and recipe every transformers MoE class shares (read here) p
 family's folder translates (``Family.model_overrides``). Tensors: the names of
 ``mone_train/export/convert.py`` read backwards (fused ``linear_qkv`` joined per query group,
 fc1 = [gate | up], experts stacked per layer). Whatever our model cannot reproduce exactly
-(another RoPE, a sliding window, biases on the output projection, latent attention) is refused
-with one line naming it.
+(a RoPE other than plain, Llama 3's or YaRN, a sliding window, biases on the output projection,
+latent attention) is refused with one line naming it.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import dataclasses
 
 import torch
 
-from mone_train.config import ModelConfig
+from mone_train.config import ROPE_PARAMETER_KEYS, ModelConfig
 from mone_train.export.convert import join_qkv
 from mone_train.families import family_names, load_family
 from mone_train.importer.hf_source import HFSource, ImportError_
@@ -26,9 +26,31 @@ DENSE = {
     "qwen3": ("qwen3_moe", {"qk_layernorm": "head"}),
 }
 NOT_SUPPORTED = {
-    "deepseek_v2": "multi-head latent attention (DeepSeek-V2/V3) is not supported",
-    "deepseek_v3": "multi-head latent attention (DeepSeek-V2/V3) is not supported",
+    "deepseek_v2": "importing multi-head latent attention (DeepSeek-V2/V3) is not supported yet "
+    "(arch=deepseek_v3 trains it from scratch)",
+    "deepseek_v3": "importing multi-head latent attention (DeepSeek-V2/V3) is not supported yet "
+    "(arch=deepseek_v3 trains it from scratch)",
 }
+
+
+def fp8_problem(source: HFSource) -> str | None:
+    """One line for FP8 block-scaled weights (DeepSeek-V3's release: ``quantization_config``
+    with ``quant_method: fp8`` and a ``weight_scale_inv`` tensor beside each quantised weight);
+    None for other checkpoints."""
+    quant = getattr(source.config, "quantization_config", None) or {}
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    scaled = method == "fp8"
+    if not scaled:
+        try:
+            scaled = any(name.endswith("weight_scale_inv") for name in source.files)
+        except ImportError_:  # no weights to look at: the other checks name that
+            return None
+    if not scaled:
+        return None
+    block = quant.get("weight_block_size", [128, 128]) if isinstance(quant, dict) else [128, 128]
+    return (f"{source.path}: FP8 block-scaled weights (weight_scale_inv tensors, one scale per "
+            f"{block[0]}x{block[1]} block): dequantise to bf16 first (each block times its "
+            "weight_scale_inv, as DeepSeek's fp8_cast_bf16.py does) and import that")  # fmt: skip
 
 
 def moe_families() -> dict[str, str]:
@@ -48,6 +70,9 @@ def supported() -> str:
 def check_supported(source: HFSource, upcycling: bool) -> str:
     """The family the source imports into; ImportError_ naming what is not supported."""
     kind = source.model_type
+    fp8 = fp8_problem(source)
+    if fp8:
+        raise ImportError_(fp8)
     if kind in NOT_SUPPORTED:
         raise ImportError_(f"{source.path}: model_type {kind!r}: {NOT_SUPPORTED[kind]}")
     if kind in moe_families():
@@ -90,13 +115,28 @@ def dense_mlp(source: HFSource, i: int) -> tuple[torch.Tensor, torch.Tensor, tor
     return t(f"{p}gate_proj.weight"), t(f"{p}up_proj.weight"), t(f"{p}down_proj.weight")
 
 
-def _rope_theta(source: HFSource) -> float:
+def rope_settings(source: HFSource) -> dict:
+    """``rotary_base`` and ``rope_scaling`` of the source's RoPE (transformers keeps it in
+    ``config.rope_parameters``); ImportError_ naming a rope_type we do not reproduce."""
     c = source.config
-    params = getattr(c, "rope_parameters", None) or {}
-    if params.get("rope_type", "default") != "default":
-        raise ImportError_(f"{source.path}: rope_type {params['rope_type']!r} is not supported "
-                           "(only the default RoPE)")  # fmt: skip
-    return float(params.get("rope_theta", getattr(c, "rope_theta", 10000.0)))
+    params = dict(getattr(c, "rope_parameters", None) or {})
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ROPE_PARAMETER_KEYS:
+        raise ImportError_(f"{source.path}: rope_type {rope_type!r} is not supported "
+                           f"(supported: {', '.join(ROPE_PARAMETER_KEYS)})")  # fmt: skip
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ImportError_(f"{source.path}: partial_rotary_factor "
+                           f"{params['partial_rotary_factor']} is not supported (RoPE over the "
+                           "whole head only)")  # fmt: skip
+    scaling = {"rope_type": rope_type}
+    scaling.update(
+        {k: params[k] for k in ROPE_PARAMETER_KEYS[rope_type] if params.get(k) is not None}
+    )
+    if rope_type == "yarn" and "factor" not in scaling:  # DeepSeek: the ratio of the contexts
+        original = scaling.get("original_max_position_embeddings", c.max_position_embeddings)
+        scaling["factor"] = c.max_position_embeddings / original
+    theta = params.get("rope_theta", getattr(c, "rope_theta", None))
+    return {"rotary_base": float(theta or 10000.0), "rope_scaling": scaling}
 
 
 def _refuse_what_we_cannot_reproduce(source: HFSource) -> None:
@@ -157,7 +197,7 @@ def model_settings(source: HFSource, family: str) -> dict:
         "max_position_embeddings": c.max_position_embeddings,
         "vocab_size": c.vocab_size,
         "tie_embeddings": bool(getattr(c, "tie_word_embeddings", False)),
-        "rotary_base": _rope_theta(source),
+        **rope_settings(source),
         "norm_epsilon": float(c.rms_norm_eps),
         "init_method_std": float(getattr(c, "initializer_range", 0.02)),
         "aux_loss_coeff": float(getattr(c, "router_aux_loss_coef", 0.01) or 0.0),
@@ -223,7 +263,7 @@ def dense_settings(source: HFSource, family: str, experts: int, topk: int, granu
         "max_position_embeddings": c.max_position_embeddings,
         "vocab_size": c.vocab_size,
         "tie_embeddings": bool(getattr(c, "tie_word_embeddings", False)),
-        "rotary_base": _rope_theta(source),
+        **rope_settings(source),
         "norm_epsilon": float(c.rms_norm_eps),
         "init_method_std": float(getattr(c, "initializer_range", 0.02)),
         "expert_granularity": 1,

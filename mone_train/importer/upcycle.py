@@ -39,7 +39,7 @@ def upcycled_state(source: HFSource, settings: dict, granularity: int, seed: int
         m = f"decoder.layers.{i}.mlp."
         gate, up, down = dense_mlp(source, i)
         rows = torch.randn(copies, hidden, generator=generator) * settings["init_method_std"]
-        state[f"{m}router.weight"] = rows.repeat_interleave(granularity, dim=0)
+        state[f"{m}router.weight"] = rows.to(gate.dtype).repeat_interleave(granularity, dim=0)
         for e in range(num_experts):
             part = slice((e % granularity) * width, (e % granularity + 1) * width)
             state[f"{m}experts.local_experts.{e}.linear_fc1.weight"] = torch.cat(

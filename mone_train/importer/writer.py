@@ -11,18 +11,31 @@ interrupted import leaves nothing under the name):
     arch/imported.yaml             ``mone-train --config-dir DIR arch=imported``: the model
                                    section, the tokenizer and trainer.init_from=DIR
     import.json                    where it came from, and the command line that trains it
+
+The weights are stored in the source's dtype (bf16 stays bf16; ``trainer.init_from`` and
+mone-export read any dtype into their fp32 tensors). No GPTModel holds them: the model is built
+on the meta device for its sharded state dict (names, shapes, sharding), the converted tensors
+are put into it, one copy, and ``dist_checkpointing`` saves that. The free space of ``--out``'s
+disk is checked against the bytes to write before anything is read.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
-from mone_train.components.checkpoint import MARKER, model_signature, use_forked_results_queue
+from mone_train.components.checkpoint import (
+    MARKER,
+    model_signature,
+    require_free_space,
+    use_forked_results_queue,
+)
+from mone_train.components.checkpoint_model import weight_entries
 from mone_train.config import Config, ModelConfig
 from mone_train.importer.hf_source import TOKENIZER_FILES, HFSource, ImportError_
 
@@ -93,9 +106,11 @@ def tokenizer_settings(source: HFSource, vocab_size: int, out: Path) -> dict:
 
 
 def write_import(
-    source: HFSource, state: dict, settings: dict, out: Path, provenance: dict
+    source: HFSource, convert: Callable[[], dict], settings: dict, out: Path, provenance: dict
 ) -> Config:
-    """Build the model, load ``state`` (megatron names), save the checkpoint and the rest."""
+    """Write the import: ``convert()`` gives the weights under megatron's names, and they go
+    into the checkpoint as they are (no model is built around them: its layout comes from a
+    GPTModel on the meta device), so the weights are held once, in their own dtype."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
@@ -105,21 +120,21 @@ def write_import(
     tokenizer = tokenizer_settings(source, settings["vocab_size"], out)
     cfg = imported_config(settings, tokenizer, out)
     staging = out.parent / f".{out.name}.import-tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
     own_group = not dist.is_initialized()
     try:
-        init_distributed(1)
-        model = build_gpt_model(cfg, settings["vocab_size"])
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
-        if missing or unexpected:
-            what = f"lacks {missing[0]}" if missing else f"has an extra {unexpected[0]}"
-            raise ImportError_(
-                f"{source.path}: the converted weights do not fit the model ({what})"
-            )
+        init_distributed(1, device="cpu")
+        sharded = build_gpt_model(cfg, settings["vocab_size"], meta=True).sharded_state_dict()
+        itemsize = torch.tensor([], dtype=source.dtype).element_size()
+        need = itemsize * sum(v.data.numel() for v in weight_entries(sharded).values())
+        require_free_space(out.parent, need + _tokenizer_bytes(source), "--out")
+        state = convert()
+        provenance["parameters"] = parameters(state)
+        _place(sharded, state, source.path)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
         use_forked_results_queue()  # megatron's writer would spawn an interpreter otherwise
-        dist_checkpointing.save({"model": model.sharded_state_dict()}, str(staging))
+        dist_checkpointing.save({"model": sharded}, str(staging))
+        del sharded
         _write_rest(source, cfg, staging, out, provenance)
         if out.exists():
             shutil.rmtree(out)
@@ -131,6 +146,51 @@ def write_import(
     return cfg
 
 
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, copied when it is a view into a larger one (an expert of a stacked layer,
+    gate and up of a fused projection), so the larger one is freed once its views are placed."""
+    whole = tensor.is_contiguous() and (
+        tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    )
+    return tensor if whole else tensor.clone()
+
+
+def _place(sharded: dict, state: dict, where: Path) -> None:
+    """Move the converted tensors of ``state`` (emptied) into the sharded state dict; the
+    gated experts' factories (fc1 saved as gate and up) are built here, one at a time."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    weights = weight_entries(sharded)
+    missing = [name for name in weights if name not in state]
+    extra = [name for name in state if name not in weights]
+    if missing or extra:
+        what = f"lacks {missing[0]}" if missing else f"has an extra {extra[0]}"
+        raise ImportError_(f"{where}: the converted weights do not fit the model ({what})")
+    for name, value in weights.items():
+        tensor = state.pop(name)
+        if tensor.shape != value.data.shape:
+            raise ImportError_(f"{where}: the converted {name} has shape {list(tensor.shape)}, "
+                               f"the model's is {list(value.data.shape)}")  # fmt: skip
+        value.data = _own_storage(tensor)
+        del tensor
+        if isinstance(value, ShardedTensor):
+            value.dtype = value.data.dtype
+            continue
+        assert isinstance(value, ShardedTensorFactory)
+        built = value.build()
+        value.data = None
+        for part in nested_values(built):
+            part.data = _own_storage(part.data)
+            part.dtype = part.data.dtype
+        sharded[name] = built
+
+
+def _tokenizer_bytes(source: HFSource) -> int:
+    files = [source.path / name for name in TOKENIZER_FILES]
+    return sum(file.stat().st_size for file in files if file.is_file())
+
+
 def _write_rest(source: HFSource, cfg: Config, staging: Path, out: Path, provenance: dict):
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
     marker = {
@@ -139,6 +199,7 @@ def _write_rest(source: HFSource, cfg: Config, staging: Path, out: Path, provena
         "world_size": 1,
         "config": resolved,
         "weights_only": True,
+        "dtype": provenance.get("dtype"),
     }
     (staging / MARKER).write_text(json.dumps(marker, indent=2))
     for name in TOKENIZER_FILES:

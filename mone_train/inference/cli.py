@@ -220,8 +220,10 @@ def run(args, write: Callable[[str], None]) -> GenerationStats:
 
     _check_args(args)
     device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":  # CUDA when present, unless MONE_TRAIN_DEVICE says otherwise
+        from mone_train.parallel.process_groups import run_device
+
+        device = run_device()
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda is invalid here: no CUDA device (use auto or cpu)")
     model, tokenizer = load_generation_model(args.model, device, args.dtype)

@@ -47,6 +47,8 @@ class SDPAttention(MegatronModule):
         softmax_scale: float | None = None,
         cp_comm_type: str | None = None,
         pg_collection=None,
+        k_channels: int | None = None,
+        v_channels: int | None = None,
     ) -> None:
         super().__init__(config=config)
         if config.context_parallel_size != 1:
@@ -62,8 +64,12 @@ class SDPAttention(MegatronModule):
         self.attention_type = attention_type
         # Query-key layer scaling divides the scores by the layer number and the softmax
         # multiplies them back (an fp16 range trick), so the function's scale is the plain one.
+        # Multi-head latent attention passes its query/key head size (k_channels) and value
+        # head size (v_channels), which differ, and its own (YaRN) scale.
         self.softmax_scale = (
-            1.0 / math.sqrt(config.kv_channels) if softmax_scale is None else softmax_scale
+            1.0 / math.sqrt(k_channels or config.kv_channels)
+            if softmax_scale is None
+            else softmax_scale
         )
         self.dropout_p = (
             config.attention_dropout if attention_dropout is None else attention_dropout
@@ -83,11 +89,11 @@ class SDPAttention(MegatronModule):
         attention_bias: torch.Tensor | None = None,
         packed_seq_params=None,
     ) -> torch.Tensor:
-        """[S, B, H, Dh] queries, [K, B, G, Dh] keys and values, a bool mask broadcastable
-        to [B, H, S, K] (True = masked) or None -> [S, B, H * Dh]."""
+        """[S, B, H, Dh] queries, [K, B, G, Dh] keys, [K, B, G, Dv] values, a bool mask
+        broadcastable to [B, H, S, K] (True = masked) or None -> [S, B, H * Dv]."""
         if packed_seq_params is not None or attention_bias is not None:
             raise ValueError("SDPAttention supports neither packed sequences nor attention bias")
-        seq_q, batch, num_heads, head_dim = query_SBHD.shape
+        seq_q, batch, num_heads, _ = query_SBHD.shape
         is_causal, sdpa_mask = self._sdpa_mask(
             attention_mask, attn_mask_type or self.attn_mask_type, seq_q, key_KBGD.shape[0]
         )
@@ -106,7 +112,8 @@ class SDPAttention(MegatronModule):
                 out_BHSD = F.scaled_dot_product_attention(q_BHSD, k_BGKD, v_BGKD, **kwargs)
         else:
             out_BHSD = F.scaled_dot_product_attention(q_BHSD, k_BGKD, v_BGKD, **kwargs)
-        return out_BHSD.permute(2, 0, 1, 3).reshape(seq_q, batch, num_heads * head_dim)
+        v_head_dim = value_KBGD.shape[-1]
+        return out_BHSD.permute(2, 0, 1, 3).reshape(seq_q, batch, num_heads * v_head_dim)
 
     def _sdpa_mask(
         self,

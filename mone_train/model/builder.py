@@ -10,7 +10,13 @@ attention) instead of megatron's ``DotProductAttention``; neither holds paramete
 ``model.norm=fused`` the norms (two per layer and the final one) are :class:`RMSNorm` (fused
 backward on CPU) instead of megatron's ``WrappedTorchNorm``; same parameter names and values.
 ``model.rope_fusion`` turns on megatron's RoPE fusion, served on CPU by our one-pass kernel
-(:mod:`mone_train.model.rope`).
+(:mod:`mone_train.model.rope`); ``model.rope_scaling`` (Llama 3's, YaRN) picks megatron's
+scaled rotary embedding. ``model.multi_latent_attention`` (DeepSeek-V2/V3) builds megatron's
+own MLA layers (``MLASelfAttention`` under an ``MLATransformerConfig``, :func:`mla_settings`)
+with the same swaps: the SDPA core (megatron's local one cannot take MLA's separate key and
+value head sizes), our RMSNorm in the two latent norms too, MoNE experts.
+``model.mtp_num_layers`` adds megatron's multi-token prediction block on the last pipeline
+stage (:func:`mtp_block_spec`: layers like the decoder's last, swaps included).
 
 The MoE recipe of the family (``arch=``: shared experts, router, balancing, dense layers,
 QK-norm, token dropping) is megatron-core's own, set through its TransformerConfig
@@ -20,6 +26,7 @@ experts (``moe.shared_expert_mone``) and the QK-norm over all heads (``model.qk_
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 from typing import NamedTuple
@@ -29,7 +36,11 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_decoder_block_spec,
+    get_gpt_mtp_block_spec,
+)
+from megatron.core.post_training.modelopt.layers import Linear as ReplicatedLinear
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.dot_product_attention import DotProductAttention
@@ -39,6 +50,7 @@ from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import MLATransformerConfig
 
 from mone_train.config import Config
 from mone_train.model.attention import SDPAttention
@@ -47,13 +59,23 @@ from mone_train.model.init import TensorLayout, init_parameters_by_name
 from mone_train.model.mone_experts import MoNEExperts
 from mone_train.model.norm import RMSNorm
 from mone_train.model.qk_norm import FullWidthKeyNorm, FullWidthQueryNorm
-from mone_train.model.rope import install_fused_rope
+from mone_train.model.rope import (
+    install_fused_rope,
+    mla_rope_settings,
+    position_embedding_kwargs,
+    scales_cos_sin,
+    set_llama3_frequencies,
+    yarn_config_attributes,
+)
 from mone_train.model.shared_experts import MoNESharedExperts
+from mone_train.parallel.process_groups import on_cuda
 
 
 def num_moe_layers(cfg: Config) -> int:
-    """Layers that are MoE (``ModelConfig.moe_layer_pattern``)."""
-    return sum(cfg.model.moe_layer_pattern())
+    """Layers that are MoE (``ModelConfig.moe_layer_pattern``), the multi-token prediction
+    layers included (each is built like the last decoder layer)."""
+    pattern = cfg.model.moe_layer_pattern()
+    return sum(pattern) + (cfg.model.mtp_num_layers if pattern[-1] else 0)
 
 
 def recipe_settings(cfg: Config) -> dict:
@@ -77,9 +99,31 @@ def recipe_settings(cfg: Config) -> dict:
         "moe_pad_expert_input_to_capacity": m.pad_to_capacity,
         "moe_shared_expert_intermediate_size": m.shared_expert_ffn_hidden_size or None,
         "moe_shared_expert_gate": m.shared_expert_gate,
-        "qk_layernorm": m.qk_layernorm != "none",
+        # MLA's latent norms (always on) sit in megatron's QK-norm slots
+        "qk_layernorm": m.qk_layernorm != "none" or m.multi_latent_attention,
         "add_qkv_bias": m.qkv_bias,
         "layernorm_epsilon": m.norm_epsilon,
+        "mtp_num_layers": m.mtp_num_layers or None,
+        "mtp_loss_scaling_factor": m.mtp_loss_scaling_factor,
+    }
+
+
+def mla_settings(cfg: Config) -> dict:
+    """megatron-core's MLATransformerConfig fields (sizes and RoPE) for multi-head latent
+    attention (``model.multi_latent_attention``: megatron's local ``MLASelfAttention`` spec,
+    our SDPA core and norms, :func:`_swap_layer_spec`); {} without it. megatron's fused MLA
+    RoPE is a CUDA kernel: MLA runs RoPE unfused (:func:`transformer_config`)."""
+    m = cfg.model
+    if not m.multi_latent_attention:
+        return {}
+    return {
+        "multi_latent_attention": True,
+        "q_lora_rank": m.q_lora_rank,
+        "kv_lora_rank": m.kv_lora_rank,
+        "qk_head_dim": m.qk_head_dim,
+        "qk_pos_emb_head_dim": m.qk_pos_emb_head_dim,
+        "v_head_dim": m.v_head_dim,
+        **mla_rope_settings(m),
     }
 
 
@@ -112,7 +156,7 @@ def parallel_settings(cfg: Config) -> dict:
         "pipeline_dtype": torch.bfloat16 if t.precision == "bf16" else torch.float32,
         # gloo has no coalesced send/recv: stage-to-stage tensors go as single isend/irecv
         # (megatron orders them by stage parity, so no pair waits on the other); NCCL batches.
-        "batch_p2p_comm": torch.cuda.is_available(),
+        "batch_p2p_comm": on_cuda(),
         "expert_model_parallel_size": t.expert_parallel_size,
         "expert_tensor_parallel_size": 1,
     }
@@ -121,9 +165,12 @@ def parallel_settings(cfg: Config) -> dict:
 def transformer_config(cfg: Config) -> TransformerConfig:
     """megatron-core TransformerConfig for this run (alltoall dispatcher)."""
     m, t = cfg.model, cfg.trainer
-    if m.rope_fusion:
+    rope_fusion = m.rope_fusion and not scales_cos_sin(m) and not m.multi_latent_attention
+    if rope_fusion:
         install_fused_rope()
-    return TransformerConfig(
+    config_class = MLATransformerConfig if m.multi_latent_attention else TransformerConfig
+    config = config_class(
+        **mla_settings(cfg),
         **recompute_settings(t.recompute),
         **recipe_settings(cfg),
         num_layers=m.num_layers,
@@ -135,7 +182,7 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         hidden_dropout=m.dropout,
         attention_dropout=m.dropout,
         normalization="RMSNorm",
-        apply_rope_fusion=m.rope_fusion,
+        apply_rope_fusion=rope_fusion,
         add_bias_linear=False,
         gated_linear_unit=True,
         activation_func=F.silu,
@@ -151,11 +198,15 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         moe_permute_fusion=False,
         moe_router_fusion=False,
         **parallel_settings(cfg),
-        use_cpu_initialization=not torch.cuda.is_available(),
+        use_cpu_initialization=not on_cuda(),
         # Built and initialised in fp32 always; bf16 runs cast afterwards (to_bf16_with_masters),
         # keeping each weight's exact fp32 value as its master.
         params_dtype=torch.float32,
     )
+    # YaRN's parameters: megatron reads them as attributes its TransformerConfig does not declare
+    for name, value in yarn_config_attributes(m).items():
+        setattr(config, name, value)
+    return config
 
 
 def _experts_module(cfg: Config) -> tuple[type, dict] | None:
@@ -163,7 +214,7 @@ def _experts_module(cfg: Config) -> tuple[type, dict] | None:
     SequentialMLP. Plain MoE with grouped GEMMs is the MoNE module at rho = 1 (the same
     function as SequentialMLP, tested), without the neuron-level loss."""
     mone = cfg.moe.flavour == "mone"
-    grouped = cfg.moe.grouped_on("cuda" if torch.cuda.is_available() else "cpu")
+    grouped = cfg.moe.grouped_on("cuda" if on_cuda() else "cpu")
     if not mone and not grouped:
         return None
     module = GroupedMoNEExperts if grouped else MoNEExperts
@@ -199,7 +250,7 @@ class _Swaps(NamedTuple):
 
     def changes_nothing(self) -> bool:
         return not (self.sdpa or self.experts or self.shared_experts or self.fused_norm) and (
-            self.qk_norm != "full"
+            self.qk_norm not in ("full", "latent")
         )
 
 
@@ -210,10 +261,19 @@ def _swap_layer_spec(spec: ModuleSpec, swaps: _Swaps) -> ModuleSpec:
     if swaps.sdpa:
         assert attention.core_attention is DotProductAttention, attention.core_attention
         attention.core_attention = SDPAttention
+    if swaps.qk_norm == "latent":
+        # MLA's latent down-projections whole on every tensor-parallel rank (megatron's
+        # "duplicated" mode, as with TransformerEngine). megatron 0.16.1's column-split path
+        # gathers the key/value latent and hands every rank the shared RoPE key whole, but
+        # gives it back only the rank's own heads' gradient: its weight rows and the layer's
+        # input gradient come out wrong at TP > 1. Replicated, the RoPE key is gathered from
+        # the sequence-parallel region, whose backward sums every rank's part.
+        attention.linear_q_down_proj = attention.linear_kv_down_proj = ReplicatedLinear
     if swaps.qk_norm == "full":
         attention.q_layernorm, attention.k_layernorm = FullWidthQueryNorm, FullWidthKeyNorm
-    elif swaps.qk_norm == "head" and swaps.fused_norm:
-        for name in ("q_layernorm", "k_layernorm"):
+    elif swaps.qk_norm in ("head", "latent") and swaps.fused_norm:
+        kv = "kv_layernorm" if swaps.qk_norm == "latent" else "k_layernorm"  # MLA: latent norms
+        for name in ("q_layernorm", kv):
             if getattr(attention, name) is WrappedTorchNorm:
                 setattr(attention, name, RMSNorm)
     mlp = new_spec.submodules.mlp
@@ -243,7 +303,7 @@ def decoder_block_spec(cfg: Config, config: TransformerConfig) -> TransformerBlo
         experts=_experts_module(cfg),
         shared_experts=_shared_experts_module(cfg),
         fused_norm=cfg.model.norm == "fused",
-        qk_norm=cfg.model.qk_layernorm,
+        qk_norm="latent" if cfg.model.multi_latent_attention else cfg.model.qk_layernorm,
     )
     if swaps.changes_nothing():
         return block
@@ -259,22 +319,47 @@ def decoder_block_spec(cfg: Config, config: TransformerConfig) -> TransformerBlo
     return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=final_norm)
 
 
-def build_gpt_model(cfg: Config, vocab_size: int) -> GPTModel:
+def mtp_block_spec(
+    cfg: Config, config: TransformerConfig, block: TransformerBlockSubmodules
+) -> ModuleSpec | None:
+    """megatron-core's multi-token prediction block (``model.mtp_num_layers``) for this rank:
+    its layers are the decoder's last layer spec (our attention core, norms and experts
+    included) and, with ``model.norm=fused``, our RMSNorm as their three norms; built on the
+    last pipeline stage only; None elsewhere and without MTP."""
+    if not cfg.model.mtp_num_layers:
+        return None
+    spec = get_gpt_mtp_block_spec(config, block, use_transformer_engine=False)
+    if spec is not None and cfg.model.norm == "fused":
+        for layer in {id(s): s for s in spec.layer_specs}.values():  # one spec, shared
+            for name in ("enorm", "hnorm", "layer_norm"):
+                if getattr(layer.submodules, name) is WrappedTorchNorm:
+                    setattr(layer.submodules, name, RMSNorm)
+    return spec
+
+
+def build_gpt_model(cfg: Config, vocab_size: int, meta: bool = False) -> GPTModel:
     """The GPTModel on this rank: its pipeline stage's layers (the embedding on the first stage,
     the output layer on the last), its tensor-parallel slices and its local experts. Seed torch
-    before calling."""
+    before calling. ``meta``: every tensor on the meta device, nothing allocated or initialised
+    (the names, shapes and sharding that import and export read and write)."""
     config = transformer_config(cfg)
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=decoder_block_spec(cfg, config),
-        vocab_size=vocab_size,
-        max_sequence_length=cfg.model.max_position_embeddings,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        position_embedding_type="rope",
-        rotary_base=cfg.model.rotary_base,
-        share_embeddings_and_output_weights=cfg.model.tie_embeddings,
-    )
+    if meta:  # megatron allocates on the GPU unless asked for "CPU" (here: meta) tensors
+        config.use_cpu_initialization, config.perform_initialization = True, False
+    block = decoder_block_spec(cfg, config)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=block,
+            mtp_block_spec=mtp_block_spec(cfg, config, block),
+            vocab_size=vocab_size,
+            max_sequence_length=cfg.model.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+            share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+            **position_embedding_kwargs(cfg.model),
+        )
+    if cfg.model.rope_scaling.rope_type == "llama3":
+        set_llama3_frequencies(model.rotary_pos_emb, cfg.model)
     for module in model.modules():
         if not isinstance(module, MoELayer):
             continue
@@ -335,7 +420,7 @@ def build_model(
         load_weights(model)
     if cfg.trainer.precision == "bf16":
         to_bf16_with_masters(model)
-    if torch.cuda.is_available():
+    if on_cuda():
         model.cuda(torch.cuda.current_device())
     ddp = DistributedDataParallel(
         config=model.config,

@@ -29,5 +29,6 @@ def lm_loss(
     labels_BS = batch["labels"].to(device, non_blocking=True)
     loss_mask_BS = batch["loss_mask"].to(device, non_blocking=True).float()
     position_ids_BS = batch["position_ids"].to(device, non_blocking=True)
-    per_token_BS = model(tokens_BS, position_ids_BS, mask, labels=labels_BS)
+    # the loss mask also weighs the multi-token prediction loss (model.mtp_num_layers)
+    per_token_BS = model(tokens_BS, position_ids_BS, mask, labels=labels_BS, loss_mask=loss_mask_BS)
     return (per_token_BS.float() * loss_mask_BS).sum(), loss_mask_BS.sum()

@@ -74,7 +74,8 @@ class MoNEExperts(SequentialMLP):
         self.kernel_impl = kernel_impl
         # Set by the model builder from the enclosing MoE layer; used for per-layer logging.
         self.layer_number: int | None = None
-        self.num_layers = config.num_layers
+        # megatron's loss trackers hold the multi-token prediction layers after the decoder's
+        self.num_layers = config.num_layers + (config.mtp_num_layers or 0)
         # Set by mone_train.components.health.HealthMonitor: called with the local experts' neuron masks.
         self.monitor = None
         self.neuron_bias_update_rate = neuron_bias_update_rate

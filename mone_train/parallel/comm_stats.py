@@ -33,6 +33,12 @@ def install() -> None:
     _installed = True
 
 
+def _on_cuda_stream() -> bool:
+    """Whether collectives run asynchronously on a CUDA stream (NCCL), so CUDA events time them;
+    gloo's (a CPU run, on a machine with or without a GPU) return when done."""
+    return dist.is_initialized() and dist.get_backend() == "nccl"
+
+
 def take() -> tuple[int, int]:
     """(bytes sent, bytes received) by this rank since the last call."""
     sent, received = _counts["sent"], _counts["received"]
@@ -70,7 +76,7 @@ def install_clock() -> None:
         def timed(*args, _original=original, **kwargs):
             if _clock["paused"]:
                 return _original(*args, **kwargs)
-            if torch.cuda.is_available() and torch.cuda.is_initialized():
+            if _on_cuda_stream():
                 start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
                 start.record()
                 result = _original(*args, **kwargs)

@@ -1,9 +1,10 @@
 """Narrow patches that let megatron-core's MoE GPT train on a machine without CUDA.
 
-megatron-core (pinned in ``pyproject.toml``) assumes a GPU in six places that the MoE training
+megatron-core (pinned in ``pyproject.toml``) assumes a GPU in seven places that the MoE training
 path reaches. Each patch below replaces exactly one of them with the CPU equivalent; nothing else
-in megatron-core or torch changes. :func:`apply` installs them only when CUDA is absent and is
-idempotent. Every patch has a test in ``tests/test_cpu_compat.py`` that exercises the megatron
+in megatron-core or torch changes. :func:`apply` installs them for a run on the CPU (by default:
+when CUDA is absent) and is idempotent; :func:`restore` takes them out again (a CUDA run after a
+CPU run in one process, as in the test suite on a GPU machine). Every patch has a test in ``tests/test_cpu_compat.py`` that exercises the megatron
 code path which fails without it.
 
 1. ``rng_tracker``: megatron's ``CudaRNGStatesTracker`` saves and restores *CUDA* generator
@@ -27,6 +28,12 @@ code path which fails without it.
    with ``torch.zeros(..., device="cuda")`` (*Torch not compiled with CUDA enabled*). The
    schedules module sees a torch whose ``zeros`` puts a ``"cuda"`` request on the CPU; every
    other name is torch's own.
+7. ``mla_te_stubs``: without TransformerEngine, megatron's TE extension module still imports
+   (it stands in ``MagicMock`` objects for TE's classes), so ``multi_latent_attention`` believes
+   TE is present and calls ``isinstance(self.linear_proj, TELinear)`` with a mock (*isinstance()
+   arg 2 must be a type*) while building any MLA layer. We tell that module TE is absent, which
+   only skips its TE-specific fp8/fp4 branch. This one is about TransformerEngine, not CUDA: a
+   GPU run without TE installs it too (``ANY_DEVICE``).
 
 With these, tensor and sequence parallelism need nothing more: megatron allocates their gather
 buffers on ``torch.cuda.current_device()`` (patch 2) and its stage-to-stage sends synchronise
@@ -46,9 +53,21 @@ PATCHES = (
     "te_names",
     "alltoall_splits",
     "schedule_tokens",
+    "mla_te_stubs",
 )
 
+# Patches about TransformerEngine being absent, not CUDA: a GPU run without TE needs them too.
+ANY_DEVICE = frozenset({"mla_te_stubs"})
+
 _applied: set[str] = set()
+_MISSING = object()
+_originals: list[tuple[object, str, object]] = []  # (owner, attribute, value before the patch)
+
+
+def _set(owner: object, name: str, value: object) -> None:
+    """``setattr(owner, name, value)``, remembering the value it replaces for :func:`restore`."""
+    _originals.append((owner, name, getattr(owner, name, _MISSING)))
+    setattr(owner, name, value)
 
 
 def cuda_absent() -> bool:
@@ -61,22 +80,42 @@ def applied_patches() -> frozenset[str]:
     return frozenset(_applied)
 
 
-def apply(only: tuple[str, ...] | None = None) -> frozenset[str]:
-    """Install the CPU patches (all, or the named subset) if CUDA is absent; return those active.
+def apply(only: tuple[str, ...] | None = None, device: str | None = None) -> frozenset[str]:
+    """Install the CPU patches (all, or the named subset) for a run on ``device`` ("cpu" patches,
+    "cuda" only those in :data:`ANY_DEVICE`; None: "cpu" when CUDA is absent); return those
+    active.
 
     Safe to call more than once. Must run before megatron-core builds a model or a dispatcher.
     """
-    if not cuda_absent():
-        return applied_patches()
+    if device is None:
+        device = "cpu" if cuda_absent() else "cuda"
     names = PATCHES if only is None else only
     unknown = set(names) - set(PATCHES)
     if unknown:
         raise ValueError(f"unknown cpu_compat patch {sorted(unknown)}; valid: {list(PATCHES)}")
+    if device != "cpu":  # on CUDA only what is about TransformerEngine's absence
+        names = [name for name in names if name in ANY_DEVICE]
     for name in names:
         if name not in _applied:
             _INSTALLERS[name]()
             _applied.add(name)
     return applied_patches()
+
+
+def restore() -> None:
+    """Take every installed patch out again, newest first; megatron's RNG tracker is reset."""
+    if not _originals:
+        return
+    from megatron.core.tensor_parallel import random as mp_random
+
+    while _originals:
+        owner, name, value = _originals.pop()
+        if value is _MISSING:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, value)
+    _applied.clear()
+    mp_random.initialize_rng_tracker(force_reset=True)
 
 
 # --- 1. RNG tracker ----------------------------------------------------------------------------
@@ -127,9 +166,9 @@ def _install_rng_tracker() -> None:
 
     # initialize_rng_tracker() instantiates the class by its module-level name; the recompute
     # path (_get_all_rng_states / _set_all_rng_states) reads the "CUDA" state through these two.
-    mp_random.CudaRNGStatesTracker = CPURNGStatesTracker
-    mp_random._get_cuda_rng_state = get_rng_state
-    mp_random._set_cuda_rng_state = set_rng_state
+    _set(mp_random, "CudaRNGStatesTracker", CPURNGStatesTracker)
+    _set(mp_random, "_get_cuda_rng_state", get_rng_state)
+    _set(mp_random, "_set_cuda_rng_state", set_rng_state)
     mp_random.initialize_rng_tracker(force_reset=True)
 
 
@@ -137,7 +176,7 @@ def _install_rng_tracker() -> None:
 
 
 def _install_current_device() -> None:
-    torch.cuda.current_device = lambda: "cpu"
+    _set(torch.cuda, "current_device", lambda: "cpu")
 
 
 # --- 3. streams and events ---------------------------------------------------------------------
@@ -191,11 +230,11 @@ _CPU_STREAM = _CPUStream()
 
 
 def _install_streams() -> None:
-    torch.cuda.Stream = _CPUStream
-    torch.cuda.Event = _CPUEvent
-    torch.cuda.current_stream = lambda device=None: _CPU_STREAM
-    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
-    torch.cuda.synchronize = lambda device=None: None
+    _set(torch.cuda, "Stream", _CPUStream)
+    _set(torch.cuda, "Event", _CPUEvent)
+    _set(torch.cuda, "current_stream", lambda device=None: _CPU_STREAM)
+    _set(torch.cuda, "stream", lambda stream=None: contextlib.nullcontext())
+    _set(torch.cuda, "synchronize", lambda device=None: None)
 
 
 # --- 4. TransformerEngine names ----------------------------------------------------------------
@@ -216,7 +255,7 @@ def _install_te_names() -> None:
         "te_general_gemm",
     ):
         if not hasattr(moe_utils, name):
-            setattr(moe_utils, name, None)
+            _set(moe_utils, name, None)
 
 
 # --- 5. all-to-all split sizes -----------------------------------------------------------------
@@ -232,8 +271,8 @@ def _install_alltoall_splits() -> None:
             return tensor.numpy()
         return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
 
-    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
-    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    _set(moe_utils, "maybe_move_tensor_to_cpu", maybe_move_tensor_to_cpu)
+    _set(token_dispatcher, "maybe_move_tensor_to_cpu", maybe_move_tensor_to_cpu)
 
 
 # --- 6. the pipeline schedules' token counter ----------------------------------------------------
@@ -255,7 +294,19 @@ class _CPUZerosTorch:
 def _install_schedule_tokens() -> None:
     from megatron.core.pipeline_parallel import schedules
 
-    schedules.torch = _CPUZerosTorch()
+    _set(schedules, "torch", _CPUZerosTorch())
+
+
+# --- 7. multi-latent attention's view of TransformerEngine ------------------------------------
+
+
+def _install_mla_te_stubs() -> None:
+    import importlib.util
+
+    from megatron.core.transformer import multi_latent_attention
+
+    if importlib.util.find_spec("transformer_engine") is None:
+        _set(multi_latent_attention, "HAVE_TE", False)
 
 
 _INSTALLERS = {
@@ -265,4 +316,5 @@ _INSTALLERS = {
     "te_names": _install_te_names,
     "alltoall_splits": _install_alltoall_splits,
     "schedule_tokens": _install_schedule_tokens,
+    "mla_te_stubs": _install_mla_te_stubs,
 }

@@ -83,10 +83,11 @@ class Pipeline:
         tokens_BS = batch["tokens"].to(device, non_blocking=True)
         position_ids_BS = batch["position_ids"].to(device, non_blocking=True)
         labels_BS = batch["labels"].to(device, non_blocking=True) if self.info.last_stage else None
-        output = model(tokens_BS, position_ids_BS, self.mask, labels=labels_BS)
+        loss_mask_BS = batch["loss_mask"].to(device, non_blocking=True).float()
+        output = model(tokens_BS, position_ids_BS, self.mask, labels=labels_BS,
+                       loss_mask=loss_mask_BS)  # fmt: skip
         if output.requires_grad:  # the backward of this micro batch starts at its output
             output.register_hook(self._backward_started)
-        loss_mask_BS = batch["loss_mask"].to(device, non_blocking=True).float()
         return output, partial(_loss, loss_mask_BS)
 
     def _backward_started(self, grad):

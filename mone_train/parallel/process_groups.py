@@ -1,8 +1,9 @@
 """torch.distributed and megatron-core process groups for a run.
 
 Launchers (torchrun, the deepspeed launcher, SLURM + torchrun) set RANK, LOCAL_RANK, WORLD_SIZE,
-MASTER_ADDR and MASTER_PORT; without them the run is a single process. The backend is NCCL on
-GPUs and gloo on CPU. megatron-core then forms the groups ("MoE parallel folding"): attention and
+MASTER_ADDR and MASTER_PORT; without them the run is a single process. The run computes on the
+device ``trainer.device`` names (:func:`choose_device`): the backend is then NCCL on GPUs and gloo
+on CPU. megatron-core then forms the groups ("MoE parallel folding"): attention and
 dense layers over tensor parallel TP x pipeline PP x data parallel DP = world / (TP x PP); experts
 over expert parallel EP x PP x expert data parallel = world / (EP x PP), expert tensor parallel 1.
 """
@@ -19,11 +20,16 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from mone_train.config import layout_problem
+from mone_train.config import DEVICES, layout_problem
 from mone_train.errors import ConfigError, first_line
 from mone_train.parallel import cpu_compat
 
 RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# What ``trainer.device=auto`` means in this process when set (cpu | cuda): the test suite sets
+# cpu, so a test computes on a GPU only where it names trainer.device=cuda.
+DEVICE_ENV = "MONE_TRAIN_DEVICE"
+
+_device_type: str | None = None  # the device of the run in this process (init_distributed)
 
 
 class LaunchError(ConfigError):
@@ -58,6 +64,41 @@ def launch_environment(env: dict[str, str] | None = None) -> tuple[int, int] | N
             "is invalid: expected 0 <= RANK < WORLD_SIZE and 0 < MASTER_PORT < 65536"
         )
     return rank, world_size
+
+
+def choose_device(choice: str, cuda_available: bool, env_choice: str | None = None) -> str:
+    """The device type a run computes on, ``"cuda"`` or ``"cpu"``.
+
+    ``choice`` is ``trainer.device``: cpu or cuda as named; auto is ``env_choice`` (the value of
+    MONE_TRAIN_DEVICE) when set, else cuda when a CUDA device is present. Raises ConfigError for
+    an unknown value or cuda without a device.
+    """
+    if choice not in DEVICES:
+        raise ConfigError(f"trainer.device={choice!r} is invalid: one of {list(DEVICES)}")
+    where = "trainer.device"
+    if choice == "auto" and env_choice:
+        if env_choice not in ("cpu", "cuda"):
+            raise ConfigError(f"{DEVICE_ENV}={env_choice!r} is invalid: cpu, cuda or unset")
+        choice, where = env_choice, DEVICE_ENV
+    if choice == "auto":
+        return "cuda" if cuda_available else "cpu"
+    if choice == "cuda" and not cuda_available:
+        raise ConfigError(f"{where}=cuda is invalid here: no CUDA device (use auto or cpu)")
+    return choice
+
+
+def run_device(choice: str = "auto") -> str:
+    """:func:`choose_device` on this machine, with this process's MONE_TRAIN_DEVICE."""
+    return choose_device(choice, torch.cuda.is_available(), os.environ.get(DEVICE_ENV) or None)
+
+
+def on_cuda() -> bool:
+    """Whether the run in this process computes on CUDA (as :func:`init_distributed` chose).
+
+    The one question for code that has neither the config nor the device at hand (RNG states
+    in checkpoints, collective timing, where reduction buffers live); False before a run starts.
+    """
+    return _device_type == "cuda"
 
 
 @dataclass(frozen=True)
@@ -97,18 +138,25 @@ def init_distributed(
     collective_timeout_s: float = 1800.0,
     tensor_parallel_size: int = 1,
     pipeline_parallel_size: int = 1,
+    device: str = "auto",
 ) -> DistInfo:
     """Start (or join) the process group and megatron-core's parallel state.
 
     A rank that cannot reach the master within ``timeout_s`` raises LaunchError instead of
     waiting for ever; a collective that takes longer than ``collective_timeout_s`` fails (the
     hang watchdog usually ends a stuck job sooner, with stack dumps: mone_train/components/watchdog.py).
+    ``device`` is ``trainer.device`` (:func:`choose_device`): on the CPU, LOCAL_RANK picks no GPU
+    and megatron-core's CUDA assumptions are patched (parallel/cpu_compat.py), with or without a
+    GPU in the machine.
     """
-    cpu_compat.apply()
-    use_cuda = torch.cuda.is_available()
+    global _device_type
+    device_type = run_device(device)
+    cpu_compat.apply(device=device_type)
+    use_cuda = device_type == "cuda"
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
+    _device_type = device_type
     backend = backend or ("nccl" if use_cuda else "gloo")
     if not dist.is_initialized():
         # The default group serves the rendezvous and the job-wide reductions: the longer one.
@@ -212,7 +260,9 @@ def shutdown_distributed() -> None:
     """
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
+    global _device_type
     MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    _device_type = None
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -82,6 +82,14 @@ class Shape:
     tp: int = 1  # tensor parallel (with sequence parallelism)
     pp: int = 1  # pipeline stages
     moe_pattern: tuple[int, ...] = ()  # 1 for a MoE layer, per layer (empty: all MoE)
+    mtp_layers: int = 0  # multi-token prediction layers (on the last stage), each like the last
+    # Multi-head latent attention (kv_lora 0: none): the query latent (0: full-rank queries),
+    # the key/value latent, per head the query/key part without and with RoPE, the value size
+    q_lora: int = 0
+    kv_lora: int = 0
+    qk_nope: int = 0
+    qk_rope: int = 0
+    v_dim: int = 0
 
     @property
     def tokens(self) -> int:
@@ -167,7 +175,17 @@ def shape_of(
         tp=t.tensor_parallel_size,
         pp=t.pipeline_parallel_size,
         moe_pattern=tuple(m.moe_layer_pattern()),
+        mtp_layers=m.mtp_num_layers,
+        **_mla_shape(m),
     )
+
+
+def _mla_shape(m) -> dict:
+    """The multi-head latent attention fields of :class:`Shape` (none without MLA)."""
+    if not m.multi_latent_attention:
+        return {}
+    return {"q_lora": m.q_lora_rank or 0, "kv_lora": m.kv_lora_rank, "qk_nope": m.qk_head_dim,
+            "qk_rope": m.qk_pos_emb_head_dim, "v_dim": m.v_head_dim}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- model states
@@ -204,10 +222,14 @@ def parameter_numbers(shape: Shape, stage: StageLayers | None = None) -> ParamNu
     h, d = shape.hidden, shape.head_dim
     t = 1 if stage is None else shape.tp
     stage = stage or whole_model_stage(shape)
-    qkv_rows = (shape.heads + 2 * shape.groups) * d
-    attention = 2 * h + (qkv_rows * h + h * shape.heads * d) // t
-    attention += qkv_rows // t if shape.qkv_bias else 0
-    attention += {"none": 0, "head": 2 * d, "full": (shape.heads + shape.groups) * d}[shape.qk_norm]
+    if shape.kv_lora:
+        attention = 2 * h + mla_parameters(shape, t)
+    else:
+        qkv_rows = (shape.heads + 2 * shape.groups) * d
+        attention = 2 * h + (qkv_rows * h + h * shape.heads * d) // t
+        attention += qkv_rows // t if shape.qkv_bias else 0
+        qk_norm = {"none": 0, "head": 2 * d, "full": (shape.heads + shape.groups) * d}
+        attention += qk_norm[shape.qk_norm]
     # per MoE layer, replicated on every expert-parallel rank: the router and shared expert
     moe_replicated = shape.experts * h + 3 * shape.shared * h // t + (h if shape.shared_gate else 0)
     dense_mlp = 3 * shape.ffn * h // t  # gated: fc1 [2 ffn, h], fc2 [h, ffn]
@@ -223,11 +245,38 @@ def parameter_numbers(shape: Shape, stage: StageLayers | None = None) -> ParamNu
         + stage.moe_layers * moe_replicated
         + num_dense_layers * dense_mlp
     )
+    # multi-token prediction on the last stage: per layer two input norms, the projection of
+    # both [h, 2h] (column-split), a layer like the last decoder layer and a final norm; its
+    # own copy of the embedding when the first stage is elsewhere
+    mtp_moe = shape.mtp_layers if (list(shape.moe_pattern) or [1])[-1] else 0
+    mtp = 3 * h + 2 * h * h // t + attention
+    mtp += moe_replicated if mtp_moe else dense_mlp
+    if stage.last and shape.mtp_layers:
+        dense += shape.mtp_layers * mtp + (0 if stage.first else table)
     return ParamNumbers(
         dense=dense,
-        expert_local=stage.moe_layers * shape.local_experts * one_expert,
-        expert_total=shape.num_moe_layers * shape.experts * one_expert,
+        expert_local=(stage.moe_layers + (mtp_moe if stage.last else 0))
+        * shape.local_experts
+        * one_expert,
+        expert_total=(shape.num_moe_layers + mtp_moe) * shape.experts * one_expert,
     )
+
+
+def mla_parameters(shape: Shape, t: int = 1) -> int:
+    """Weights of one multi-head latent attention block (megatron's ``MLASelfAttention``) on a
+    tensor-parallel rank: the latent down-projections and norms (whole on every rank:
+    ``model/builder.py``), the per-head up-projections and the output projection (split by
+    heads)."""
+    h, a = shape.hidden, shape.heads
+    q_rows = a * (shape.qk_nope + shape.qk_rope)
+    if shape.q_lora:  # down [q_lora, h], norm [q_lora], up [a (nope + rope), q_lora]
+        query = shape.q_lora * h + q_rows * shape.q_lora // t + shape.q_lora
+    else:  # one projection [a (nope + rope), h]
+        query = q_rows * h // t
+    kv_down = (shape.kv_lora + shape.qk_rope) * h  # the latent and the shared RoPE key
+    kv_up = a * (shape.qk_nope + shape.v_dim) * shape.kv_lora // t
+    out = h * a * shape.v_dim // t
+    return query + kv_down + shape.kv_lora + kv_up + out
 
 
 @dataclass(frozen=True)
@@ -278,6 +327,8 @@ def attention_bytes(shape: Shape) -> int:
     """What one self-attention block keeps for backward (its input norm included). Under
     tensor parallelism a rank holds a/t heads of every position, and its QKV layer keeps its
     own positions' input (the sequence-parallel gather is redone in backward)."""
+    if shape.kv_lora:
+        return mla_attention_bytes(shape)
     T, h, p, d = shape.tokens, shape.hidden, shape.bytes_per_act, shape.head_dim
     heads, groups = shape.heads // shape.tp, shape.groups // shape.tp
     norm = norm_bytes(shape)
@@ -295,6 +346,21 @@ def attention_bytes(shape: Shape) -> int:
     if shape.qk_norm != "none":  # each norm keeps its input and the normalised values
         qk_norm = 2 * T * (heads + groups) * d * p
     return norm + qkv_in + qkv_out + qk_norm + q_k_rope + core
+
+
+def mla_attention_bytes(shape: Shape) -> int:
+    """What one multi-head latent attention block keeps for backward (an estimate, SDPA core):
+    its input norm and input; the compressed query and key/value latents (each norm's input
+    and output); per head of this rank the up-projected query and key/value, the RoPE'd parts
+    and the contiguous query, key and value the core reads; the core's output and logsumexp."""
+    T, Tsp, p, a = shape.tokens, shape.sp_tokens, shape.bytes_per_act, shape.heads // shape.tp
+    qk = shape.qk_nope + shape.qk_rope
+    latents = 2 * Tsp * (shape.q_lora + shape.kv_lora) * p + T * shape.qk_rope * p
+    up = T * a * (qk + shape.qk_nope + shape.v_dim) * p  # q, and k_nope with v
+    rope = T * (a + 1) * shape.qk_rope * p  # the rotated query parts and the shared key part
+    core_in = T * a * (2 * qk + shape.v_dim) * p
+    core = T * a * shape.v_dim * p + shape.micro_batch * a * shape.seq * FP32
+    return norm_bytes(shape) + Tsp * shape.hidden * p + latents + up + rope + core_in + core
 
 
 def moe_layer_bytes(shape: Shape) -> dict[str, int]:

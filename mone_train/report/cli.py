@@ -23,13 +23,16 @@ Writes into ``--out`` (default ``<first input>/report``):
     loss_vs_activated.png      final validation loss against activated parameters per token,
                                counted with the neuron top-k (left) and with routing alone
                                (right); MoE and MoNE marked apart
+    tasks.png                  downstream accuracy against steps, a panel per task, a line per
+                               run and keep ratio (runs with in-loop tasks, docs/evaluation.md)
 """
 
 from __future__ import annotations
 
 import json
+import re
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
@@ -37,6 +40,7 @@ import yaml
 from mone_train.command_line import CommandParser
 from mone_train.errors import ConfigError, report_failure
 
+TASK_ACC = re.compile(r"(?:rho([^/]+)/)?task/(.+)/acc")  # in-loop task accuracy keys
 RUN_FILES = ("metrics.jsonl", "config.yaml", "params.json")
 NOT_RUNS = {".hydra", "wandb", "checkpoints"}  # folders inside a run that hold similar files
 
@@ -62,6 +66,8 @@ class RunRow:
     val_curve: list[tuple[int, float]]
     seed: int | None = None
     setting: str = ""  # the config without what seeds and locations change (grouping key)
+    # downstream accuracy against steps: "<task>" or "<task> rho=<r>" -> [(step, acc)]
+    task_curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -206,6 +212,7 @@ def read_run(folder: Path) -> RunRow | str:
         val_curve=curve,
         seed=cfg.get("trainer", {}).get("seed"),
         setting=setting_of(cfg),
+        task_curves=task_curves(records),
     )
 
 
@@ -284,6 +291,48 @@ def plot_curves(groups: list[RunGroup], path: Path) -> None:
     ax.set_title("Validation loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def task_curves(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """Accuracy against steps of every task the run evaluated (``task/<t>/acc``), and at each
+    extra keep ratio (``rho<r>/task/<t>/acc``, named ``"<t> rho=<r>"``)."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for record in records:
+        for key, value in record.items():
+            match = TASK_ACC.fullmatch(key)
+            if match is None or value is None:
+                continue
+            ratio, task = match.groups()
+            name = task + (f" rho={ratio}" if ratio else "")
+            curves.setdefault(name, []).append((int(record["step"]), float(value)))
+    return curves
+
+
+def plot_tasks(groups: list[RunGroup], path: Path) -> None:
+    """Downstream accuracy against steps: one panel per task, a line per run (and keep ratio)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({n.split(" rho=")[0] for g in groups for n in g.first.task_curves})
+    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], names):
+        for g in groups:
+            for name, curve in sorted(g.first.task_curves.items()):
+                if name.split(" rho=")[0] != task:
+                    continue
+                rho = name.partition(" rho=")[2]
+                label = g.first.label + (f" at rho={rho}" if rho else "")
+                ax.plot(*zip(*curve), ":" if rho else "-", marker=".", label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel("accuracy")
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -374,6 +423,8 @@ def build_report(inputs: list[Path], out: Path) -> dict:
     )
     plot_curves(groups, out / "val_loss.png")
     plot_loss_vs_activated(groups, out / "loss_vs_activated.png")
+    if any(g.first.task_curves for g in groups):
+        plot_tasks(groups, out / "tasks.png")
     return {"out": out, "rows": rows, "groups": groups, "table": table, "skipped": skipped}
 
 

@@ -129,6 +129,29 @@ def probe_schedule_tokens() -> None:
     )
 
 
+def probe_mla_te_stubs() -> None:
+    """Building a multi-latent attention layer checks its output projection against TE's."""
+    import dataclasses
+
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import build_module
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    from mone_train.model.attention import SDPAttention
+
+    base = _tiny_config()
+    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init}
+    fields.update(
+        kv_channels=None, apply_rope_fusion=False, num_moe_experts=None, moe_ffn_hidden_size=None
+    )
+    config = MLATransformerConfig(**fields, q_lora_rank=None, kv_lora_rank=8, qk_head_dim=4,
+                                  qk_pos_emb_head_dim=4, v_head_dim=4)  # fmt: skip
+    spec = get_gpt_layer_local_spec(multi_latent_attention=True, normalization="RMSNorm")
+    attention = spec.submodules.self_attention
+    attention.submodules.core_attention = SDPAttention
+    build_module(attention, config=config, layer_number=1)
+
+
 PROBES = {
     "rng_tracker": probe_rng_tracker,
     "current_device": probe_current_device,
@@ -136,6 +159,7 @@ PROBES = {
     "te_names": probe_te_names,
     "alltoall_splits": probe_alltoall_splits,
     "schedule_tokens": probe_schedule_tokens,
+    "mla_te_stubs": probe_mla_te_stubs,
 }
 
 

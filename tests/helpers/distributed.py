@@ -1,4 +1,9 @@
-"""Run the trainer on several gloo processes the way a launcher would (env:// rendezvous)."""
+"""Run the trainer on several processes the way a launcher would (env:// rendezvous).
+
+Workers compute on the CPU over gloo unless a test asks for ``device="cuda"`` (one GPU, NCCL):
+MONE_TRAIN_DEVICE is what their ``trainer.device=auto`` means, so on a machine with a GPU the
+CPU tests stay on the CPU, and LOCAL_RANK picks no GPU there.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +20,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, overrides: list[str]) -> None:
+def _worker(rank: int, world_size: int, port: int, overrides: list[str], device: str) -> None:
     os.environ.update(
+        MONE_TRAIN_DEVICE=device,
         RANK=str(rank),
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world_size),
@@ -30,12 +36,14 @@ def _worker(rank: int, world_size: int, port: int, overrides: list[str]) -> None
     run(compose_config(overrides))
 
 
-def run_processes(world_size: int, overrides: list[str], timeout_s: float = 240) -> None:
-    """Train with ``world_size`` processes; raise if any of them fails."""
+def run_processes(
+    world_size: int, overrides: list[str], timeout_s: float = 240, device: str = "cpu"
+) -> None:
+    """Train with ``world_size`` processes on ``device`` (cpu | cuda); raise if any fails."""
     ctx = multiprocessing.get_context("spawn")
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, overrides))
+        ctx.Process(target=_worker, args=(r, world_size, port, overrides, device))
         for r in range(world_size)
     ]
     for proc in procs:
@@ -48,6 +56,35 @@ def run_processes(world_size: int, overrides: list[str], timeout_s: float = 240)
             proc.kill()
         codes.append(proc.exitcode)
     assert codes == [0] * world_size, f"exit codes {codes}"
+
+
+def _serial_worker(runs: list[list[str]], device: str, deterministic: bool) -> None:
+    os.environ.update(MONE_TRAIN_DEVICE=device, TORCHDYNAMO_DISABLE="1")
+    if deterministic:  # cuBLAS's fixed-workspace mode and torch's deterministic kernels
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+        import torch
+
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    from mone_train.compose import compose_config
+    from mone_train.trainer import run
+
+    for overrides in runs:
+        run(compose_config(overrides))
+
+
+def train_in_fresh_process(
+    runs: list[list[str]], device: str, timeout_s: float = 600, deterministic: bool = False
+) -> None:
+    """Train each override list in turn, as single-process runs in one fresh process on
+    ``device`` (its imports paid once); raise if it fails."""
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_serial_worker, args=(runs, device, deterministic)
+    )
+    proc.start()
+    proc.join(timeout_s)
+    if proc.is_alive():
+        proc.kill()
+    assert proc.exitcode == 0, f"exit code {proc.exitcode}"
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -63,15 +100,20 @@ TINY_RUN = [
     "trainer.eval_iters=2",
     "trainer.seq_length=32",
     "logging.wandb_mode=disabled",
+    "evaluation.stdlib_task_examples=0",  # the built-in task: tests of it name it
 ]
 
 
-def train(run_dir: Path, world_size: int, *overrides: str) -> dict | None:
-    """Train ``TINY_RUN`` + ``overrides`` into ``run_dir`` in this process (1) or in
-    ``world_size`` processes; the summary of an in-process run."""
+def train(run_dir: Path, world_size: int, *overrides: str, device: str = "cpu") -> dict | None:
+    """Train ``TINY_RUN`` + ``overrides`` into ``run_dir`` in this process (1 process on the
+    CPU) or in ``world_size`` fresh processes (a CUDA run always: the test process may hold
+    the CPU patches of parallel/cpu_compat.py); the summary of an in-process run."""
     full = [*TINY_RUN, f"trainer.run_dir={run_dir}", *overrides]
     if world_size > 1:
-        run_processes(world_size, full)
+        run_processes(world_size, full, device=device)
+        return None
+    if device != "cpu":
+        train_in_fresh_process([full], device)
         return None
     from mone_train.compose import compose_config
     from mone_train.trainer import run

@@ -37,29 +37,14 @@ def loss_and_grads(model, seq: int = 32, batch: int = 2, seed: int = 5):
     return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
 
 
-def kernel_run_losses(run_dir, impl: str) -> list[float]:
+def kernel_run_losses(run_dir, impl: str, device: str = "cpu") -> list[float]:
     """Losses of a 5-step `tiny` training run (and its final validation) with
-    ``moe.kernel_impl=impl``, in logged order."""
-    from mone_train.compose import compose_config
-    from mone_train.trainer import run
-    from tests.helpers.distributed import losses
+    ``moe.kernel_impl=impl`` on ``device``, in logged order."""
+    from tests.helpers.distributed import losses, train
 
-    run(
-        compose_config(
-            [
-                "model=tiny",
-                "trainer=smoke",
-                "trainer.steps=5",
-                "trainer.log_interval=1",
-                "trainer.eval_interval=5",
-                "trainer.eval_iters=1",
-                "trainer.micro_batch_size=4",
-                "trainer.global_batch_size=4",
-                "trainer.seq_length=32",
-                f"moe.kernel_impl={impl}",
-                f"trainer.run_dir={run_dir}",
-                "logging.wandb_mode=disabled",
-            ]
-        )
-    )
+    train(
+        run_dir, 1, "trainer.steps=5", "trainer.eval_interval=5", "trainer.eval_iters=1",
+        "trainer.micro_batch_size=4", "trainer.global_batch_size=4", f"moe.kernel_impl={impl}",
+        device=device,
+    )  # fmt: skip
     return losses(run_dir)

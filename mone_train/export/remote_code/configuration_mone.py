@@ -1,6 +1,7 @@
 """Configuration of a MoNE (Mixture of Neuron Experts) causal language model.
 
-A GPT-style decoder as mone-train trains it with megatron-core: RMSNorm, RoPE (non-interleaved),
+A GPT-style decoder as mone-train trains it with megatron-core: RMSNorm, RoPE (non-interleaved;
+plain, Llama 3's or YaRN, as ``rope_parameters`` says),
 grouped-query attention (optionally with q/k/v biases and RMSNorm of queries and keys, per head
 or over all heads), SwiGLU MLPs; the layers marked 1 in ``moe_layer_pattern`` (or every
 ``moe_layer_freq``-th from the first) are mixtures of experts with megatron-core's top-k
@@ -54,6 +55,8 @@ class MoNEConfig(PreTrainedConfig):
     hidden_act: str = "silu"
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # transformers' RoPE parameters: rope_type default | llama3 | yarn, with that type's keys
+    rope_parameters: dict | None = None
     max_position_embeddings: int = 1024
     initializer_range: float = 0.02
     attention_dropout: float = 0.0

@@ -8,7 +8,8 @@ tested against megatron on the same tokens):
 - attention: q/k/v/o projections (megatron's fused ``linear_qkv`` split per query group at
   export; q/k/v biases with ``qkv_bias``), RMSNorm of queries and keys per head or over all
   heads (``qk_layernorm``), RoPE over the whole head (base ``rope_theta``, halves rotated, not
-  interleaved), grouped-query attention, softmax scale 1/sqrt(head_dim), causal mask;
+  interleaved; Llama 3's or YaRN's frequencies and cos/sin factor with ``rope_parameters``),
+  grouped-query attention, softmax scale 1/sqrt(head_dim), causal mask;
 - MoE layers (``config.is_moe_layer``): megatron-core's router (``topk_routing_with_score_function``:
   fp32 logits; softmax over the k chosen logits, or over all experts before the top-k; or
   sigmoid scores, the expert bias used to choose only, renormalised over the k; group-limited
@@ -38,6 +39,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 
 from .configuration_mone import MoNEConfig
@@ -58,14 +60,20 @@ class MoNERotaryEmbedding(nn.Module):
     def __init__(self, config: MoNEConfig) -> None:
         super().__init__()
         self.config = config
-        self.register_buffer("inv_freq", self.inverse_frequencies(config), persistent=False)
+        inv_freq, self.attention_scaling = self.rope_parameters(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     @staticmethod
-    def inverse_frequencies(config: MoNEConfig) -> torch.Tensor:
-        """[Dh / 2] fp32 1 / base^(2i / Dh), megatron-core's formula."""
+    def rope_parameters(config: MoNEConfig) -> tuple[torch.Tensor, float]:
+        """[Dh / 2] fp32 inverse frequencies and the factor on cos and sin: 1 / base^(2i / Dh),
+        megatron-core's formula, for plain RoPE; transformers' own for Llama 3's and YaRN
+        (``rope_parameters``), which megatron-core's scaled embeddings reproduce."""
+        rope_type = (config.rope_parameters or {}).get("rope_type", "default")
+        if rope_type != "default":
+            return ROPE_INIT_FUNCTIONS[rope_type](config)
         dim = config.head_dim
         exponents = torch.arange(0, dim, 2, dtype=torch.float32) / dim
-        return 1.0 / (config.rope_theta**exponents)
+        return 1.0 / (config.rope_theta**exponents), 1.0
 
     @torch.no_grad()
     def forward(
@@ -74,7 +82,8 @@ class MoNERotaryEmbedding(nn.Module):
         """([B, S, Dh] cos, [B, S, Dh] sin) in ``x``'s dtype."""
         freqs_BSd = position_ids_BS[..., None].float() * self.inv_freq.float().to(x.device)
         emb_BSDh = torch.cat((freqs_BSd, freqs_BSd), dim=-1)
-        return emb_BSDh.cos().to(x.dtype), emb_BSDh.sin().to(x.dtype)
+        scale = self.attention_scaling
+        return (emb_BSDh.cos() * scale).to(x.dtype), (emb_BSDh.sin() * scale).to(x.dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -385,7 +394,7 @@ class MoNEPreTrainedModel(PreTrainedModel):
             if module.expert_bias is not None:
                 init.zeros_(module.expert_bias)
         elif isinstance(module, MoNERotaryEmbedding):
-            init.copy_(module.inv_freq, MoNERotaryEmbedding.inverse_frequencies(self.config))
+            init.copy_(module.inv_freq, MoNERotaryEmbedding.rope_parameters(self.config)[0])
 
 
 class MoNEModel(MoNEPreTrainedModel):
