@@ -1,7 +1,7 @@
 # mone-train: the two commands the README starts with, and a few helpers.
 #   make train   set up .venv (once), build the default corpus (once), train the default model
 #   make test    set up .venv (once), run the whole test suite (what CI runs, after make lint)
-#   make test-fast   the unit tests only (no training runs, no subprocesses): about 2.1 min
+#   make test-fast   the unit tests only (no training runs, no subprocesses; docs/testing.md)
 #   make test-gpu    the GPU tier only (tests/test_gpu.py; skipped without a CUDA device)
 VENV ?= .venv
 STAMP := $(VENV)/.installed

@@ -24,6 +24,7 @@ def _run(args, tmp_path):
     return result.stdout
 
 
+@pytest.mark.slow  # a benchmark script in a subprocess
 def test_kernel_benchmark_runs_on_cpu(tmp_path):
     out = _run(
         [

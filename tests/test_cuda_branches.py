@@ -189,7 +189,7 @@ def test_cpu_patches_come_out_again():
         "from mone_train.parallel import cpu_compat\n"
         "before = (torch.cuda.current_device, torch.cuda.Stream, schedules.torch,\n"
         "          mp_random.CudaRNGStatesTracker)\n"
-        "assert cpu_compat.apply(device='cuda') == frozenset()\n"
+        "assert cpu_compat.apply(device='cuda') <= cpu_compat.ANY_DEVICE\n"  # TE's absence only
         "assert cpu_compat.apply(device='cpu') == frozenset(cpu_compat.PATCHES)\n"
         "assert torch.cuda.current_device() == 'cpu'\n"
         "cpu_compat.restore()\n"

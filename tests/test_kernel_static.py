@@ -73,6 +73,7 @@ def test_goal_failures_name_the_kernel_and_the_miss():
     ]
 
 
+@pytest.mark.slow  # the benchmark script end to end
 def test_benchmark_script_writes_json_and_markdown(tmp_path):
     result = subprocess.run(
         [sys.executable, "benchmarks/kernel_static.py", "--archs", "90", "--neurons", "256",

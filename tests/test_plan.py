@@ -235,6 +235,7 @@ def test_kept_activations_are_counted_tensor_by_tensor(megatron_single):
     assert abs(estimate.kept - kept) <= 0.05 * kept, (estimate.kept, kept)
 
 
+@pytest.mark.slow  # a real training step per case
 @pytest.mark.parametrize("recompute", ["none", "moe", "full"])
 def test_activation_estimate_matches_the_measured_cpu_peak(recompute):
     """The allocator peak of one forward + backward, measured in a fresh process by the

@@ -39,6 +39,7 @@ def _torchrun(nproc: int, run_dir: Path, *overrides: str, timeout: float = 300, 
 # ----------------------------------------------------------------------------- the watchdog
 
 
+@pytest.mark.slow  # waits for the watchdog to fire
 def test_watchdog_reports_progress_and_fires_on_none(tmp_path):
     """In a thread of this process: progress keeps it quiet; a stopped loop is detected and
     reported (the exit is replaced so that the test survives it)."""
