@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_bench import timed_ms  # noqa: E402  (median ms; CUDA events on a GPU)
 from machine import machine_info  # noqa: E402
 
 # (run, hidden D, expert FFN F) as benchmarks/layout_search_published.py lists them
@@ -38,21 +37,6 @@ EXPERTS = [
 ]
 LOCAL_EXPERTS = (8, 16, 32)
 CUDA = torch.cuda.is_available()
-
-
-def timed_ms(fn, repeats: int) -> float:
-    """Median milliseconds of ``fn()`` (CUDA events via triton's do_bench on a GPU)."""
-    if CUDA:
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=3, rep=max(10, repeats * 3))
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
 
 
 def measure(hidden: int, ffn: int, experts: int, rows: int, dtype, repeats: int) -> dict:

@@ -141,7 +141,9 @@ def _describe(tok: dict) -> str:
     return f"{tok.get('kind')} (vocabulary {tok.get('vocab_size')}{digest})"
 
 
-def _dataset_config(tokenizer, seq_length: int, seed: int, cache_dir, **source) -> GPTDatasetConfig:
+def dataset_config(tokenizer, seq_length: int, seed: int, cache_dir, **source) -> GPTDatasetConfig:
+    """megatron-core's GPTDatasetConfig as every dataset of a run uses it (``source``: its
+    ``blend`` or ``blend_per_split``)."""
     return GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
@@ -170,7 +172,7 @@ def build_blended_datasets(
     ``weights`` None blends in proportion to the datasets' sizes (megatron-core's rule).
     """
     prefixes = check_prefixes(paths, tokenizer, list(split))
-    config = _dataset_config(
+    config = dataset_config(
         tokenizer,
         seq_length,
         seed,
@@ -195,7 +197,7 @@ def build_gpt_datasets(
     cache_dir: str | Path,
 ) -> tuple[GPTDataset, GPTDataset]:
     """Train and validation GPTDatasets (all ranks call this; torch.distributed must be up)."""
-    config = _dataset_config(
+    config = dataset_config(
         tokenizer,
         seq_length,
         seed,

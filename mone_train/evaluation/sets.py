@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.gpt_dataset import GPTDataset
 
-from mone_train.data.dataset import DataError, check_prefixes, index_cache_for
+from mone_train.data.dataset import DataError, check_prefixes, dataset_config, index_cache_for
 from mone_train.evaluation.errors import EvaluationError
 
 
@@ -43,17 +43,10 @@ def build_validation_set(
         check_prefixes(prefixes, tokenizer)
     except DataError as err:  # name the evaluation key, not data.paths
         raise EvaluationError(f"evaluation.sets.{name}: {err}") from None
-    config = GPTDatasetConfig(
-        random_seed=seed,
-        sequence_length=seq_length,
-        tokenizer=tokenizer,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
-        path_to_cache=str(index_cache_for(Path(cache_dir), prefixes)),
+    config = dataset_config(
+        tokenizer, seq_length, seed, index_cache_for(Path(cache_dir), prefixes),
         blend_per_split=[None, (prefixes, None), None],
-    )
+    )  # fmt: skip
     _, valid, _ = BlendedMegatronDatasetBuilder(
         GPTDataset, [None, num_samples, None], lambda: True, config
     ).build()
