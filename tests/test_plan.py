@@ -23,6 +23,7 @@ from mone_train.planning.plan import (
     stage_layers,
     suggestions,
 )
+from tests.helpers.gpt_parity import meta_parameter_count
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARK = REPO / "benchmarks" / "memory_plan_check.py"
@@ -148,17 +149,9 @@ def test_flops_use_the_trainers_activated_counts(megatron_single):
 
 @pytest.mark.parametrize("model,total_b", [("1b", 0.951), ("3b", 2.988)])
 def test_real_scale_counts_equal_the_meta_device_model(megatron_single, model, total_b):
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    from mone_train.model.builder import build_gpt_model
-
     cfg = compose_config([f"model={model}", "trainer=gpu", "trainer.expert_parallel_size=1"])
-    torch.manual_seed(0)
-    model_parallel_cuda_manual_seed(0)
-    with torch.device("meta"):
-        model = build_gpt_model(cfg, 50304)
     numbers = parameter_numbers(shape_of(cfg, 50304))
-    assert numbers.local == sum(p.numel() for p in model.parameters())
+    assert numbers.local == meta_parameter_count(cfg, 50304)
     assert model_state_bytes(shape_of(cfg, 50304), "fp32").params == 4 * numbers.local
     assert round(numbers.total / 1e9, 3) == total_b  # as the config's comment and docs say
     # At EP = 8 a device holds the dense weights and 1/8 of the experts of every layer.
@@ -177,18 +170,10 @@ def test_real_scale_counts_equal_the_meta_device_model(megatron_single, model, t
 @pytest.mark.parametrize("model", ["1b", pytest.param("3b", marks=pytest.mark.slow)])
 def test_family_counts_equal_the_meta_device_model(megatron_single, family, model):
     """Analytic counts per family at GPU scale (built on the meta device: no memory)."""
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    from mone_train.model.builder import build_gpt_model
-
     cfg = compose_config([f"arch={family}", f"model={model}", "trainer=gpu",
                           "trainer.expert_parallel_size=1"])  # fmt: skip
-    torch.manual_seed(0)
-    model_parallel_cuda_manual_seed(0)
-    with torch.device("meta"):
-        built = build_gpt_model(cfg, 50304)
     numbers = parameter_numbers(shape_of(cfg, 50304))
-    assert numbers.local == sum(p.numel() for p in built.parameters())
+    assert numbers.local == meta_parameter_count(cfg, 50304)
 
 
 @pytest.mark.parametrize("family", ["deepseek", "qwen3_moe"])

@@ -24,6 +24,18 @@ def tiny_gpt(*overrides: str):
     return build_gpt_model(cfg, VOCAB)
 
 
+def meta_parameter_count(cfg, vocab_size: int) -> int:
+    """Parameters of ``cfg``'s GPTModel, built on the meta device (no memory; needs megatron's
+    groups): what the planner's counts are checked against."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from mone_train.model.builder import build_gpt_model
+
+    torch.manual_seed(0)
+    model_parallel_cuda_manual_seed(0)
+    return sum(p.numel() for p in build_gpt_model(cfg, vocab_size, meta=True).parameters())
+
+
 def loss_and_grads(model, seq: int = 32, batch: int = 2, seed: int = 5):
     """Per-token LM loss of a fixed random batch and every parameter's gradient after
     ``loss.mean().backward()`` (gradients accumulate: call once per fresh model)."""
