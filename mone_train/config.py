@@ -617,7 +617,7 @@ class TrainerConfig:
     force_resume: bool = False  # resume although run_dir's config.yaml has another model shape
     max_nonfinite_steps: int = 3  # skipped (non-finite) updates in a row before the run stops
     compile: Optional[bool] = None  # megatron jit_fuser (torch.compile); null: on with CUDA only
-    num_threads: Optional[int] = None  # torch intra-op threads; null keeps torch's default
+    num_threads: Optional[int] = None  # intra-op threads; null: cores / processes per machine
     # Activation recompute: none | moe (recompute each MoE layer in backward) | full (every
     # transformer layer, one per checkpoint). Costs one more forward of what it recomputes.
     recompute: str = "none"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from mone_train.config import Config
@@ -14,7 +16,8 @@ def configure_torch(cfg: Config) -> None:
     # computes some kernels (SDPA's CPU backward among them) with other rounding than one that
     # did, and checkpoint saves set it and back (checkpoint.single_threaded_collectives), so a
     # run's numbers would otherwise depend on whether and when it saved.
-    torch.set_num_threads(cfg.trainer.num_threads or torch.get_num_threads())
+    cpu = run_device(cfg.trainer.device) == "cpu"
+    torch.set_num_threads(cfg.trainer.num_threads or default_threads(cpu, dict(os.environ)))
     import torch._dynamo as dynamo
 
     compile_enabled = cfg.trainer.compile
@@ -22,6 +25,19 @@ def configure_torch(cfg: Config) -> None:
         # On CPU torch.compile buys nothing measurable here and costs 10-20 s on the first step.
         compile_enabled = run_device(cfg.trainer.device) == "cuda"
     dynamo.config.disable = not compile_enabled
+
+
+def default_threads(cpu: bool, env: dict[str, str]) -> int:
+    """Intra-op threads when ``trainer.num_threads`` is null: torch's default (one per core, or
+    OMP_NUM_THREADS) for a process alone on its machine; on the CPU, the machine's cores shared
+    among its processes (LOCAL_WORLD_SIZE, as torchrun and our launchers set it, or SLURM's tasks
+    per node) -- several processes with a thread per core each oversubscribe it (2 processes on
+    2 cores run a tiny job ~3x slower)."""
+    if not cpu or "OMP_NUM_THREADS" in env:
+        return torch.get_num_threads()
+    local = env.get("LOCAL_WORLD_SIZE") or env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+    processes = int(local) if local.isdigit() and int(local) > 0 else 1
+    return max(1, torch.get_num_threads() // processes)
 
 
 def check_kernel_impl(cfg: Config) -> None:

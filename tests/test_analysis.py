@@ -16,19 +16,14 @@ import torch
 from mone_kernels import num_kept_neurons
 from mone_train.analysis.cli import main
 from mone_train.analysis.data import Batches, TokenSource
+from tests.helpers.distributed import TINY_RUN
 
 # Training runs, subprocesses or process groups: the full tier only (make test).
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-TRAIN = [
-    "model=tiny",
-    "trainer=smoke",
-    "trainer.seq_length=64",
-    "trainer.log_interval=50",
-    "logging.wandb_mode=disabled",
-]
+TRAIN = [*TINY_RUN, "trainer.seq_length=64", "trainer.log_interval=50", "trainer.eval_interval=30"]
 
 
 def _half_up(ratio: float, num_neurons: int) -> int:

@@ -4,21 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers.distributed import metrics, run_processes
+from tests.helpers.distributed import TINY_RUN, metrics, run_processes
 
 # Training runs, subprocesses or process groups: the full tier only (make test).
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "model=tiny",
-    "trainer=smoke",
-    "trainer.steps=5",
-    "trainer.log_interval=1",
-    "trainer.eval_interval=5",
-    "trainer.eval_iters=2",
-    "trainer.seq_length=32",
-    "logging.wandb_mode=disabled",
-]
+TINY = [*TINY_RUN, "trainer.steps=5", "trainer.eval_interval=5"]
 
 
 def _train(tmp_path, name, world_size, *extra):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mone_train.compose import compose_config
-from tests.helpers.distributed import metrics, run_processes
+from tests.helpers.distributed import TINY_RUN, metrics, run_processes
 
 HIDDEN, NEURONS, EXPERTS = 32, 24, 4
 
@@ -220,13 +220,9 @@ def test_sharded_state_dict_is_the_sequential_experts_one(megatron_single):
 
 
 TINY = [
-    "model=tiny",
-    "trainer=smoke",
+    *TINY_RUN,
     "trainer.steps=4",
-    "trainer.log_interval=1",
     "trainer.eval_interval=4",
-    "trainer.eval_iters=2",
-    "trainer.seq_length=32",
     "trainer.micro_batch_size=4",
     "trainer.global_batch_size=8",
     "trainer.expert_parallel_size=2",

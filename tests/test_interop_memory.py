@@ -15,19 +15,11 @@ import torch
 
 from mone_train.export.cli import main as export_main
 from mone_train.importer.cli import main as import_main
+from tests.helpers.distributed import TINY_RUN
 from tests.helpers.hf_models import build_hf_model, save_hf_model, tokens
 
-TRAIN = [
-    "model=tiny",
-    "moe=moe",
-    "trainer=smoke",
-    "trainer.steps=2",
-    "trainer.eval_interval=2",
-    "trainer.eval_iters=1",
-    "trainer.log_interval=2",
-    "trainer.seq_length=32",
-    "logging.wandb_mode=disabled",
-]
+TRAIN = [*TINY_RUN, "moe=moe", "trainer.steps=2", "trainer.eval_interval=2",
+         "trainer.eval_iters=1", "trainer.log_interval=2"]  # fmt: skip
 
 
 def _import(source: Path, out: Path, *extra: str) -> Path:

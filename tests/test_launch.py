@@ -11,22 +11,14 @@ from pathlib import Path
 import pytest
 
 from mone_train.parallel.process_groups import LaunchError, launch_environment
-from tests.helpers.distributed import free_port
+from tests.helpers.distributed import TINY_RUN, free_port
 
 # Training runs, subprocesses or process groups: the full tier only (make test).
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-SMOKE = [
-    "model=tiny",
-    "trainer=smoke",
-    "trainer.steps=10",
-    "trainer.log_interval=5",
-    "trainer.eval_interval=10",
-    "trainer.micro_batch_size=4",
-    "logging.wandb_mode=disabled",
-]
+SMOKE = [*TINY_RUN, "trainer.steps=10", "trainer.log_interval=5", "trainer.micro_batch_size=4"]
 
 
 def _env(**extra):

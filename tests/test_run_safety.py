@@ -20,17 +20,10 @@ import torch
 from mone_train.components.checkpoint import CHECKPOINTS, MARKER
 from mone_train.compose import compose_config
 from mone_train.errors import EXIT_DIVERGED, EXIT_PREEMPTED, ConfigError
-from tests.helpers.distributed import free_port
+from tests.helpers.distributed import TINY_RUN, free_port
 
 REPO = Path(__file__).resolve().parent.parent
-BASE = [
-    "model=tiny",
-    "trainer=smoke",
-    "trainer.log_interval=1",
-    "trainer.eval_iters=2",
-    "trainer.seq_length=32",
-    "logging.wandb_mode=disabled",
-]
+BASE = [*TINY_RUN, "trainer.eval_interval=30"]
 # MKL_DYNAMIC=FALSE: MKL may otherwise pick fewer threads on a loaded machine, which changes
 # float32 summation order; the exact comparisons below need the same order in every process.
 ENV = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "MKL_DYNAMIC": "FALSE"}
