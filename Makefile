@@ -8,6 +8,9 @@ STAMP := $(VENV)/.installed
 PY := $(VENV)/bin/python
 # Extra Hydra overrides for `make train`, e.g. make train ARGS="moe=moe trainer.steps=100"
 ARGS ?=
+# pytest workers (pytest-xdist, a test file per worker at a time); TEST_WORKERS=0: one process
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: install train test test-fast test-gpu lint format bench clean
 
@@ -20,10 +23,10 @@ train: install
 	$(VENV)/bin/mone-train $(ARGS)
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 test-gpu: install
 	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)

@@ -28,9 +28,10 @@ COUNTS = re.compile(r"(\d+) (passed|failed|skipped|deselected|errors?|xfailed|xp
 DURATION = re.compile(r"^\s*([\d.]+)s (call|setup|teardown)\s+(\S+)")
 
 
-def run_suite(fast: bool, extra: list[str]) -> tuple[dict, float, list[str]]:
+def run_suite(fast: bool, workers: int, extra: list[str]) -> tuple[dict, float, list[str]]:
     """(counts by outcome, wall seconds, output lines) of one pytest run."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "--durations=15", "-p", "no:cacheprovider"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "--durations=30", "-p", "no:cacheprovider"]
+    cmd += ["-n", str(workers), "--dist", "loadfile"]  # the Makefile's XDIST
     cmd += (["-m", "not slow"] if fast else []) + extra
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -51,15 +52,17 @@ def run_suite(fast: bool, extra: list[str]) -> tuple[dict, float, list[str]]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--fast", action="store_true", help="the fast tier (make test-fast)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="pytest-xdist workers, as make's TEST_WORKERS (0: one process)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("pytest_args", nargs="*", help="more pytest arguments (after --)")
     args = parser.parse_args(argv)
-    counts, seconds, lines = run_suite(args.fast, args.pytest_args)
+    counts, seconds, lines = run_suite(args.fast, args.workers, args.pytest_args)
     slowest = [{"seconds": float(m.group(1)), "phase": m.group(2), "test": m.group(3)}
                for m in map(DURATION.match, lines) if m]  # fmt: skip
     info = machine_info()
     tier = "fast" if args.fast else "full"
-    result = {"machine": info, "tier": tier, "pytest_args": args.pytest_args,
+    result = {"machine": info, "tier": tier, "workers": args.workers, "pytest_args": args.pytest_args,
               "seconds": seconds, "minutes": seconds / 60, **counts, "slowest": slowest}  # fmt: skip
     print(f"\n{'tier':<6}{'passed':>8}{'skipped':>9}{'failed':>8}{'minutes':>9}  machine")
     print(f"{tier:<6}{counts.get('passed', 0):>8}{counts.get('skipped', 0):>9}"

@@ -16,6 +16,8 @@ reported with its interquartile range:
     trainer/mone-no-health   moe=mone with logging.health_metrics=false (the health metrics' cost)
     trainer/deepseek-moe,    arch=deepseek (fine-grained experts, shared expert, sigmoid router
     trainer/deepseek-mone    with loss-free balancing, dense first layer), MoE and MoNE
+    trainer/deepseek_v3-moe, arch=deepseek_v3: the same with multi-head latent attention and
+    trainer/deepseek_v3-mone a multi-token-prediction layer, MoE and MoNE
   with the speed-path ablations (--ablations):
     trainer/mone-megatron-attn, -torch-norm, -unfused-rope, -reference-act (the eager PyTorch
     MoNE activation), -baseline-isa (our CPU operators' x86-64 baseline loops instead of the
@@ -122,8 +124,23 @@ def trainer_stepper(name: str, overrides: list[str], workdir: Path, info) -> Ste
     progress = tqdm(disable=True)
     tokens = cfg.trainer.global_batch_size * cfg.trainer.seq_length
 
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    # megatron's auxiliary-loss tracker is one per process, sized by the first model that
+    # records into it: each contender steps with its own (models differ in layers, MTP).
+    shared, own = get_moe_layer_wise_logging_tracker(), {}
+
     def step() -> int:
-        trainer.step(batches, progress)
+        others = dict(shared)
+        shared.clear()
+        shared.update(own)
+        try:
+            trainer.step(batches, progress)
+        finally:
+            own.clear()
+            own.update(shared)
+            shared.clear()
+            shared.update(others)
         return tokens
 
     def close() -> None:
@@ -157,6 +174,8 @@ def contenders(args: argparse.Namespace, workdir: Path, info) -> list[Stepper]:
         trainer("trainer/mone-no-health", "moe=mone", "logging.health_metrics=false"),
         trainer("trainer/deepseek-moe", "arch=deepseek", "moe=moe"),
         trainer("trainer/deepseek-mone", "arch=deepseek", "moe=mone"),
+        trainer("trainer/deepseek_v3-moe", "arch=deepseek_v3", "moe=moe"),
+        trainer("trainer/deepseek_v3-mone", "arch=deepseek_v3", "moe=mone"),
     ]
     if args.ablations:
         steppers += [
@@ -175,6 +194,7 @@ def contenders(args: argparse.Namespace, workdir: Path, info) -> list[Stepper]:
 EFFECTS = (
     ("MoNE / MoE step time", "trainer/moe", "trainer/mone"),
     ("MoNE / MoE step time, DeepSeek-style", "trainer/deepseek-moe", "trainer/deepseek-mone"),
+    ("MoNE / MoE step time, deepseek_v3", "trainer/deepseek_v3-moe", "trainer/deepseek_v3-mone"),
     ("MoNE / MoE step time, grouped experts", "trainer/moe-grouped", "trainer/mone-grouped"),
     ("health metrics on / off, step time", "trainer/mone-no-health", "trainer/mone"),
     ("SDPA attention vs megatron's core", "trainer/mone", "trainer/mone-megatron-attn"),

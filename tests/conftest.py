@@ -16,6 +16,12 @@ import os
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ["MONE_TRAIN_DEVICE"] = "cpu"
+# Under pytest-xdist (`make test` runs 2 workers) the workers share the cores: torch threads per
+# worker = cores / workers, in every process they start too, or they oversubscribe them (two
+# torch processes with a thread per core each on 2 cores run several times slower).
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 GPU_TIER_DEVICE = os.environ.get("MONE_TEST_GPU_TIER", "cuda")
 
 

@@ -78,9 +78,12 @@ def test_trainer_throughput_benchmark_runs(tmp_path):
         "trainer/mone-no-health",
         "trainer/deepseek-moe",
         "trainer/deepseek-mone",
+        "trainer/deepseek_v3-moe",
+        "trainer/deepseek_v3-mone",
     ]
     assert all(len(row["rounds_tokens_per_s"]) == 2 for row in data["results"])
     assert "MoNE / MoE step time, DeepSeek-style" in data["paired_effects"]
+    assert "MoNE / MoE step time, deepseek_v3" in data["paired_effects"]
     assert data["machine"]["cpu_cores"] >= 1 and data["machine"]["torch_cpu_capability"]
 
 
