@@ -22,6 +22,79 @@ def test_every_quoted_figure_equals_its_results_file():
     assert [f"{q.doc}:{q.line}: {q.problem}" for q in quotes if q.problem] == []
 
 
+def test_every_rendered_table_equals_its_results_file():
+    tables = docs_figures.tables()
+    assert {t.name for t in tables} >= {
+        "final_loss",
+        "keep_ratio_grid",
+        "mone_fying",
+        "trainer_throughput",
+    }
+    assert [f"{t.doc}:{t.line}: {t.problem}" for t in tables if t.problem] == []
+
+
+def test_a_figure_in_a_results_subfolder(tmp_path, monkeypatch):
+    (tmp_path / "results" / "study").mkdir(parents=True)
+    (tmp_path / "results" / "study" / "s.json").write_text(json.dumps({"settings": {"a": {"std": 0.02},
+        "b": {"std": 0.0056}}, "rows": [{"impl": "x", "n": 1, "ms": 1.5}, {"impl": "x", "n": 2, "ms": 2.5}]}))  # fmt: skip
+    doc = tmp_path / "page.md"
+    doc.write_text(
+        "**0.006<!-- from study/s.json: settings > * > std > min | .3f -->** and "
+        "2.5<!-- from study/s.json: rows > impl=x & n=2 > ms | .1f --> and "
+        "−1.5<!-- from study/s.json: rows > impl=x & n=1 > ms | *-1 .1f --> and "
+        "−2.5<!-- from study/s.json: rows > impl=x & n=2 > ms | .1f -->\n"
+    )
+    monkeypatch.setattr(docs_figures, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(docs_figures, "REPO", tmp_path)
+    monkeypatch.setattr(docs_figures, "documents", lambda: [doc])
+    found = docs_figures.quotes()
+    assert [q.figure for q in found] == ["0.006", "2.5", "−1.5", "−2.5"]
+    assert [q.problem for q in found][:3] == [None, None, None]
+    assert found[3].problem == "says −2.5, study/s.json says 2.5"
+
+
+def test_a_changed_table_is_caught_and_rewritten(tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    (results / "run").mkdir(parents=True)
+    (results / "run" / "mone_fying.json").write_text(
+        json.dumps(
+            {
+                "step_zero": {
+                    "moe": {"rho=1": 1.2, "rho=0.5": 1.25},
+                    "upcycled": {"rho=1": 1.3, "rho=0.5": 1.31},
+                },
+                "validation": {
+                    "50": {
+                        k: [1.5, 0.01]
+                        for k in ("moe-continued", "mone-fied", "mone-upcycled", "mone-scratch")
+                    }
+                },
+            }
+        )
+    )
+    doc = tmp_path / "page.md"
+    monkeypatch.setattr(docs_figures, "RESULTS", results)
+    monkeypatch.setattr(docs_figures, "REPO", tmp_path)
+    monkeypatch.setattr(docs_figures, "documents", lambda: [doc])
+    good = docs_figures.rendered("run/*.json", "mone_fying")
+    assert (
+        good.splitlines()[2]
+        == "| 0 (held out, before training) | 1.2000 | 1.2500 | 1.3100 (dense: 1.3000) | (random) |"
+    )
+    stale = good.replace("1.5000 ± 0.010", "1.4000 ± 0.010", 1)
+    doc.write_text(
+        f"text\n<!-- table from run/*.json: mone_fying -->\n{stale}<!-- end table -->\nmore\n"
+    )
+    (table,) = docs_figures.tables()
+    assert table.line == 2 and "says '| 50 | 1.4000 ± 0.010" in table.problem
+    assert docs_figures.write_tables() == 1
+    assert (
+        doc.read_text()
+        == f"text\n<!-- table from run/*.json: mone_fying -->\n{good}<!-- end table -->\nmore\n"
+    )
+    assert docs_figures.tables()[0].problem is None
+
+
 def test_a_changed_figure_is_caught(tmp_path, monkeypatch):
     results = tmp_path / "results"
     results.mkdir()
