@@ -228,6 +228,7 @@ class Trainer:
         validation loss when this step evaluated."""
         t, state = self.cfg.trainer, self.state
         lr = lr_at(state.step, self.cfg.optim, t.steps)
+        self.metrics.before_step(state.step + 1)
         result = self.train_step(batches, lr)
         state.step += 1
         state.consumed_samples += t.global_batch_size

@@ -140,3 +140,55 @@ def test_auxiliary_losses_are_interval_means_whatever_the_log_interval(tmp_path)
         mean = sum(r[name] for r in logged[1]) / 3
         assert logged[3][0][name] == pytest.approx(mean, rel=1e-5), name
         assert logged[3][0][name] > 0.5  # a balance loss near 1 at initialisation, not 1/3 of it
+
+
+@pytest.mark.slow
+def test_steps_between_logs_read_no_activations_and_evaluate_nothing(tmp_path, monkeypatch):
+    """A step that will not be logged only counts routed tokens: no neuron mask, no gate
+    histogram, no collect (where every health collective is); evaluation runs only at its
+    interval. The logged load counts still cover the whole interval."""
+    from mone_train.components.metrics import TrainMetrics
+    from mone_train.components.train_step import TrainStep
+    from mone_train.evaluation.forward import Forward
+    from mone_train.trainer import run
+
+    events: dict[str, list[str]] = {}  # phase ("train 3": step 3's forwards and backwards;
+    phase = [""]  # "after 3": what follows it, logging and evaluation) -> calls in it
+
+    def wrap(cls, name, call):
+        original = getattr(cls, name)
+        monkeypatch.setattr(cls, name, lambda *a, **k: (call(*a), original(*a, **k))[1])
+
+    def enter(label):
+        phase[0] = label
+        events[label] = []
+
+    for name in ("observe_routing", "observe_masks", "observe_gate", "collect"):
+        wrap(HealthMonitor, name, lambda *a, name=name: events[phase[0]].append(name))
+    for name in ("dataset_sums", "row_scores"):
+        wrap(Forward, name, lambda *a, name=name: events[phase[0]].append(name))
+    wrap(TrainStep, "__call__", lambda *a: enter(f"train {len(events) // 2 + 1}"))
+    wrap(TrainMetrics, "step_done", lambda self, state, *a: enter(f"after {state.step}"))
+    cfg = compose_config(["model=tiny", "trainer=smoke", "trainer.steps=4",
+                          "trainer.log_interval=2", "trainer.eval_interval=3",
+                          "moe.neuron_keep_ratio=0.25", "evaluation.stdlib_task_examples=0",
+                          f"trainer.run_dir={tmp_path}", "logging.wandb_mode=disabled"])  # fmt: skip
+    run(cfg)
+    kinds = {p: sorted(set(e)) for p, e in events.items()}
+    assert kinds == {
+        "train 1": ["observe_routing"],
+        "after 1": [],
+        "train 2": ["observe_gate", "observe_masks", "observe_routing"],
+        "after 2": ["collect"],
+        "train 3": ["observe_routing"],
+        "after 3": ["dataset_sums"],  # the evaluation at eval_interval
+        "train 4": ["observe_gate", "observe_masks", "observe_routing"],
+        "after 4": ["collect", "dataset_sums"],  # the last step: logged and evaluated
+    }
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    t = cfg.trainer
+    pairs = 2 * t.global_batch_size * t.seq_length * cfg.model.router_topk  # 2 steps
+    assert [r["step"] for r in train] == [2, 4]
+    for r in train:
+        assert sum(r["load/0/tokens"]) == pairs and 0 < r["neurons/0/utilisation"] <= 1

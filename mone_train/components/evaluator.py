@@ -10,7 +10,9 @@ One evaluation gives one record (docs/evaluation.md has the names):
     val_loss                      the data's validation split (nats per token)
     eval/<set>/loss               each set: nats per token, bits per token, bits per byte
     eval/<set>/bits_per_token     (bits per byte with the byte tokenizer only)
-    task/<task>/acc, acc_norm, count
+    task/<task>/acc, acc_norm, count            multiple-choice tasks
+    task/<task>/loglikelihood, perplexity, acc, count       continuation tasks
+    task/<task>/word_perplexity, byte_perplexity, bits_per_byte, count   text tasks
     rho<r>/eval/..., rho<r>/task/...   the same at each ``evaluation.keep_ratios`` entry
 """
 
@@ -76,7 +78,7 @@ class Evaluator:
         cfg: the run's config (trainer batch sizes, evaluation section).
         info: this process's place in the job.
         sets: name -> validation GPTDataset.
-        tasks: the multiple-choice tasks.
+        tasks: the tasks (multiple-choice, continuation, text).
         tokenizer: the run's tokenizer (task rows; bits per byte when it is the byte one).
         pipeline: with pipeline stages, megatron's schedule runs the forwards.
         micro_batch_size: sequences per forward (default: ``trainer.micro_batch_size``).
@@ -130,11 +132,12 @@ class Evaluator:
             for name, dataset in self.sets.items():
                 record.update(self._set_metrics(f"{prefix}eval/{name}/", dataset))
             for task in self.tasks:
-                lls = self.forward.row_loglikelihoods(
-                    self.rows[task.name], self.task_micro_batch_size, self.cfg.trainer.seq_length,
-                    self.pad,
+                rows = self.rows[task.name]
+                lls, greedy = self.forward.row_scores(
+                    rows, self.task_micro_batch_size, self.cfg.trainer.seq_length, self.pad,
+                    greedy=task.needs_greedy,
                 )  # fmt: skip
-                for key, value in score(task, lls).items():
+                for key, value in score(task, lls, greedy).items():
                     record[f"{prefix}task/{task.name}/{key}"] = value
         finally:
             self.model.train()
@@ -152,9 +155,15 @@ class Evaluator:
 
 
 def evaluation_echo(step: int, record: dict) -> str:
-    """The terminal line of an evaluation: each set's loss and each task's accuracy."""
+    """The terminal line of an evaluation: each set's loss and each task's headline (accuracy,
+    or bits per byte for text tasks)."""
     parts = [f"{k[len('eval/'):-len('/loss')]} {v:.4f}" for k, v in record.items()
              if k.startswith("eval/") and k.endswith("/loss")]  # fmt: skip
-    parts += [f"{k[len('task/'):-len('/acc')]} acc {v:.3f}" for k, v in record.items()
-              if k.startswith("task/") and k.endswith("/acc")]  # fmt: skip
+    for key, value in record.items():
+        if key.startswith("task/"):
+            task, _, metric = key[len("task/") :].rpartition("/")
+            if metric == "acc":
+                parts.append(f"{task} acc {value:.3f}")
+            elif metric == "bits_per_byte":
+                parts.append(f"{task} {value:.3f} bits/byte")
     return f"step {step:>6} | eval: " + ", ".join(parts) + " (loss in nats/token)"

@@ -24,13 +24,22 @@ Neuron utilisation exists for MoNE experts with K < F (for plain MoE every neuro
 activated expert is used). ``load/imbalance`` and ``neurons/utilisation`` (no layer) are the
 worst layer's imbalance and the mean utilisation over layers, for the terminal line.
 
-Costs are small by construction (measured on CPU: benchmarks/health_overhead.py): the router
-hook adds one column sum per layer, the MoNE hook one column max over each expert's mask, and
-|SiLU(gate)| is histogrammed on at most ``GATE_ROWS`` sampled rows per expert call (fixed
-log-spaced bins, so memory is bounded). Counters stay on the compute device; they are summed
-(or OR-ed) across ranks and copied to the host only at log time, one all-reduce per kind.
-Only training-mode forwards that record the autograd graph are observed: evaluation does not
-count, and under activation recompute (``trainer.recompute``) each forward counts once.
+What is observed when (the trainer arms the monitor with :meth:`HealthMonitor.sample` for the
+steps that will be logged):
+
+- every step: the counts, one column sum per layer of the routing map (``load/L/tokens`` and
+  ``imbalance``, ``load/L/dropped``): the interval's totals, as before;
+- only the steps that will be logged: what reads activations — the neuron masks (MoNE experts
+  build their ``[tokens, F]`` mask only then), the |SiLU(gate)| histogram and the
+  shared-expert output norms. ``neurons/*``, ``gate_abs/*`` and ``shared/*`` describe the
+  logged step (with ``trainer.log_interval=1``, every step, as before).
+
+Between logs the monitor therefore adds one small reduction per MoE layer and nothing else: no
+mask, no histogram, no host copy, no collective. Counters stay on the compute device; they are
+summed (or OR-ed) across ranks and copied to the host only at log time (:meth:`collect`), one
+all-reduce per kind. Only training-mode forwards that record the autograd graph are observed:
+evaluation does not count, and under activation recompute (``trainer.recompute``) each forward
+counts once. Costs: benchmarks/health_overhead.py.
 """
 
 from __future__ import annotations
@@ -65,6 +74,8 @@ class HealthMonitor:
 
         self._handles = []
         self._observed_experts = []  # MoNE experts whose ``monitor`` callback is ours
+        self._observers: dict[torch.nn.Module, object] = {}  # their callbacks while sampling
+        self.sampling = True  # whether this forward's activations are read (see sample())
         self._device = device or torch.device("cpu")
         self.num_bins = int((LOG10_MAX - LOG10_MIN) * BINS_PER_DECADE)
         self._routers: dict[int, torch.nn.Module] = {}  # read at collect: expert biases
@@ -128,8 +139,17 @@ class HealthMonitor:
             for expert in module.experts.local_experts:
                 self._handles.append(expert.linear_fc1.register_forward_hook(self._fc1_hook))
             if mone:
-                module.experts.monitor = self._neuron_observer(layer, offset)
+                self._observers[module.experts] = self._neuron_observer(layer, offset)
                 self._observed_experts.append(module.experts)
+        self.sample(True)
+
+    def sample(self, on: bool) -> None:
+        """Read activations (neuron masks, gate magnitudes, shared-expert outputs) in the
+        forwards that follow, or not: only the counts then. MoNE experts build no neuron
+        mask while off."""
+        self.sampling = on
+        for experts in self._observed_experts:
+            experts.monitor = self._observers[experts] if on else None
 
     # ----------------------------------------------------------------------------- hooks
 
@@ -153,21 +173,21 @@ class HealthMonitor:
 
     def _shared_hook(self, layer: int):
         def hook(module, args, output):
-            if observed(module):
+            if self.sampling and observed(module):
                 self._shared[layer][0] += output.detach().float().square().sum().double()
 
         return hook
 
     def _shared_layer_hook(self, layer: int):
         def hook(module, args, output):
-            if observed(module):
+            if self.sampling and observed(module):
                 out = output[0] if isinstance(output, tuple) else output
                 self._shared[layer][1] += out.detach().float().square().sum().double()
 
         return hook
 
     def _fc1_hook(self, module, args, output):
-        if observed(module):
+        if self.sampling and observed(module):
             self.observe_gate(output[0] if isinstance(output, tuple) else output)
 
     def _neuron_observer(self, layer: int, offset: int):
@@ -301,7 +321,7 @@ class HealthMonitor:
         self._handles = []
         for experts in self._observed_experts:
             experts.monitor = None
-        self._observed_experts = []
+        self._observed_experts, self._observers = [], {}
 
 
 def _distributed() -> bool:
@@ -361,7 +381,34 @@ def peak_tflops(device_name: str, precision: str) -> float | None:
 
 
 def model_flops_per_token(
-    activated_params: int, num_layers: int, hidden: int, seq_length: int
+    activated_params: int,
+    num_layers: int,
+    hidden: int,
+    seq_length: int,
+    attention_width: int | None = None,
 ) -> float:
-    """Training FLOPs per token: 6 x activated weights + attention scores (12 L h s)."""
-    return 6.0 * activated_params + 12.0 * num_layers * hidden * seq_length
+    """Training FLOPs per token: 6 x activated weights + attention scores, 6 L s w, where w is
+    the query/key width plus the value width of all heads (2 h by default: 12 L h s)."""
+    width = 2 * hidden if attention_width is None else attention_width
+    return 6.0 * activated_params + 6.0 * num_layers * width * seq_length
+
+
+def training_flops_per_token(
+    model, activated_params: int, vocab_size: int, seq_length: int
+) -> float:
+    """:func:`model_flops_per_token` of a ``ModelConfig``: multi-head latent attention's
+    scores over its own head sizes (a (qk_head_dim + qk_pos_emb_head_dim + v_head_dim)), and
+    each multi-token prediction layer counted as a layer that runs the output layer once more
+    (V h weights on top of ``activated_params``, which count that layer once)."""
+    mtp = model.mtp_num_layers
+    width = None
+    if model.multi_latent_attention:
+        head = model.qk_head_dim + model.qk_pos_emb_head_dim + model.v_head_dim
+        width = model.num_attention_heads * head
+    return model_flops_per_token(
+        activated_params + mtp * vocab_size * model.hidden_size,
+        model.num_layers + mtp,
+        model.hidden_size,
+        seq_length,
+        width,
+    )

@@ -21,7 +21,7 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
-from mone_train.components.health import HealthMonitor, model_flops_per_token, peak_tflops
+from mone_train.components.health import HealthMonitor, peak_tflops, training_flops_per_token
 from mone_train.components.stragglers import StragglerReport
 from mone_train.components.tracking import MetricsLogger
 from mone_train.config import Config
@@ -66,7 +66,7 @@ class TrainMetrics:
         self.monitor = (
             HealthMonitor(model, info.ep_rank, info.device) if cfg.logging.health_metrics else None
         )
-        self.gpu_flops = self._gpu_flops()
+        self.gpu_flops = self._gpu_flops(model)
         comm_stats.install()
         comm_stats.take()
         self.stragglers = StragglerReport(info.world_size, info.device, info.is_main)
@@ -74,7 +74,7 @@ class TrainMetrics:
         clear_mtp_loss()  # likewise (forwards before the first step track their MTP loss)
         self.interval = IntervalStats()
 
-    def _gpu_flops(self) -> tuple[float | None, float] | None:
+    def _gpu_flops(self, model: torch.nn.Module) -> tuple[float | None, float] | None:
         """(peak TFLOP/s, FLOPs per token) for the MFU estimate; None off GPU."""
         if self.info.device.type != "cuda":
             return None
@@ -82,9 +82,8 @@ class TrainMetrics:
         peak = self.cfg.logging.peak_tflops or peak_tflops(
             torch.cuda.get_device_name(), t.precision
         )
-        per_token = model_flops_per_token(
-            self.counts.activated_moe, m.num_layers, m.hidden_size, t.seq_length
-        )
+        vocab_size = getattr(model, "module", model).vocab_size
+        per_token = training_flops_per_token(m, self.counts.activated_moe, vocab_size, t.seq_length)
         torch.cuda.reset_peak_memory_stats()
         return peak, per_token
 
@@ -109,6 +108,17 @@ class TrainMetrics:
             self.stragglers.collective_seconds()  # not the steps' waits
             self.interval.start += time.perf_counter() - start
 
+    def logs_at(self, step: int) -> bool:
+        """Whether optimizer step ``step`` ends a log interval (and the last step does)."""
+        t = self.cfg.trainer
+        return step % t.log_interval == 0 or step == t.steps
+
+    def before_step(self, step: int) -> None:
+        """Optimizer step ``step`` is next: the health monitor reads its activations only if it
+        will be logged (between logs: the counts alone)."""
+        if self.monitor is not None:
+            self.monitor.sample(self.logs_at(step))
+
     def step_done(self, state, result, lr: float, nonfinite_total: int = 0) -> dict | None:
         """Count the step (its StepResult) that took the loop to ``state`` (a TrainState); log
         and return the interval's record when it is due."""
@@ -119,8 +129,8 @@ class TrainMetrics:
             self.interval.skipped += 1
         self.interval.steps += 1
         self.interval.a2a_bytes += comm_stats.take()[0]
-        t, step = self.cfg.trainer, state.step
-        if step % t.log_interval and step != t.steps:
+        step = state.step
+        if not self.logs_at(step):
             return None
         record = self._record(step, result.grad_norm, lr)
         record["consumed_samples"] = state.consumed_samples

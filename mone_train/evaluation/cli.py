@@ -39,6 +39,9 @@ from mone_train.model.builder import build_model
 from mone_train.parallel.process_groups import init_distributed, shutdown_distributed
 from mone_train.runtime import configure_torch
 
+# What the table prints of a task, in this order (those its kind has).
+TASK_COLUMNS = ("acc", "acc_norm", "loglikelihood", "perplexity", "word_perplexity",
+                "byte_perplexity", "bits_per_byte")  # fmt: skip
 # Sections of a saved config that say what the run evaluated, taken when this schema reads them.
 EVALUATION_SECTIONS = ("data", "evaluation")
 
@@ -138,8 +141,8 @@ def _print_table(result: dict) -> None:
             bpb = f", {m['bits_per_byte']:.4f} bits/byte" if "bits_per_byte" in m else ""
             print(f"  set  {name}{suffix}: loss {m['loss']:.4f} nats/token{bpb}")
         for name, m in part["tasks"].items():
-            print(f"  task {name}{suffix}: acc {m['acc']:.4f}, acc_norm {m['acc_norm']:.4f} "
-                  f"({m['count']} examples)")  # fmt: skip
+            shown = ", ".join(f"{key} {m[key]:.4f}" for key in TASK_COLUMNS if key in m)
+            print(f"  task {name}{suffix}: {shown} ({m['count']} examples)")
 
 
 def build_parser() -> CommandParser:
@@ -155,7 +158,7 @@ def build_parser() -> CommandParser:
     parser.add_argument("target", type=Path, metavar="RUN_OR_CHECKPOINT",
                         help="a run directory (its newest checkpoint) or a checkpoint")  # fmt: skip
     parser.add_argument("--tasks", nargs="+", metavar="FILE",
-                        help="multiple-choice JSONL files (default: the run's tasks)")  # fmt: skip
+                        help="task JSONL files (default: the run's tasks)")  # fmt: skip
     parser.add_argument("--keep-ratios", nargs="+", type=float, metavar="RHO",
                         help="evaluate at these keep ratios too (default: the run's)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print one JSON object")

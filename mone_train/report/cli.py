@@ -23,8 +23,9 @@ Writes into ``--out`` (default ``<first input>/report``):
     loss_vs_activated.png      final validation loss against activated parameters per token,
                                counted with the neuron top-k (left) and with routing alone
                                (right); MoE and MoNE marked apart
-    tasks.png                  downstream accuracy against steps, a panel per task, a line per
-                               run and keep ratio (runs with in-loop tasks, docs/evaluation.md)
+    tasks.png                  downstream accuracy (bits per byte for text tasks) against steps,
+                               a panel per task, a line per run and keep ratio (runs with
+                               in-loop tasks, docs/evaluation.md)
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ import yaml
 from mone_train.command_line import CommandParser
 from mone_train.errors import ConfigError, report_failure
 
-TASK_ACC = re.compile(r"(?:rho([^/]+)/)?task/(.+)/acc")  # in-loop task accuracy keys
+# in-loop task headline keys: accuracy (multiple-choice, continuation), bits per byte (text)
+TASK_HEADLINE = re.compile(r"(?:rho([^/]+)/)?task/(.+)/(acc|bits_per_byte)")
+HEADLINE_LABELS = {"acc": "accuracy", "bits_per_byte": "bits per byte"}
 RUN_FILES = ("metrics.jsonl", "config.yaml", "params.json")
 NOT_RUNS = {".hydra", "wandb", "checkpoints"}  # folders inside a run that hold similar files
 
@@ -66,8 +69,9 @@ class RunRow:
     val_curve: list[tuple[int, float]]
     seed: int | None = None
     setting: str = ""  # the config without what seeds and locations change (grouping key)
-    # downstream accuracy against steps: "<task>" or "<task> rho=<r>" -> [(step, acc)]
+    # downstream headline against steps: "<task>" or "<task> rho=<r>" -> [(step, value)]
     task_curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    task_metrics: dict[str, str] = field(default_factory=dict)  # task -> acc | bits_per_byte
 
 
 @dataclass
@@ -213,6 +217,7 @@ def read_run(folder: Path) -> RunRow | str:
         seed=cfg.get("trainer", {}).get("seed"),
         setting=setting_of(cfg),
         task_curves=task_curves(records),
+        task_metrics=task_metrics(records),
     )
 
 
@@ -297,22 +302,29 @@ def plot_curves(groups: list[RunGroup], path: Path) -> None:
 
 
 def task_curves(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
-    """Accuracy against steps of every task the run evaluated (``task/<t>/acc``), and at each
-    extra keep ratio (``rho<r>/task/<t>/acc``, named ``"<t> rho=<r>"``)."""
+    """The headline against steps of every task the run evaluated (``task/<t>/acc``, or
+    ``task/<t>/bits_per_byte`` for text tasks), and at each extra keep ratio
+    (``rho<r>/task/<t>/...``, named ``"<t> rho=<r>"``)."""
     curves: dict[str, list[tuple[int, float]]] = {}
     for record in records:
         for key, value in record.items():
-            match = TASK_ACC.fullmatch(key)
+            match = TASK_HEADLINE.fullmatch(key)
             if match is None or value is None:
                 continue
-            ratio, task = match.groups()
+            ratio, task, _ = match.groups()
             name = task + (f" rho={ratio}" if ratio else "")
             curves.setdefault(name, []).append((int(record["step"]), float(value)))
     return curves
 
 
+def task_metrics(records: list[dict]) -> dict[str, str]:
+    """Task -> the metric its curve shows (``acc`` or ``bits_per_byte``)."""
+    found = (TASK_HEADLINE.fullmatch(key) for record in records for key in record)
+    return {m.group(2): m.group(3) for m in found if m is not None and m.group(1) is None}
+
+
 def plot_tasks(groups: list[RunGroup], path: Path) -> None:
-    """Downstream accuracy against steps: one panel per task, a line per run (and keep ratio)."""
+    """Downstream scores against steps: one panel per task, a line per run (and keep ratio)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -328,8 +340,10 @@ def plot_tasks(groups: list[RunGroup], path: Path) -> None:
                 rho = name.partition(" rho=")[2]
                 label = g.first.label + (f" at rho={rho}" if rho else "")
                 ax.plot(*zip(*curve), ":" if rho else "-", marker=".", label=label)
+        metric = next((g.first.task_metrics[task] for g in groups
+                       if task in g.first.task_metrics), "acc")  # fmt: skip
         ax.set_xlabel("step")
-        ax.set_ylabel("accuracy")
+        ax.set_ylabel(HEADLINE_LABELS[metric])
         ax.set_title(task)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
