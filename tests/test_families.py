@@ -323,7 +323,7 @@ NATIVE = {"mixtral": "MixtralForCausalLM", "olmoe": "OlmoeForCausalLM",
 
 
 @pytest.mark.slow  # a 3-step run and an export per family and flavour
-# deepseek_v3 (multi-head latent attention) is not exportable yet: tests/test_deepseek_v3.py
+# deepseek_v3 exports as DeepseekV3ForCausalLM: tests/test_import_deepseek_v3.py (round trip)
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "deepseek_v3"])
 @pytest.mark.parametrize("flavour", ["moe", "mone"])
 def test_export_writes_the_family_class_and_reproduces_megatrons_logits(

@@ -238,10 +238,10 @@ def test_bad_imports_end_in_one_line_and_write_nothing(tmp_path, capsys, importe
     unknown.mkdir()
     (unknown / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     assert "model_type 'gpt2' is not supported" in _error(capsys, str(unknown), "--out", str(out))
-    mla = tmp_path / "mla"
-    mla.mkdir()
-    (mla / "config.json").write_text(json.dumps({"model_type": "deepseek_v3"}))
-    assert "multi-head latent attention" in _error(capsys, str(mla), "--out", str(out))
+    v2 = tmp_path / "deepseek-v2"  # DeepSeek-V3's class imports (test_import_deepseek_v3.py)
+    v2.mkdir()
+    (v2 / "config.json").write_text(json.dumps({"model_type": "deepseek_v2"}))
+    assert "model_type 'deepseek_v2' is not supported" in _error(capsys, str(v2), "--out", str(out))
     assert not out.exists()
 
 

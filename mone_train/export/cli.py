@@ -1,7 +1,7 @@
 """``mone-export``: a run directory or checkpoint -> a Hugging Face model directory.
 
     mone-export RUN_DIR_OR_CHECKPOINT --out DIR [--overwrite] [--dtype float32|bfloat16|float16]
-                [--max-shard-size 5GB]
+                [--max-shard-size 5GB] [--with-mtp]
 
 Bad input (a path that is no checkpoint, a checkpoint folder without ``COMPLETE.json``, a run
 that saved no checkpoint, a save still being written, an existing ``--out`` without
@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, metavar="SIZE",
         help="largest safetensors file (e.g. 5GB, 500MB; a larger tensor gets a file of its own)",
     )  # fmt: skip
+    parser.add_argument(
+        "--with-mtp", action="store_true",
+        help="also write the multi-token prediction layers (DeepSeek-V3's layout: extra layers "
+        "after the decoder's; transformers' model ignores them, speculative decoders read them)",
+    )  # fmt: skip
     return parser
 
 
@@ -54,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         from mone_train.export.writer import export_checkpoint
 
         result = export_checkpoint(
-            args.source, args.out, args.overwrite, args.dtype, args.max_shard_size
+            args.source, args.out, args.overwrite, args.dtype, args.max_shard_size, args.with_mtp
         )
     except Exception as err:
         return report_failure("mone-export", err)

@@ -7,12 +7,15 @@ Two kinds of target, chosen by :func:`architecture_for`:
   exactly what was trained: every neuron kept (plain MoE, or MoNE at rho = 1) and nothing the
   class lacks (``mone_train/families/<family>``, ``Family.native_mismatch``);
 - ``mone`` (our ``modeling_mone.py``) otherwise: MoNE models (K < F), the neuron-level balance
-  bias, DeepSeek-style models (transformers' DeepSeek-V3 class has latent attention only), and
-  any recipe option a family's class cannot express.
+  bias, ``arch=deepseek`` (grouped-query attention; transformers' DeepSeek-V3 class has latent
+  attention only), and any recipe option a family's class cannot express.
 
 Both sides share one layout of each layer's tensors; :func:`megatron_layer` reads megatron's
-names into it, :func:`hf_layer_names` names it for the target, and :func:`megatron_names`
-inverts that for import. The export test checks the logits against megatron's to 1e-4.
+names into it and :func:`hf_layer_names` names it for the target (``mone_train/importer``
+reads it backwards). Multi-head latent attention keeps transformers' DeepSeek-V3 projections
+one to one (:data:`MLA_NAMES`); megatron's multi-token prediction layers become DeepSeek-V3's
+extra layers after the decoder's (:data:`MTP_NAMES`, only when asked: transformers' class does
+not read them). The export test checks the logits against megatron's to 1e-4.
 
 Legend: H query heads, G query groups (key/value heads), Dh head size, D hidden size, E experts,
 F neurons per expert, S shared expert width, I dense MLP width.
@@ -32,6 +35,7 @@ from mone_train.families import family_names, load_family
 MONE = "mone"
 
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
+_MTP_LAYER = re.compile(r"mtp\.layers\.(\d+)\.(.+)")
 _EXPERT = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)\.weight")
 
 # One decoder layer's tensors by neutral name -> megatron's name (``decoder.layers.i.`` + it).
@@ -53,6 +57,33 @@ MEGATRON_NAMES = {
     "dense_fc1": "mlp.linear_fc1.weight",
     "dense_fc2": "mlp.linear_fc2.weight",
 }
+# transformers' DeepseekV3Attention module -> megatron's MLASelfAttention module (the same rows:
+# queries and keys per head [no RoPE | RoPE], the key/value latent then the shared RoPE key,
+# keys and values per head [key | value]); q_a_* without a query latent, q_proj with none
+MLA_NAMES = {
+    "q_a_proj": "linear_q_down_proj",
+    "q_a_layernorm": "q_layernorm",
+    "q_b_proj": "linear_q_up_proj",
+    "q_proj": "linear_q_proj",
+    "kv_a_proj_with_mqa": "linear_kv_down_proj",
+    "kv_a_layernorm": "kv_layernorm",
+    "kv_b_proj": "linear_kv_up_proj",
+    "o_proj": "linear_proj",
+}
+# the same under the neutral names of an MLA layer (its output projection and query-latent norm
+# take megatron's names of grouped-query attention's)
+MLA_MEGATRON_NAMES = {
+    f"mla.{theirs}": f"self_attention.{ours}.weight" for theirs, ours in MLA_NAMES.items()
+}
+# DeepSeek-V3's multi-token prediction layer (``model.layers.<num_hidden_layers + j>.``) ->
+# megatron's MTP layer ``mtp.layers.<j>.`` besides its ``transformer_layer``: the norms of the
+# embedding and of the decoder's hidden state, their joint projection, and the final norm
+MTP_NAMES = {
+    "enorm.weight": "enorm.weight",
+    "hnorm.weight": "hnorm.weight",
+    "eh_proj.weight": "eh_proj.weight",
+    "shared_head.norm.weight": "final_layernorm.weight",
+}
 
 
 def num_kept(cfg: Config) -> int:
@@ -65,8 +96,16 @@ def num_kept(cfg: Config) -> int:
 
 def architecture_for(cfg: Config) -> str:
     """The family's name when its transformers class reproduces the model exactly, else
-    ``mone`` (our modeling code)."""
-    return MONE if native_mismatch(cfg) else cfg.model.family
+    ``mone`` (our modeling code); ExportError for multi-head latent attention that the class
+    cannot hold (our modeling code has grouped-query attention only)."""
+    mismatch = native_mismatch(cfg)
+    if mismatch and cfg.model.multi_latent_attention:
+        raise ExportError(
+            f"multi-head latent attention exports as {load_family(cfg.model.family).hf_class} "
+            f"only, which cannot hold this model ({mismatch}); our modeling code has no MLA "
+            "yet: export a plain-MoE (moe=moe) or rho = 1 checkpoint"
+        )
+    return MONE if mismatch else cfg.model.family
 
 
 def native_mismatch(cfg: Config) -> str | None:
@@ -113,20 +152,31 @@ def join_qkv(
     return torch.cat(parts, dim=1).reshape(-1, *rest).clone()
 
 
+def is_moe_layer(cfg: Config, layer: int) -> bool:
+    """Whether decoder layer ``layer`` is MoE; layers past the decoder's are the multi-token
+    prediction layers, built like the last decoder layer."""
+    pattern = cfg.model.moe_layer_pattern()
+    return bool(pattern[min(layer, len(pattern) - 1)])
+
+
 def megatron_layer(cfg: Config, entry: dict, layer: int) -> dict[str, torch.Tensor]:
     """One decoder layer's megatron tensors (``entry``: its keys without the layer prefix,
     per-expert weights under ``entry['experts']``) -> the neutral layout (what it has)."""
     out: dict[str, torch.Tensor] = {}
     experts = entry.pop("experts")
-    for name, key in MEGATRON_NAMES.items():
+    mla = cfg.model.multi_latent_attention
+    names = {**MLA_MEGATRON_NAMES, **MEGATRON_NAMES} if mla else MEGATRON_NAMES
+    for name, key in names.items():
         if key in entry:
             out[name] = entry.pop(key)
-    for name in ("qkv", "o", "input_norm", "mlp_norm"):
+    for name in MTP_NAMES.values():
+        if f"mtp.{name}" in entry:
+            out[f"mtp.{name}"] = entry.pop(f"mtp.{name}")
+    attention = ("mla.kv_b_proj", "mla.o_proj") if mla else ("qkv", "o")
+    for name in (*attention, "input_norm", "mlp_norm"):
         if name not in out:
-            raise ExportError(
-                f"decoder layer {layer} lacks megatron weight {MEGATRON_NAMES[name]!r}"
-            )
-    if cfg.model.moe_layer_pattern()[layer]:
+            raise ExportError(f"decoder layer {layer} lacks megatron weight {names[name]!r}")
+    if is_moe_layer(cfg, layer):
         if "router" not in out:
             raise ExportError(f"MoE layer {layer} lacks megatron weight 'mlp.router.weight'")
         if sorted(experts) != list(range(cfg.model.num_experts)):
@@ -146,6 +196,13 @@ def megatron_layer(cfg: Config, entry: dict, layer: int) -> dict[str, torch.Tens
 
 def _attention_names(cfg: Config, t: dict, out: dict) -> None:
     m = cfg.model
+    out["input_layernorm.weight"] = t["input_norm"]
+    out["post_attention_layernorm.weight"] = t["mlp_norm"]
+    if m.multi_latent_attention:
+        for theirs in MLA_NAMES:
+            if f"mla.{theirs}" in t:
+                out[f"self_attn.{theirs}.weight"] = t[f"mla.{theirs}"]
+        return
     heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
     q, k, v = split_qkv(t["qkv"], heads, groups)
     out.update({"self_attn.q_proj.weight": q, "self_attn.k_proj.weight": k})
@@ -157,8 +214,6 @@ def _attention_names(cfg: Config, t: dict, out: dict) -> None:
     if "q_norm" in t:
         out["self_attn.q_norm.weight"] = t["q_norm"]
         out["self_attn.k_norm.weight"] = t["k_norm"]
-    out["input_layernorm.weight"] = t["input_norm"]
-    out["post_attention_layernorm.weight"] = t["mlp_norm"]
 
 
 def _swiglu_names(prefix: str, fc1: torch.Tensor, fc2: torch.Tensor, fused: bool) -> dict:
@@ -178,6 +233,9 @@ def hf_layer_names(cfg: Config, t: dict[str, torch.Tensor], arch: str) -> dict[s
     ours = arch == MONE
     out: dict[str, torch.Tensor] = {}
     _attention_names(cfg, t, out)
+    for theirs, name in MTP_NAMES.items():  # a multi-token prediction layer's own
+        if f"mtp.{name}" in t:
+            out[theirs] = t[f"mtp.{name}"]
     if "experts_fc1" not in t:
         out.update(_swiglu_names("mlp.", t["dense_fc1"], t["dense_fc2"], fused=ours))
         return out
@@ -189,11 +247,16 @@ def hf_layer_names(cfg: Config, t: dict[str, torch.Tensor], arch: str) -> dict[s
                          ("neuron_bias", "mlp.experts.neuron_bias")):  # fmt: skip
             if name in t:
                 out[hf] = t[name]
+        shared = "mlp.shared_expert."
     else:
+        family = load_family(arch)
         out["mlp.gate.weight"] = t["router"]
         out["mlp.experts.down_proj"] = t["experts_fc2"]
+        if "expert_bias" in t:
+            out[f"mlp.{family.hf_expert_bias}"] = t["expert_bias"]
+        shared = f"mlp.{family.hf_shared_expert}"
     if "shared_fc1" in t:
-        out.update(_swiglu_names("mlp.shared_expert.", t["shared_fc1"], t["shared_fc2"], ours))
+        out.update(_swiglu_names(shared, t["shared_fc1"], t["shared_fc2"], ours))
         if "shared_gate" in t:
             out["mlp.shared_expert_gate.weight"] = t["shared_gate"]
     return out
@@ -207,16 +270,22 @@ def _layer_entries(
     layers: dict[int, dict[str, object]] = {}
     for key, tensor in state.items():
         match = _LAYER.fullmatch(key)
-        if match is None:
+        if match is not None:
+            layer, rest = int(match.group(1)), match.group(2)
+        elif (match := _MTP_LAYER.fullmatch(key)) is not None:
+            layer, rest = cfg.model.num_layers + int(match.group(1)), match.group(2)
+            if not rest.startswith("transformer_layer."):
+                rest = f"mtp.{rest}"  # its own norms and projection
+            rest = rest.removeprefix("transformer_layer.")
+        else:
             continue
-        layer, rest = int(match.group(1)), match.group(2)
         entry = layers.setdefault(layer, {"experts": {}})
         expert = _EXPERT.fullmatch(rest)
         if expert is not None:
             entry["experts"].setdefault(int(expert.group(1)), {})[expert.group(2)] = tensor
         else:
             entry[rest] = tensor
-    if complete and sorted(layers) != list(range(cfg.model.num_layers)):
+    if complete and sorted(layers)[: cfg.model.num_layers] != list(range(cfg.model.num_layers)):
         raise ExportError(
             f"the checkpoint holds decoder layers {sorted(layers)}, expected "
             f"{cfg.model.num_layers} (0 ... {cfg.model.num_layers - 1})"
@@ -230,7 +299,12 @@ def convert_state_dict(
     """megatron GPTModel ``state_dict()`` (all experts, EP = 1) -> Hugging Face state dict."""
     if arch not in architectures():
         raise ValueError(f"architecture {arch!r} is not one of {architectures()}")
-    state = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
+    # transformers' classes hold no multi-token prediction layers (the export writes them only
+    # when asked, convert_partial)
+    state = {
+        k: v for k, v in state.items()
+        if not k.endswith("_extra_state") and not _MTP_LAYER.fullmatch(k)
+    }  # fmt: skip
     out = {"model.embed_tokens.weight": state.pop("embedding.word_embeddings.weight")}
     out["model.norm.weight"] = state.pop("decoder.final_layernorm.weight")
     output_layer = state.pop("output_layer.weight", None)
@@ -260,17 +334,27 @@ def convert_partial(
 ) -> dict[str, torch.Tensor]:
     """Some of the model's megatron tensors (the outer ones, or whole decoder layers: what a
     streaming export reads at a time; meta tensors too) -> their Hugging Face tensors, named
-    and laid out as :func:`convert_state_dict` does."""
+    and laid out as :func:`convert_state_dict` does. A multi-token prediction layer's group
+    also holds the embedding and output layer: DeepSeek-V3's layout keeps a copy of each in
+    the layer (``embed_tokens``, ``shared_head.head``)."""
     state = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
+    mtp = sorted({int(match.group(1)) for k in state if (match := _MTP_LAYER.fullmatch(k))})
+    outer = OUTER_NAMES
+    if mtp:
+        layer = f"model.layers.{cfg.model.num_layers + mtp[0]}."
+        outer = {"embedding.word_embeddings.weight": f"{layer}embed_tokens.weight",
+                 "output_layer.weight": f"{layer}shared_head.head.weight"}  # fmt: skip
     out = {}
-    for ours, theirs in OUTER_NAMES.items():
+    for ours, theirs in outer.items():
         tensor = state.pop(ours, None)
         if tensor is not None and not (ours == "output_layer.weight" and cfg.model.tie_embeddings):
             out[theirs] = tensor
+    if mtp and cfg.model.tie_embeddings:
+        out[outer["output_layer.weight"]] = out[outer["embedding.word_embeddings.weight"]]
     for layer, entry in sorted(_layer_entries(cfg, state, complete=False).items()):
         names = hf_layer_names(cfg, megatron_layer(cfg, entry, layer), arch)
         out.update({f"model.layers.{layer}.{name}": tensor for name, tensor in names.items()})
-    unmapped = [k for k in state if not _LAYER.fullmatch(k)]
+    unmapped = [k for k in state if not (_LAYER.fullmatch(k) or _MTP_LAYER.fullmatch(k))]
     if unmapped:
         raise ExportError(f"megatron weight {unmapped[0]!r} has no mapping")
     return out
@@ -307,7 +391,8 @@ def hf_config(cfg: Config, vocab_size: int, special: dict[str, int | None], arch
 
         family = load_family(arch)
         config_class = getattr(transformers, family.hf_class.replace("ForCausalLM", "Config"))
-        return config_class(**common, **family.hf_config_kwargs(cfg), rope_parameters=rope)
+        # the family's own fields win (DeepSeek-V3's head_dim is its RoPE part's)
+        return config_class(**{**common, **family.hf_config_kwargs(cfg)}, rope_parameters=rope)
     from mone_train.export.remote_code.configuration_mone import MoNEConfig
 
     shared_kept = None

@@ -49,7 +49,7 @@ def check_semantics(model: torch.nn.Module, cfg: Config) -> None:
         "softmax_scale": None,
         "apply_query_key_layer_scaling": False,
         "apply_residual_connection_post_layernorm": False,
-        "multi_latent_attention": False,  # our modeling code has grouped-query attention only
+        "multi_latent_attention": cfg.model.multi_latent_attention,
     }
     recipe = recipe_settings(cfg)
     expected.update({name: recipe[name] for name in REPRODUCED_RECIPE})

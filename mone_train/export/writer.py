@@ -159,12 +159,15 @@ def export_checkpoint(
     overwrite: bool = False,
     dtype: str = "float32",
     max_shard_size: str = "5GB",
+    with_mtp: bool = False,
 ) -> ExportResult:
     """Write the Hugging Face directory of ``source`` (run directory or checkpoint) to ``out``.
 
     Bounded memory: the model exists only on the meta device (megatron's and transformers');
     the weights are read one group at a time (the outer tensors, then each decoder layer),
-    converted and written into their place in the planned shards."""
+    converted and written into their place in the planned shards. ``with_mtp``: the
+    multi-token prediction layers too, as DeepSeek-V3's extra layers (transformers' class
+    ignores them; speculative decoders read them)."""
     source, out = Path(source).expanduser(), Path(out).expanduser().absolute()
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype} is invalid: expected one of {', '.join(DTYPES)}")
@@ -174,8 +177,11 @@ def export_checkpoint(
     with megatron_checkpoint(source, key="source", meta=True) as loaded:
         tokenizer = _tokenizer(loaded, key="source")
         arch = architecture_for(loaded.cfg)
-        hf_model = _meta_hf_model(loaded, tokenizer, arch)
-        groups = weight_groups(loaded.model, loaded.cfg)
+        if with_mtp and not loaded.cfg.model.mtp_num_layers:
+            raise ExportError(f"--with-mtp: {source} has no multi-token prediction layers "
+                              "(model.mtp_num_layers=0)")  # fmt: skip
+        hf_model = _meta_hf_model(loaded, tokenizer, arch, with_mtp)
+        groups = weight_groups(loaded.model, loaded.cfg, with_mtp)
         specs = [
             TensorSpec(name, tensor.dtype, tuple(tensor.shape))
             for group in groups
@@ -212,25 +218,42 @@ def _tokenizer(loaded: MegatronCheckpoint, key: str):
         raise ExportError(f"{key} {loaded.path}: {err}") from None
 
 
-def _meta_hf_model(loaded: MegatronCheckpoint, tokenizer, arch: str):
+def _meta_hf_model(loaded: MegatronCheckpoint, tokenizer, arch: str, with_mtp: bool = False):
     """The Hugging Face model on the meta device: its config, generation config and weight
     conversions (what ``save_pretrained`` reads of a model), no weights."""
     special = {"eos": int(tokenizer.eod), "pad": int(tokenizer.pad), "bos": None}
     config = hf_config(loaded.cfg, loaded.vocab_size, special, arch)
+    if hasattr(config, "num_nextn_predict_layers"):  # DeepSeek-V3's count of its MTP layers
+        config.num_nextn_predict_layers = loaded.cfg.model.mtp_num_layers if with_mtp else 0
     with torch.device("meta"):
         return _model_class(arch)(config)
 
 
-def weight_groups(model: torch.nn.Module, cfg) -> list[dict]:
+def weight_groups(model: torch.nn.Module, cfg, with_mtp: bool = False) -> list[dict]:
     """The model's sharded state dict (megatron's names -> sharded tensors) in the groups the
-    export reads at a time: the tensors outside the decoder layers, then each layer."""
+    export reads at a time: the tensors outside the decoder layers, then each layer; with
+    ``with_mtp`` each multi-token prediction layer after them, with the embedding and output
+    layer (which DeepSeek-V3's layout copies into it), else none of them."""
     from mone_train.components.checkpoint_model import weight_entries
 
     layer = re.compile(r"decoder\.layers\.(\d+)\.")
+    mtp = re.compile(r"mtp\.layers\.(\d+)\.")
     groups: dict[int, dict] = {}
-    for name, value in weight_entries(model.sharded_state_dict()).items():
+    entries = weight_entries(model.sharded_state_dict())
+    for name, value in entries.items():
         if name == "output_layer.weight" and cfg.model.tie_embeddings:
             continue  # the embedding again
+        if (match := mtp.match(name)) is not None:
+            if not with_mtp:
+                continue
+            index = cfg.model.num_layers + int(match.group(1))
+            group = groups.setdefault(index, {})
+            for outer in ("embedding.word_embeddings.weight", "output_layer.weight"):
+                if outer in entries and not (outer == "output_layer.weight"
+                                             and cfg.model.tie_embeddings):  # fmt: skip
+                    group[outer] = entries[outer]
+            group[name] = value
+            continue
         match = layer.match(name)
         groups.setdefault(int(match.group(1)) if match else -1, {})[name] = value
     return [groups[i] for i in sorted(groups)]

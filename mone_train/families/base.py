@@ -8,12 +8,16 @@ the tensor mapping itself lives in ``mone_train/export/convert.py``; a family sa
 - why a given model cannot be written as that class (:meth:`Family.native_mismatch`: MoNE with
   K < F, an option the class lacks), in which case export falls back to our modeling code,
 - how our settings become that class's config (:meth:`Family.hf_config_kwargs`), and back
-  (:meth:`Family.model_overrides`, for import).
+  (:meth:`Family.model_overrides`, for import),
+- how its checkpoints name what differs between families (the MoE block, the shared expert,
+  the selection bias; :attr:`Family.moe_blocks` and the other ``hf_*`` attributes), which
+  dense architectures it upcycles (:attr:`Family.dense_sources`), and what of a source's
+  config it cannot reproduce (:meth:`Family.import_problem`): the importer names no family.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,32 @@ class Family:
     hf_class: str | None = None  # e.g. "MixtralForCausalLM"; None: MoNE modeling code only
     hf_model_type: str | None = None  # transformers' model_type of hf_class
     free_head_dim: bool = False  # hf_class has a head_dim of its own (not hidden / heads)
+    latent_attention: bool = False  # hf_class has multi-head latent attention (not GQA)
+    # where a checkpoint's layer keeps its MoE block (the first found wins; Mixtral's
+    # released checkpoints say block_sparse_moe, transformers' own classes mlp)
+    moe_blocks: tuple[str, ...] = ("mlp.",)
+    hf_shared_expert: str = "shared_expert."  # the shared expert's module in the MoE block
+    hf_expert_bias: str | None = None  # the router's selection bias (None: the class has none)
+    # dense model_types that import upcycled into this family -> the model.* they need
+    dense_sources: dict = field(default_factory=dict)
+    # the config's attention_bias puts a bias on the output projection (refused); False where a
+    # family's config used the name for its q/k/v biases (Qwen2-MoE's)
+    attention_bias_on_output: bool = True
+
+    def is_dense(self, hf_config) -> bool:
+        """A checkpoint of this class that is a dense model (one expert: softmax over one
+        expert is 1), imported upcycled like one (override)."""
+        return False
+
+    def uses_sliding_window(self, hf_config) -> bool:
+        """Whether the source's attention has a sliding window (override where the class
+        names it otherwise)."""
+        return bool(getattr(hf_config, "use_sliding_window", False))
+
+    def import_problem(self, hf_config) -> str | None:
+        """What of the source's config the import cannot reproduce, beyond the checks every
+        family shares (override); None when nothing."""
+        return None
 
     def native_mismatch(self, cfg) -> str | None:
         """Why ``cfg`` (a mone-train Config) cannot be exported as ``hf_class`` exactly; None if
@@ -35,16 +65,26 @@ class Family:
             return "MoNE keeps K < F neurons per expert"
         if moe.neuron_bias_on():
             return "the neuron-level balance bias changes the neuron selection"
-        if m.router_score != "softmax" or m.router_expert_bias or m.router_topk_scaling:
-            return "the router is not a softmax router"
-        if m.router_num_groups:
-            return "group-limited routing"
         if (
             m.head_dim not in (None, m.hidden_size // m.num_attention_heads)
             and not self.free_head_dim
         ):
             return f"{self.hf_class} has no head size of its own"
-        return self.family_mismatch(cfg)
+        if m.multi_latent_attention and not self.latent_attention:
+            return f"{self.hf_class} has no multi-head latent attention"
+        if self.latent_attention and not m.multi_latent_attention:
+            return f"{self.hf_class} has multi-head latent attention only"
+        return self.router_mismatch(cfg) or self.family_mismatch(cfg)
+
+    def router_mismatch(self, cfg) -> str | None:
+        """Why the router is not the class's (override for a class with another router): most
+        classes have a softmax router without bias, scaling or groups."""
+        m = cfg.model
+        if m.router_score != "softmax" or m.router_expert_bias or m.router_topk_scaling:
+            return "the router is not a softmax router"
+        if m.router_num_groups:
+            return "group-limited routing"
+        return None
 
     def family_mismatch(self, cfg) -> str | None:
         """The family's own conditions beyond the shared ones (override)."""

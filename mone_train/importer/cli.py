@@ -3,8 +3,8 @@
     mone-import HF_DIR --out DIR [--overwrite] [--dtype auto|float32|bfloat16|float16]
     mone-import DENSE_HF_DIR --out DIR --upcycle-experts E --upcycle-topk k [--granularity g]
 
-MoE models (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE) import as they are; dense ones (Llama, Qwen2,
-Qwen3) only upcycled into E experts (``mone_train/importer/upcycle.py``: the upcycled model's
+MoE models (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3) import as they are; dense ones
+(Llama, Qwen2, Qwen3) only upcycled into E experts (``mone_train/importer/upcycle.py``: the upcycled model's
 output at step 0 equals the dense model's). The result trains with
 
     mone-train --config-dir DIR arch=imported [moe.neuron_keep_ratio=0.5 ...]

@@ -11,6 +11,11 @@ Expert weights come in either layout transformers writes: one tensor per expert 
 ``save_pretrained`` writes, and released checkpoints: ``mlp.experts.<e>.gate_proj`` /
 ``up_proj`` / ``down_proj``, Mixtral's ``block_sparse_moe.experts.<e>.w1`` / ``w3`` / ``w2``) or
 the fused in-memory tensors (``mlp.experts.gate_up_proj`` [E, 2F, D], ``down_proj`` [E, D, F]).
+
+FP8 block-scaled weights (DeepSeek-V3's release: ``float8_e4m3fn`` weights, each with a
+``weight_scale_inv`` of one fp32 scale per 128 x 128 block, ``quantization_config.
+weight_block_size``) are dequantised as they are read, one tensor at a time: each block times
+its scale (what DeepSeek's ``fp8_cast_bf16.py`` does), then the dtype asked for.
 """
 
 from __future__ import annotations
@@ -80,7 +85,38 @@ class HFSource:
             raise ImportError_(f"{self.path}: the weights lack {name!r}")
         with safe_open(str(self.files[name]), framework="pt") as f:
             tensor = f.get_tensor(name)
+        if tensor.dtype in FP8_DTYPES:
+            tensor = self._dequantised(name, tensor)
         return tensor if self.dtype in (None, tensor.dtype) else tensor.to(self.dtype)
+
+    def _dequantised(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """An FP8 weight [rows, cols] times its ``weight_scale_inv`` [ceil(rows / b0),
+        ceil(cols / b1)], one scale per b0 x b1 block, in fp32."""
+        from safetensors import safe_open
+
+        scale_name = f"{name}_scale_inv"
+        if scale_name not in self.files:
+            raise ImportError_(f"{self.path}: {name} is stored as {weight.dtype} without a "
+                               f"{scale_name!r} beside it (FP8 weights need their block "
+                               "scales)")  # fmt: skip
+        with safe_open(str(self.files[scale_name]), framework="pt") as f:
+            scale = f.get_tensor(scale_name).float()
+        rows, cols = weight.shape
+        b0, b1 = self.block_size
+        if scale.shape != ((rows + b0 - 1) // b0, (cols + b1 - 1) // b1):
+            raise ImportError_(f"{self.path}: {scale_name} has shape {list(scale.shape)}, not one "
+                               f"scale per {b0}x{b1} block of {name}'s {[rows, cols]}")  # fmt: skip
+        blocks = scale.repeat_interleave(b0, dim=0)[:rows].repeat_interleave(b1, dim=1)[:, :cols]
+        return weight.float() * blocks
+
+    @property
+    def block_size(self) -> tuple[int, int]:
+        """The FP8 weights' scaling block (``quantization_config.weight_block_size``)."""
+        quant = getattr(self.config, "quantization_config", None) or {}
+        if not isinstance(quant, dict):
+            quant = quant.to_dict()
+        rows, cols = quant.get("weight_block_size") or (128, 128)
+        return int(rows), int(cols)
 
     def experts(self, prefix: str, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
         """([E, 2F, D] gate|up, [E, D, F] down) of the MoE block under ``prefix`` (e.g.
@@ -141,6 +177,7 @@ def _config_object(config_file: Path, raw: dict, model_type: str | None):
 
 # safetensors' dtype codes of the weights we read
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # block-scaled: dequantised when read
 
 
 def safetensors_header(file: Path) -> dict:

@@ -3,9 +3,14 @@
 Settings: the shape and recipe every transformers MoE class shares (read here) plus what the
 family's folder translates (``Family.model_overrides``). Tensors: the names of
 ``mone_train/export/convert.py`` read backwards (fused ``linear_qkv`` joined per query group,
-fc1 = [gate | up], experts stacked per layer). Whatever our model cannot reproduce exactly
-(a RoPE other than plain, Llama 3's or YaRN, a sliding window, biases on the output projection,
-latent attention) is refused with one line naming it.
+or multi-head latent attention's projections one by one; fc1 = [gate | up], experts stacked per
+layer; DeepSeek-V3's multi-token prediction layers, stored after the decoder layers, into
+megatron's MTP block). What differs between families' checkpoints (where the MoE block lives,
+the shared expert's name, the selection bias, which dense models upcycle into it) is the
+family's to say (``mone_train/families/base.py``): nothing here names a family. Whatever our
+model cannot reproduce exactly (a RoPE other than plain, Llama 3's or YaRN, a sliding window,
+biases on the output projection, quantised weights other than FP8 block-scaled ones) is
+refused with one line naming it.
 """
 
 from __future__ import annotations
@@ -15,42 +20,26 @@ import dataclasses
 import torch
 
 from mone_train.config import ROPE_PARAMETER_KEYS, ModelConfig
-from mone_train.export.convert import join_qkv
+from mone_train.export.convert import MLA_NAMES, MTP_NAMES, join_qkv
 from mone_train.families import family_names, load_family
+from mone_train.families.base import Family
 from mone_train.importer.hf_source import HFSource, ImportError_
 
-# Dense models import upcycled, into the family whose attention matches theirs.
-DENSE = {
-    "llama": ("mixtral", {}),
-    "qwen2": ("mixtral", {"qkv_bias": True}),
-    "qwen3": ("qwen3_moe", {"qk_layernorm": "head"}),
-}
-NOT_SUPPORTED = {
-    "deepseek_v2": "importing multi-head latent attention (DeepSeek-V2/V3) is not supported yet "
-    "(arch=deepseek_v3 trains it from scratch)",
-    "deepseek_v3": "importing multi-head latent attention (DeepSeek-V2/V3) is not supported yet "
-    "(arch=deepseek_v3 trains it from scratch)",
-}
 
-
-def fp8_problem(source: HFSource) -> str | None:
-    """One line for FP8 block-scaled weights (DeepSeek-V3's release: ``quantization_config``
-    with ``quant_method: fp8`` and a ``weight_scale_inv`` tensor beside each quantised weight);
-    None for other checkpoints."""
+def quantization_problem(source: HFSource) -> str | None:
+    """One line for quantised weights the import cannot read; None for plain checkpoints and
+    FP8 block-scaled ones (DeepSeek-V3's release: ``quant_method: fp8``, a
+    ``weight_scale_inv`` beside each quantised weight), which :meth:`HFSource.tensor`
+    dequantises block by block."""
     quant = getattr(source.config, "quantization_config", None) or {}
-    method = quant.get("quant_method") if isinstance(quant, dict) else None
-    scaled = method == "fp8"
-    if not scaled:
-        try:
-            scaled = any(name.endswith("weight_scale_inv") for name in source.files)
-        except ImportError_:  # no weights to look at: the other checks name that
-            return None
-    if not scaled:
+    if not isinstance(quant, dict):
+        quant = quant.to_dict()
+    method = quant.get("quant_method")
+    if not quant or (method == "fp8" and quant.get("weight_block_size")):
         return None
-    block = quant.get("weight_block_size", [128, 128]) if isinstance(quant, dict) else [128, 128]
-    return (f"{source.path}: FP8 block-scaled weights (weight_scale_inv tensors, one scale per "
-            f"{block[0]}x{block[1]} block): dequantise to bf16 first (each block times its "
-            "weight_scale_inv, as DeepSeek's fp8_cast_bf16.py does) and import that")  # fmt: skip
+    return (f"{source.path}: quantised weights (quant_method {method!r}) are not supported: "
+            "import unquantised (bf16 or fp32) weights, or FP8 with weight_block_size (one "
+            "weight_scale_inv per block)")  # fmt: skip
 
 
 def moe_families() -> dict[str, str]:
@@ -63,51 +52,67 @@ def moe_families() -> dict[str, str]:
     return out
 
 
+def dense_families() -> dict[str, tuple[str, dict]]:
+    """Dense model_type -> (the family it upcycles into, the ``model.*`` its attention needs)."""
+    out = {}
+    for name in family_names():
+        for kind, overrides in load_family(name).dense_sources.items():
+            out[kind] = (name, overrides)
+    return out
+
+
+def source_family(source: HFSource) -> Family:
+    """The family whose class wrote ``source`` (a bare :class:`Family` for dense models)."""
+    name = moe_families().get(source.model_type)
+    return load_family(name) if name else Family(source.model_type or "unknown")
+
+
 def supported() -> str:
-    return ", ".join(sorted([*moe_families(), *DENSE]))
+    return ", ".join(sorted([*moe_families(), *dense_families()]))
 
 
 def check_supported(source: HFSource, upcycling: bool) -> str:
     """The family the source imports into; ImportError_ naming what is not supported."""
     kind = source.model_type
-    fp8 = fp8_problem(source)
-    if fp8:
-        raise ImportError_(fp8)
-    if kind in NOT_SUPPORTED:
-        raise ImportError_(f"{source.path}: model_type {kind!r}: {NOT_SUPPORTED[kind]}")
+    quantized = quantization_problem(source)
+    if quantized:
+        raise ImportError_(quantized)
     if kind in moe_families():
         if upcycling and not one_expert(source):
             raise ImportError_(f"{source.path} is already a MoE model ({kind}): import it "
                                "without --upcycle-experts")  # fmt: skip
         return moe_families()[kind]
-    if kind in DENSE:
+    if kind in dense_families():
         if not upcycling:
             raise ImportError_(
                 f"{source.path} is a dense {kind} model: mone-train trains mixtures of experts; "
                 "upcycle it with --upcycle-experts E --upcycle-topk k"
             )
-        return DENSE[kind][0]
+        return dense_families()[kind][0]
     raise ImportError_(f"{source.path}: model_type {kind!r} is not supported (supported: "
                        f"{supported()})")  # fmt: skip
 
 
 def one_expert(source: HFSource) -> bool:
-    """A Mixtral of one expert: a dense model (softmax over one expert is 1), as mone-export
-    writes a one-expert MoE; it upcycles like Llama."""
-    c = source.config
-    return source.model_type == "mixtral" and getattr(c, "num_local_experts", 0) == 1
+    """A MoE checkpoint that is a dense model (a one-expert Mixtral, as mone-export writes a
+    one-expert MoE); it upcycles like Llama."""
+    return source_family(source).is_dense(source.config)
 
 
-def moe_prefix(source: HFSource, i: int) -> str:
-    """Layer ``i``'s MoE block: Mixtral's checkpoints name it ``block_sparse_moe``."""
-    block = f"model.layers.{i}.block_sparse_moe."
-    return block if source.has(f"{block}gate.weight") else f"model.layers.{i}.mlp."
+def moe_prefix(source: HFSource, layer: str) -> str:
+    """The MoE block of the layer under ``layer`` (``model.layers.3.``): the first of the
+    family's names (``Family.moe_blocks``) the checkpoint has."""
+    blocks = source_family(source).moe_blocks
+    for block in blocks:
+        if source.has(f"{layer}{block}gate.weight"):
+            return f"{layer}{block}"
+    return f"{layer}{blocks[-1]}"
 
 
 def dense_mlp(source: HFSource, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(gate [I, D], up [I, D], down [D, I]) of layer ``i``'s dense MLP (or its one expert)."""
     if one_expert(source):
-        fc1, fc2 = source.experts(moe_prefix(source, i), 1)
+        fc1, fc2 = source.experts(moe_prefix(source, f"model.layers.{i}."), 1)
         gate, up = fc1[0].chunk(2)
         return gate, up, fc2[0]
     p = f"model.layers.{i}.mlp."
@@ -141,11 +146,10 @@ def rope_settings(source: HFSource) -> dict:
 
 def _refuse_what_we_cannot_reproduce(source: HFSource) -> None:
     c, where = source.config, source.path
-    if getattr(c, "use_sliding_window", False) or (
-        source.model_type == "mixtral" and getattr(c, "sliding_window", None)
-    ):
+    family = source_family(source)
+    if family.uses_sliding_window(c):
         raise ImportError_(f"{where}: sliding-window attention is not supported")
-    if source.model_type != "qwen2_moe" and getattr(c, "attention_bias", False):
+    if family.attention_bias_on_output and getattr(c, "attention_bias", False):
         raise ImportError_(f"{where}: attention_bias (a bias on the output projection) is not "
                            "supported")  # fmt: skip
     if getattr(c, "mlp_bias", False):
@@ -154,6 +158,9 @@ def _refuse_what_we_cannot_reproduce(source: HFSource) -> None:
         raise ImportError_(f"{where}: clip_qkv is not supported")
     if getattr(c, "hidden_act", "silu") != "silu":
         raise ImportError_(f"{where}: hidden_act {c.hidden_act!r} is not supported (SwiGLU only)")
+    problem = family.import_problem(c)
+    if problem:
+        raise ImportError_(f"{where}: {problem}")
 
 
 def _layer_pattern(source: HFSource) -> tuple[int, int]:
@@ -200,14 +207,30 @@ def model_settings(source: HFSource, family: str) -> dict:
         **rope_settings(source),
         "norm_epsilon": float(c.rms_norm_eps),
         "init_method_std": float(getattr(c, "initializer_range", 0.02)),
-        "aux_loss_coeff": float(getattr(c, "router_aux_loss_coef", 0.01) or 0.0),
         "expert_granularity": 1,
+        "mtp_num_layers": mtp_layers(source),
     }
+    if getattr(c, "router_aux_loss_coef", None) is not None:  # else the family's recipe's
+        settings["aux_loss_coeff"] = float(c.router_aux_loss_coef)
     settings.update(load_family(family).model_overrides(c))
     settings.setdefault("ffn_hidden_size", settings["moe_ffn_hidden_size"])
     if settings["first_dense_layers"] == 0 and settings["moe_layer_freq"] == 1:
         settings["ffn_hidden_size"] = settings["moe_ffn_hidden_size"]  # no dense layer uses it
     return settings
+
+
+def mtp_layers(source: HFSource) -> int:
+    """How many multi-token prediction layers the checkpoint holds: DeepSeek-V3's release stores
+    them as layers ``num_hidden_layers + j`` (with ``eh_proj``), which transformers' model
+    leaves unread; up to the config's ``num_nextn_predict_layers``."""
+    c = source.config
+    wanted = getattr(c, "num_nextn_predict_layers", 0) or 0
+    count = 0
+    while count < wanted and source.has(
+        f"model.layers.{c.num_hidden_layers + count}.eh_proj.weight"
+    ):
+        count += 1
+    return count
 
 
 def _recipe_defaults(family: str) -> ModelConfig:
@@ -268,43 +291,62 @@ def dense_settings(source: HFSource, family: str, experts: int, topk: int, granu
         "init_method_std": float(getattr(c, "initializer_range", 0.02)),
         "expert_granularity": 1,
     }
-    settings.update(DENSE.get(source.model_type, (None, {}))[1])
+    settings.update(dense_families().get(source.model_type, (None, {}))[1])
     return settings
 
 
 # ------------------------------------------------------------------------------- tensors
 
 
-def _first(source: HFSource, *names: str) -> str:
-    for name in names:
-        if source.has(name):
-            return name
-    raise ImportError_(f"{source.path}: the weights lack {names[0]!r}")
-
-
-def attention_tensors(source: HFSource, settings: dict, i: int) -> dict[str, torch.Tensor]:
-    """Layer ``i``'s attention and norms under megatron's names."""
-    p, m = f"model.layers.{i}.", f"decoder.layers.{i}."
-    heads, groups = settings["num_attention_heads"], settings["num_query_groups"]
-    groups = groups or heads
+def attention_tensors(
+    source: HFSource, settings: dict, hf: str, ours: str
+) -> dict[str, torch.Tensor]:
+    """The attention and norms of the layer under ``hf`` (``model.layers.3.``) under megatron's
+    names (prefix ``ours``: ``decoder.layers.3.``)."""
     t = source.tensor
     out = {
-        f"{m}input_layernorm.weight": t(f"{p}input_layernorm.weight"),
-        f"{m}pre_mlp_layernorm.weight": t(f"{p}post_attention_layernorm.weight"),
-        f"{m}self_attention.linear_qkv.weight": join_qkv(
-            t(f"{p}self_attn.q_proj.weight"), t(f"{p}self_attn.k_proj.weight"),
-            t(f"{p}self_attn.v_proj.weight"), heads, groups,
-        ),
-        f"{m}self_attention.linear_proj.weight": t(f"{p}self_attn.o_proj.weight"),
-    }  # fmt: skip
+        f"{ours}input_layernorm.weight": t(f"{hf}input_layernorm.weight"),
+        f"{ours}pre_mlp_layernorm.weight": t(f"{hf}post_attention_layernorm.weight"),
+    }
+    if settings["multi_latent_attention"]:
+        out.update(_latent_attention(source, settings, f"{hf}self_attn.", f"{ours}self_attention."))
+        return out
+    p, m = f"{hf}self_attn.", f"{ours}self_attention."
+    heads, groups = settings["num_attention_heads"], settings["num_query_groups"]
+    groups = groups or heads
+    out[f"{m}linear_qkv.weight"] = join_qkv(
+        t(f"{p}q_proj.weight"), t(f"{p}k_proj.weight"), t(f"{p}v_proj.weight"), heads, groups
+    )
+    out[f"{m}linear_proj.weight"] = t(f"{p}o_proj.weight")
     if settings["qkv_bias"]:
-        out[f"{m}self_attention.linear_qkv.bias"] = join_qkv(
-            t(f"{p}self_attn.q_proj.bias"), t(f"{p}self_attn.k_proj.bias"),
-            t(f"{p}self_attn.v_proj.bias"), heads, groups,
-        )  # fmt: skip
+        out[f"{m}linear_qkv.bias"] = join_qkv(
+            t(f"{p}q_proj.bias"), t(f"{p}k_proj.bias"), t(f"{p}v_proj.bias"), heads, groups
+        )
     if settings["qk_layernorm"] != "none":
-        out[f"{m}self_attention.q_layernorm.weight"] = t(f"{p}self_attn.q_norm.weight")
-        out[f"{m}self_attention.k_layernorm.weight"] = t(f"{p}self_attn.k_norm.weight")
+        out[f"{m}q_layernorm.weight"] = t(f"{p}q_norm.weight")
+        out[f"{m}k_layernorm.weight"] = t(f"{p}k_norm.weight")
+    return out
+
+
+def _latent_attention(source: HFSource, settings: dict, p: str, m: str) -> dict:
+    """Multi-head latent attention: each of transformers' DeepseekV3Attention projections is one
+    of megatron's MLASelfAttention (``MLA_NAMES``), rows in the same order, except that a
+    checkpoint with ``rope_interleave: false`` keeps each RoPE part's pairs half a part apart
+    where megatron (and transformers' default) keeps them side by side: those rows are
+    reordered here (the attention scores are the same)."""
+    out = {}
+    for theirs, name in MLA_NAMES.items():
+        if source.has(f"{p}{theirs}.weight"):
+            out[f"{m}{name}.weight"] = source.tensor(f"{p}{theirs}.weight")
+    if getattr(source.config, "rope_interleave", True):
+        return out
+    rope, heads = settings["qk_pos_emb_head_dim"], settings["num_attention_heads"]
+    order = torch.arange(rope).view(2, rope // 2).t().reshape(-1)  # halves -> pairs
+    query = f"{m}linear_q_up_proj.weight" if settings["q_lora_rank"] else f"{m}linear_q_proj.weight"
+    q = out[query].view(heads, -1, out[query].shape[-1])
+    out[query] = torch.cat([q[:, :-rope], q[:, -rope:][:, order]], dim=1).flatten(0, 1)
+    kv = out[f"{m}linear_kv_down_proj.weight"]
+    out[f"{m}linear_kv_down_proj.weight"] = torch.cat([kv[:-rope], kv[-rope:][order]])
     return out
 
 
@@ -315,20 +357,26 @@ def _swiglu(source: HFSource, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
     return fc1, t(f"{prefix}down_proj.weight")
 
 
-def mlp_tensors(source: HFSource, settings: dict, i: int, moe: bool) -> dict[str, torch.Tensor]:
-    """Layer ``i``'s MLP (a MoE block or a dense MLP) under megatron's names."""
-    m = f"decoder.layers.{i}.mlp."
+def mlp_tensors(
+    source: HFSource, settings: dict, hf: str, ours: str, moe: bool
+) -> dict[str, torch.Tensor]:
+    """The MLP (a MoE block or a dense MLP) of the layer under ``hf`` under megatron's names
+    (prefix ``ours``)."""
+    m = f"{ours}mlp."
     if not moe:
-        fc1, fc2 = _swiglu(source, f"model.layers.{i}.mlp.")
+        fc1, fc2 = _swiglu(source, f"{hf}mlp.")
         return {f"{m}linear_fc1.weight": fc1, f"{m}linear_fc2.weight": fc2}
-    block = moe_prefix(source, i)
-    out = {f"{m}router.weight": source.tensor(_first(source, f"{block}gate.weight"))}
+    family = source_family(source)
+    block = moe_prefix(source, hf)
+    out = {f"{m}router.weight": source.tensor(f"{block}gate.weight")}
+    if settings["router_expert_bias"]:
+        out[f"{m}router.expert_bias"] = source.tensor(f"{block}{family.hf_expert_bias}")
     fc1, fc2 = source.experts(block, settings["num_experts"])
     for e in range(settings["num_experts"]):
         out[f"{m}experts.local_experts.{e}.linear_fc1.weight"] = fc1[e]
         out[f"{m}experts.local_experts.{e}.linear_fc2.weight"] = fc2[e]
     if settings["shared_expert_ffn_hidden_size"]:
-        fc1, fc2 = _swiglu(source, f"{block}shared_expert.")
+        fc1, fc2 = _swiglu(source, f"{block}{family.hf_shared_expert}")
         out[f"{m}shared_experts.linear_fc1.weight"] = fc1
         out[f"{m}shared_experts.linear_fc2.weight"] = fc2
         if settings["shared_expert_gate"]:
@@ -349,6 +397,19 @@ def outer_tensors(source: HFSource, settings: dict) -> dict[str, torch.Tensor]:
     return out
 
 
+def mtp_tensors(source: HFSource, settings: dict, j: int, moe: bool) -> dict[str, torch.Tensor]:
+    """Multi-token prediction layer ``j`` (DeepSeek-V3's layer ``num_hidden_layers + j``) under
+    megatron's MTP block names. Its own copies of the embedding and output layer
+    (``embed_tokens``, ``shared_head.head``) are the main model's in the release, which
+    megatron's MTP block shares: they are not read."""
+    hf, ours = f"model.layers.{settings['num_layers'] + j}.", f"mtp.layers.{j}."
+    out = {f"{ours}{name}": source.tensor(f"{hf}{theirs}") for theirs, name in MTP_NAMES.items()}
+    layer = f"{ours}transformer_layer."
+    out.update(attention_tensors(source, settings, hf, layer))
+    out.update(mlp_tensors(source, settings, hf, layer, moe))
+    return out
+
+
 def megatron_state(source: HFSource, settings: dict) -> dict[str, torch.Tensor]:
     """The whole model's tensors under megatron's names (a MoE source)."""
     pattern = ModelConfig(num_layers=settings["num_layers"],
@@ -356,6 +417,9 @@ def megatron_state(source: HFSource, settings: dict) -> dict[str, torch.Tensor]:
                           moe_layer_freq=settings["moe_layer_freq"]).moe_layer_pattern()  # fmt: skip
     state = outer_tensors(source, settings)
     for i, moe in enumerate(pattern):
-        state.update(attention_tensors(source, settings, i))
-        state.update(mlp_tensors(source, settings, i, bool(moe)))
+        hf, ours = f"model.layers.{i}.", f"decoder.layers.{i}."
+        state.update(attention_tensors(source, settings, hf, ours))
+        state.update(mlp_tensors(source, settings, hf, ours, bool(moe)))
+    for j in range(settings["mtp_num_layers"]):  # each built like the last decoder layer
+        state.update(mtp_tensors(source, settings, j, bool(pattern[-1])))
     return state

@@ -35,7 +35,9 @@ def upcycled_state(source: HFSource, settings: dict, granularity: int, seed: int
     generator = torch.Generator().manual_seed(seed)
     state = outer_tensors(source, settings)
     for i in range(settings["num_layers"]):
-        state.update(attention_tensors(source, settings, i))
+        state.update(
+            attention_tensors(source, settings, f"model.layers.{i}.", f"decoder.layers.{i}.")
+        )
         m = f"decoder.layers.{i}.mlp."
         gate, up, down = dense_mlp(source, i)
         rows = torch.randn(copies, hidden, generator=generator) * settings["init_method_std"]

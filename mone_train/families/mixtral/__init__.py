@@ -34,7 +34,17 @@ class Mixtral(Family):
             "router_pre_softmax": False,
         }
 
+    def is_dense(self, hf):
+        """One expert (what mone-export writes for a dense model): it upcycles like Llama."""
+        return getattr(hf, "num_local_experts", 0) == 1
+
+    def uses_sliding_window(self, hf):
+        return bool(getattr(hf, "sliding_window", None))  # Mixtral's has no use_ switch
+
 
 FAMILY = Mixtral(
-    "mixtral", hf_class="MixtralForCausalLM", hf_model_type="mixtral", free_head_dim=True
-)
+    "mixtral", hf_class="MixtralForCausalLM", hf_model_type="mixtral", free_head_dim=True,
+    moe_blocks=("block_sparse_moe.", "mlp."),
+    # dense models upcycle into the family whose attention matches theirs
+    dense_sources={"llama": {}, "qwen2": {"qkv_bias": True}},
+)  # fmt: skip

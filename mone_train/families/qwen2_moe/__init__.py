@@ -45,4 +45,7 @@ class Qwen2Moe(Family):
         }
 
 
-FAMILY = Qwen2Moe("qwen2_moe", hf_class="Qwen2MoeForCausalLM", hf_model_type="qwen2_moe")
+FAMILY = Qwen2Moe(
+    "qwen2_moe", hf_class="Qwen2MoeForCausalLM", hf_model_type="qwen2_moe",
+    attention_bias_on_output=False,  # older Qwen2-MoE configs name the q/k/v biases so
+)  # fmt: skip

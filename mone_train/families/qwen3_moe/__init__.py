@@ -43,5 +43,6 @@ class Qwen3Moe(Family):
 
 
 FAMILY = Qwen3Moe(
-    "qwen3_moe", hf_class="Qwen3MoeForCausalLM", hf_model_type="qwen3_moe", free_head_dim=True
-)
+    "qwen3_moe", hf_class="Qwen3MoeForCausalLM", hf_model_type="qwen3_moe", free_head_dim=True,
+    dense_sources={"qwen3": {"qk_layernorm": "head"}},
+)  # fmt: skip
