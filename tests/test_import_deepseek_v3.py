@@ -339,15 +339,58 @@ def test_what_megatron_cannot_reproduce_is_one_line(imported, tmp_path, capsys):
 def test_arch_deepseek_v3_exports_as_the_class_unless_mone_keeps_fewer_neurons():
     """A plain-MoE arch=deepseek_v3 model is DeepseekV3ForCausalLM exactly (its tiny recipe:
     8 of 32 experts in 4 of 8 groups, a shared expert, a dense first layer); MoNE with K < F
-    would need our modeling code, which has no latent attention yet: one line."""
+    is our modeling code, with its latent attention."""
     from mone_train.compose import compose_config
     from mone_train.export.convert import architecture_for
-    from mone_train.export.errors import ExportError
 
     plain = compose_config(["arch=deepseek_v3", "model=tiny", "moe=moe"])
     assert architecture_for(plain) == "deepseek_v3"
     mone = compose_config(["arch=deepseek_v3", "model=tiny", "moe=mone"])
-    with pytest.raises(ExportError, match="MoNE keeps K < F neurons per expert.*no MLA yet"):
-        architecture_for(mone)
+    assert architecture_for(mone) == "mone"
     gqa = compose_config(["arch=deepseek", "model=tiny", "moe=moe"])
     assert architecture_for(gqa) == "mone"  # no transformers class of its own
+
+
+# ------------------------------------------------------- MoNE under MLA: our modeling code
+
+# a query latent (V3) or none (V2-Lite); YaRN x 40 with mscale = mscale_all_dim = 1 (the
+# recipe's) in one, cos/sin scaled too (mscale 0.7 != mscale_all_dim 1) in the other
+MONE_V3 = {
+    "q-latent": [],
+    "no-q-latent": ["model.q_lora_rank=null", "model.rope_scaling.factor=4.0",
+                    "model.rope_scaling.original_max_position_embeddings=16",
+                    "model.rope_scaling.mscale=0.7"],
+}  # fmt: skip
+
+
+@pytest.mark.slow  # a 2-step run and an export per variant
+@pytest.mark.parametrize("variant", MONE_V3)
+def test_mone_under_latent_attention_exports_as_our_code_with_megatrons_logits(
+    tmp_path, variant, corpus, capsys
+):
+    """arch=deepseek_v3 moe=mone (rho = 0.5): MoNEForCausalLM with MLA, the MTP layer left
+    out (--with-mtp is one line), logits equal to megatron's main model's (fp32, 1e-4)."""
+    from transformers import AutoModelForCausalLM
+
+    from mone_train.export.cli import main as export_main
+    from tests.test_export import _tokens, _train
+
+    run = _train(tmp_path / "run", ["arch=deepseek_v3", "moe=mone", "trainer.steps=2",
+                                    "trainer.save_interval=2", "trainer.eval_interval=2",
+                                    "trainer.log_interval=2", *MONE_V3[variant]])  # fmt: skip
+    out = _export(run, tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["MoNEForCausalLM"] and config["multi_latent_attention"]
+    assert config["q_lora_rank"] == (None if variant == "no-q-latent" else 48)
+    assert config["num_kept_neurons"] * 2 == config["moe_intermediate_size"]
+    assert not any(".layers.2." in name for name in load_file(out / "model.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    t = _tokens()
+    with torch.no_grad():
+        logits = model(t).logits
+    torch.testing.assert_close(logits, _our_logits(run, t), rtol=0, atol=1e-4)
+
+    capsys.readouterr()
+    assert export_main([str(run), "--out", str(tmp_path / "mtp"), "--with-mtp"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no multi-token prediction layers" in err[0], err

@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--with-mtp", action="store_true",
         help="also write the multi-token prediction layers (DeepSeek-V3's layout: extra layers "
-        "after the decoder's; transformers' model ignores them, speculative decoders read them)",
+        "after the decoder's; transformers' model ignores them, speculative decoders read them); "
+        "DeepseekV3ForCausalLM exports only, not MoNE ones (K < F)",
     )  # fmt: skip
     return parser
 

@@ -8,14 +8,16 @@ Two kinds of target, chosen by :func:`architecture_for`:
   class lacks (``mone_train/families/<family>``, ``Family.native_mismatch``);
 - ``mone`` (our ``modeling_mone.py``) otherwise: MoNE models (K < F), the neuron-level balance
   bias, ``arch=deepseek`` (grouped-query attention; transformers' DeepSeek-V3 class has latent
-  attention only), and any recipe option a family's class cannot express.
+  attention only), ``arch=deepseek_v3`` MoNE (latent attention with MoNE experts), and any
+  recipe option a family's class cannot express.
 
 Both sides share one layout of each layer's tensors; :func:`megatron_layer` reads megatron's
 names into it and :func:`hf_layer_names` names it for the target (``mone_train/importer``
 reads it backwards). Multi-head latent attention keeps transformers' DeepSeek-V3 projections
-one to one (:data:`MLA_NAMES`); megatron's multi-token prediction layers become DeepSeek-V3's
-extra layers after the decoder's (:data:`MTP_NAMES`, only when asked: transformers' class does
-not read them). The export test checks the logits against megatron's to 1e-4.
+one to one (:data:`MLA_NAMES`, the names and rows our modeling code reads too); megatron's
+multi-token prediction layers become DeepSeek-V3's extra layers after the decoder's
+(:data:`MTP_NAMES`, only when asked: transformers' class does not read them; our modeling code
+has none). The export test checks the logits against megatron's to 1e-4.
 
 Legend: H query heads, G query groups (key/value heads), Dh head size, D hidden size, E experts,
 F neurons per expert, S shared expert width, I dense MLP width.
@@ -96,16 +98,8 @@ def num_kept(cfg: Config) -> int:
 
 def architecture_for(cfg: Config) -> str:
     """The family's name when its transformers class reproduces the model exactly, else
-    ``mone`` (our modeling code); ExportError for multi-head latent attention that the class
-    cannot hold (our modeling code has grouped-query attention only)."""
-    mismatch = native_mismatch(cfg)
-    if mismatch and cfg.model.multi_latent_attention:
-        raise ExportError(
-            f"multi-head latent attention exports as {load_family(cfg.model.family).hf_class} "
-            f"only, which cannot hold this model ({mismatch}); our modeling code has no MLA "
-            "yet: export a plain-MoE (moe=moe) or rho = 1 checkpoint"
-        )
-    return MONE if mismatch else cfg.model.family
+    ``mone`` (our modeling code, grouped-query or multi-head latent attention)."""
+    return MONE if native_mismatch(cfg) else cfg.model.family
 
 
 def native_mismatch(cfg: Config) -> str | None:
@@ -395,6 +389,7 @@ def hf_config(cfg: Config, vocab_size: int, special: dict[str, int | None], arch
         return config_class(**{**common, **family.hf_config_kwargs(cfg)}, rope_parameters=rope)
     from mone_train.export.remote_code.configuration_mone import MoNEConfig
 
+    common.update(_latent_attention_kwargs(cfg))  # head_dim: the RoPE part's under MLA
     shared_kept = None
     if m.shared_expert_ffn_hidden_size and cfg.moe.shared_expert_mone:
         shared_kept = num_kept_neurons(cfg.moe.neuron_keep_ratio, m.shared_expert_ffn_hidden_size)
@@ -421,3 +416,20 @@ def hf_config(cfg: Config, vocab_size: int, special: dict[str, int | None], arch
         rope_theta=m.rotary_base,
         rope_parameters=rope,
     )
+
+
+def _latent_attention_kwargs(cfg: Config) -> dict:
+    """MoNEConfig's multi-head latent attention fields ({} for grouped-query attention);
+    head_dim is the RoPE part's, as in DeepSeek-V3's config."""
+    m = cfg.model
+    if not m.multi_latent_attention:
+        return {}
+    return {
+        "multi_latent_attention": True,
+        "q_lora_rank": m.q_lora_rank,
+        "kv_lora_rank": m.kv_lora_rank,
+        "qk_nope_head_dim": m.qk_head_dim,
+        "qk_rope_head_dim": m.qk_pos_emb_head_dim,
+        "v_head_dim": m.v_head_dim,
+        "head_dim": m.qk_pos_emb_head_dim,
+    }

@@ -167,7 +167,7 @@ def export_checkpoint(
     the weights are read one group at a time (the outer tensors, then each decoder layer),
     converted and written into their place in the planned shards. ``with_mtp``: the
     multi-token prediction layers too, as DeepSeek-V3's extra layers (transformers' class
-    ignores them; speculative decoders read them)."""
+    ignores them; speculative decoders read them); refused for our modeling code."""
     source, out = Path(source).expanduser(), Path(out).expanduser().absolute()
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype} is invalid: expected one of {', '.join(DTYPES)}")
@@ -180,6 +180,10 @@ def export_checkpoint(
         if with_mtp and not loaded.cfg.model.mtp_num_layers:
             raise ExportError(f"--with-mtp: {source} has no multi-token prediction layers "
                               "(model.mtp_num_layers=0)")  # fmt: skip
+        if with_mtp and arch == MONE:
+            raise ExportError(f"--with-mtp: {source} exports as our modeling code "
+                              "(MoNEForCausalLM), which has no multi-token prediction layers; "
+                              "export without --with-mtp")  # fmt: skip
         hf_model = _meta_hf_model(loaded, tokenizer, arch, with_mtp)
         groups = weight_groups(loaded.model, loaded.cfg, with_mtp)
         specs = [

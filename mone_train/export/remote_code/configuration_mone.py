@@ -3,7 +3,10 @@
 A GPT-style decoder as mone-train trains it with megatron-core: RMSNorm, RoPE (non-interleaved;
 plain, Llama 3's or YaRN, as ``rope_parameters`` says),
 grouped-query attention (optionally with q/k/v biases and RMSNorm of queries and keys, per head
-or over all heads), SwiGLU MLPs; the layers marked 1 in ``moe_layer_pattern`` (or every
+or over all heads) or, with ``multi_latent_attention``, DeepSeek-V2/V3's multi-head latent
+attention (queries through an RMSNorm-ed ``q_lora_rank`` latent or one projection, keys and
+values from an RMSNorm-ed ``kv_lora_rank`` latent, each head ``qk_nope_head_dim`` wide without
+RoPE plus ``qk_rope_head_dim`` with it, values ``v_head_dim`` wide), SwiGLU MLPs; the layers marked 1 in ``moe_layer_pattern`` (or every
 ``moe_layer_freq``-th from the first) are mixtures of experts with megatron-core's top-k
 router (softmax or sigmoid scores, optional pre-softmax, group-limited routing, expert bias,
 scaling) and optionally a shared expert (with a sigmoid gate), the others are dense. Inside
@@ -49,6 +52,14 @@ class MoNEConfig(PreTrainedConfig):
     neuron_bias: bool = False  # routed experts rank |g| * exp(bias) (their `neuron_bias`)
     qk_layernorm: str = "none"  # none | head | full
     qkv_bias: bool = False
+    # multi-head latent attention (DeepSeek-V2/V3) instead of grouped-query attention; its
+    # head_dim is the RoPE part's (what RoPE rotates), as in transformers' DeepseekV3Config
+    multi_latent_attention: bool = False
+    q_lora_rank: int | None = None  # None: one query projection (V2-Lite)
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
     neuron_keep_ratio: float = 1.0  # rho, as trained (informative; num_kept_neurons decides)
     num_kept_neurons: int | None = None  # K; None keeps all F (a plain MoE model)
     decode_path: str = "auto"  # auto | dense | sparse
@@ -67,6 +78,8 @@ class MoNEConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self, **kwargs):
+        if self.head_dim is None and self.multi_latent_attention:
+            self.head_dim = self.qk_rope_head_dim
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_key_value_heads is None:
@@ -97,6 +110,13 @@ class MoNEConfig(PreTrainedConfig):
             raise ValueError(f"router_score={self.router_score!r} is not softmax or sigmoid")
         if self.qk_layernorm not in ("none", "head", "full"):
             raise ValueError(f"qk_layernorm={self.qk_layernorm!r} is not none, head or full")
+        if self.multi_latent_attention and self.head_dim != self.qk_rope_head_dim:
+            raise ValueError(
+                f"head_dim={self.head_dim} must equal qk_rope_head_dim={self.qk_rope_head_dim} "
+                "under multi-head latent attention (RoPE rotates that part only)"
+            )
+        if self.multi_latent_attention and self.qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even")
         pattern = self.moe_layer_pattern
         if pattern is not None and len(pattern) != self.num_hidden_layers:
             raise ValueError(

@@ -10,6 +10,13 @@ tested against megatron on the same tokens):
   heads (``qk_layernorm``), RoPE over the whole head (base ``rope_theta``, halves rotated, not
   interleaved; Llama 3's or YaRN's frequencies and cos/sin factor with ``rope_parameters``),
   grouped-query attention, softmax scale 1/sqrt(head_dim), causal mask;
+- or, with ``multi_latent_attention``, megatron-core's ``MLASelfAttention``: queries from
+  ``q_b_proj(RMSNorm(q_a_proj(x)))`` (``q_proj(x)`` without a query latent), a key/value latent
+  RMSNorm-ed and expanded per head by ``kv_b_proj`` plus one RoPE key shared by all heads
+  (both from ``kv_a_proj_with_mqa``); RoPE only on each head's ``qk_rope_head_dim`` part, whose
+  pairs the weights store side by side (megatron's layout, transformers' ``rope_interleave``);
+  softmax scale 1/sqrt(qk_nope + qk_rope) times YaRN's mscale(factor, mscale_all_dim)^2; the
+  cache holds the normed latent and the rotated RoPE key;
 - MoE layers (``config.is_moe_layer``): megatron-core's router (``topk_routing_with_score_function``:
   fp32 logits; softmax over the k chosen logits, or over all experts before the top-k; or
   sigmoid scores, the expert bias used to choose only, renormalised over the k; group-limited
@@ -29,6 +36,7 @@ H heads, G key/value heads, Dh head size.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -179,6 +187,107 @@ class MoNEAttention(nn.Module):
             q,
             k,
             v,
+            attention_mask,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        return self.o_proj(out.reshape(*hidden_BSD.shape[:-1], -1)), weights
+
+
+def _yarn_mscale(scale: float, weight: float) -> float:
+    """YaRN's 0.1 w ln(s) + 1 (1 for s <= 1), megatron-core's ``_yarn_get_mscale``."""
+    return 1.0 if scale <= 1 else 0.1 * weight * math.log(scale) + 1.0
+
+
+def _pairs_to_halves(x: torch.Tensor) -> torch.Tensor:
+    """[..., r] with RoPE pairs side by side (x0, x1, x2, x3, ...) -> the rotate-half layout
+    (x0, x2, ... | x1, x3, ...), as megatron-core's MLA reorders before rotating. Queries and
+    keys are reordered alike, so their dot products are those of the pairs."""
+    return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
+
+
+class MoNELatentAttention(nn.Module):
+    """Causal multi-head latent attention (DeepSeek-V2/V3) with decoupled RoPE and a cache of
+    latents, computing what megatron-core's ``MLASelfAttention`` computes.
+
+    Legend (besides the file's): C key/value latent width, Dn / Dr / Dv a head's query-key
+    part without RoPE / with RoPE / value width.
+    """
+
+    def __init__(self, config: MoNEConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
+        self.v_dim, self.latent_dim = config.v_head_dim, config.kv_lora_rank
+        self.num_key_value_groups = 1  # every head has its own key and value
+        self.is_causal = True
+        qk_dim = self.nope_dim + self.rope_dim
+        rope = config.rope_parameters or {}
+        mscale = 1.0
+        if rope.get("rope_type", "default") == "yarn":
+            mscale = _yarn_mscale(rope["factor"], rope.get("mscale_all_dim") or 0.0)
+        self.scaling = mscale * mscale / math.sqrt(qk_dim)
+        width, eps, q_width = config.hidden_size, config.rms_norm_eps, self.num_heads * qk_dim
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(width, q_width, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(width, config.q_lora_rank, bias=False)
+            self.q_a_layernorm = MoNERMSNorm(config.q_lora_rank, eps=eps)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, q_width, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(width, self.latent_dim + self.rope_dim, bias=False)
+        self.kv_a_layernorm = MoNERMSNorm(self.latent_dim, eps=eps)
+        kv_width = self.num_heads * (self.nope_dim + self.v_dim)
+        self.kv_b_proj = nn.Linear(self.latent_dim, kv_width, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, width, bias=False)
+
+    def _queries(self, hidden_BSD: torch.Tensor) -> torch.Tensor:
+        """[B, S, D] -> [B, H, S, Dn + Dr]."""
+        if self.config.q_lora_rank is None:
+            q = self.q_proj(hidden_BSD)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_BSD)))
+        return q.view(*hidden_BSD.shape[:-1], self.num_heads, -1).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_BSD: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[B, S, D] -> ([B, S, D], attention weights or None); appends the normed latent
+        [B, 1, S, C] and the rotated RoPE key [B, 1, S, Dr] to ``cache``."""
+        q_nope_BHSd, q_rope_BHSr = self._queries(hidden_BSD).split(
+            [self.nope_dim, self.rope_dim], dim=-1
+        )
+        latent_BSC, k_rope_BSr = self.kv_a_proj_with_mqa(hidden_BSD).split(
+            [self.latent_dim, self.rope_dim], dim=-1
+        )
+        latent_B1SC = self.kv_a_layernorm(latent_BSC).unsqueeze(1)
+        q_rope_BHSr, k_rope_B1Sr = apply_rotary(
+            _pairs_to_halves(q_rope_BHSr),
+            _pairs_to_halves(k_rope_BSr.unsqueeze(1)),
+            *position_embeddings,
+        )
+        if cache is not None:
+            latent_B1SC, k_rope_B1Sr = cache.update(latent_B1SC, k_rope_B1Sr, self.layer_idx)
+        batch, _, length, _ = latent_B1SC.shape  # length: the cached positions too
+        kv_BSHd = self.kv_b_proj(latent_B1SC.squeeze(1)).view(batch, length, self.num_heads, -1)
+        k_nope_BHSd, v_BHSv = kv_BSHd.transpose(1, 2).split([self.nope_dim, self.v_dim], dim=-1)
+        q = torch.cat((q_nope_BHSd, q_rope_BHSr), dim=-1)
+        k = torch.cat((k_nope_BHSd, k_rope_B1Sr.expand(-1, self.num_heads, -1, -1)), dim=-1)
+        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        out, weights = attention(
+            self,
+            q,
+            k,
+            v_BHSv,
             attention_mask,
             dropout=self.config.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
@@ -346,7 +455,8 @@ class MoNEDecoderLayer(nn.Module):
 
     def __init__(self, config: MoNEConfig, layer_idx: int) -> None:
         super().__init__()
-        self.self_attn = MoNEAttention(config, layer_idx)
+        attention = MoNELatentAttention if config.multi_latent_attention else MoNEAttention
+        self.self_attn = attention(config, layer_idx)
         moe = config.is_moe_layer(layer_idx)
         self.mlp = MoNESparseMoeBlock(config) if moe else MoNEDenseMLP(config)
         self.input_layernorm = MoNERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
