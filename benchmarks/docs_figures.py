@@ -354,6 +354,21 @@ def _decode_expert_mlp(files: dict) -> list[str]:
     return lines
 
 
+def _lm_eval_parity(files: dict) -> list[str]:
+    """docs/evaluation.md: mone-eval's and lm-evaluation-harness's acc / acc_norm per model and
+    task."""
+    (result,) = files.values()
+    lines = _header("model", "exported as", "task", "examples", "mone-eval acc / acc_norm",
+                    "lm-eval acc / acc_norm", "equal")  # fmt: skip
+    for flavour, model in result["models"].items():
+        for name, task in model["tasks"].items():
+            ours, theirs = (f"{t['acc']:.4f} / {t['acc_norm']:.4f}"
+                            for t in (task["mone_eval"], task["lm_eval"]))  # fmt: skip
+            lines.append(_row(flavour, f"`{model['architecture']}`", f"`{name}`",
+                              task["examples"], ours, theirs, "yes" if task["equal"] else "no"))  # fmt: skip
+    return lines
+
+
 TABLES = {
     "final_loss": _final_loss,
     "keep_ratio_grid": _keep_ratio_grid,
@@ -361,6 +376,7 @@ TABLES = {
     "trainer_throughput": _trainer_throughput,
     "memory_plan_check": _memory_plan_check,
     "decode_expert_mlp": _decode_expert_mlp,
+    "lm_eval_parity": _lm_eval_parity,
 }
 
 

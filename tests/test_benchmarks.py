@@ -181,3 +181,24 @@ def test_watchdog_overhead_benchmark_runs(tmp_path):
     assert "step time with / without the watchdog" in out
     data = json.loads((tmp_path / "watchdog_overhead_cpu.json").read_text())
     assert len(data["rounds"]) == 2 and data["step_time_ratio"] > 0
+
+
+@pytest.mark.slow  # trains and exports two models in subprocesses
+def test_lm_eval_parity_benchmark_runs_and_agrees(tmp_path):
+    """lm-evaluation-harness scores both exports (Mixtral, MoNE remote code) as mone-eval scores
+    the checkpoints; skipped where lm-eval is not installed (it is no dependency: CI)."""
+    pytest.importorskip("lm_eval")
+    out = _run(["benchmarks/lm_eval_parity.py", "--steps", "2", "--examples", "20"], tmp_path)
+    assert "all equal: True" in out
+    data = json.loads((tmp_path / "lm_eval_parity_cpu.json").read_text())
+    assert [m["architecture"] for m in data["models"].values()] == [
+        "MixtralForCausalLM",
+        "MoNEForCausalLM",
+    ]
+    coverage = data["task_coverage"]
+    assert coverage["varied"]["empty_contexts"] and coverage["varied"]["rows_longer_than_sequence"]
+    assert coverage["held_out"]["examples"] == 20
+    for model in data["models"].values():
+        for name, task in model["tasks"].items():
+            assert task["mone_eval"] == task["lm_eval"]
+            assert task["examples"] == coverage[name]["examples"]
