@@ -77,3 +77,17 @@ def test_every_area_error_is_a_config_error():
     for error in (AnalysisError, CheckpointError, DataError, PreprocessError, TokenizerError,
                   ExportError, LaunchError, ReportError):  # fmt: skip
         assert issubclass(error, ConfigError), error
+
+
+@pytest.mark.slow  # a fresh interpreter per command
+@pytest.mark.parametrize("name", ARGPARSE_COMMANDS)
+def test_help_from_the_installed_command_prints_no_library_notices(name):
+    """No warning from the libraries a command imports (megatron-core's CPU fallbacks) before
+    its own output: commands silence them before importing them."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([str(Path(sys.executable).parent / name), "--help"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0 and done.stdout
+    assert done.stderr == "", done.stderr[-1000:]
