@@ -11,18 +11,10 @@ import torch
 
 from mone_train.export.cli import main as export_main
 from mone_train.inference.cli import main as generate_main
+from tests.helpers.distributed import TINY_RUN
 
-TRAIN = [
-    "model=tiny",
-    "trainer=smoke",
-    "trainer.steps=3",
-    "trainer.save_interval=3",
-    "trainer.eval_interval=3",
-    "trainer.eval_iters=1",
-    "trainer.log_interval=3",
-    "trainer.seq_length=32",
-    "logging.wandb_mode=disabled",
-]
+TRAIN = [*TINY_RUN, "trainer.steps=3", "trainer.save_interval=3", "trainer.eval_interval=3",
+         "trainer.eval_iters=1", "trainer.log_interval=3"]  # fmt: skip
 # plain MoE, every layer MoE: exported as transformers' Mixtral
 MOE = ["moe=moe"]
 # MoNE rho = 0.5 with grouped-query attention, a dense layer and tied embeddings: our code
