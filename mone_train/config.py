@@ -729,7 +729,7 @@ class EvaluationConfig:
     # More validation sets: name -> a dataset prefix (mone-preprocess output) or a list of
     # prefixes (blended in proportion to their sizes); all of each is validation data.
     sets: dict[str, Any] = field(default_factory=dict)
-    tasks: list[str] = field(default_factory=list)  # multiple-choice JSONL files
+    tasks: list[str] = field(default_factory=list)  # task JSONL files (docs/evaluation.md)
     # The built-in task of the stdlib corpus (real vs shuffled continuation of held-out files):
     # this many examples; 0: none.
     stdlib_task_examples: int = 0
@@ -826,11 +826,8 @@ class Config:
                      "false with tensor parallelism (a tensor-split shared expert holds part of "
                      "each token's neurons: its top-K would cross ranks)")  # fmt: skip
         if pp > 1:
-            # the last stage would hold its own embedding copy, synchronised with the first's
-            # (megatron's tied-embedding path, which this trainer does not set up)
-            _require(m.mtp_num_layers == 0, "model.mtp_num_layers", m.mtp_num_layers,
-                     f"0 with trainer.pipeline_parallel_size={pp} (multi-token prediction runs "
-                     "without pipeline parallelism for now)")  # fmt: skip
+            # equal stages: none is empty, so the last holds decoder layers before the
+            # multi-token prediction block megatron puts there (with its embedding copy)
             _require(m.num_layers % pp == 0, "trainer.pipeline_parallel_size", pp,
                      f"a divisor of model.num_layers={m.num_layers} (equal stages)")  # fmt: skip
             _require(not m.tie_embeddings, "model.tie_embeddings", True,

@@ -98,6 +98,11 @@ PARALLEL_LAYOUTS = {
                               "model.num_query_groups=2", "trainer.tensor_parallel_size=2",
                               "trainer.pipeline_parallel_size=2"]),
     "pp4-qwen2": (4, ["model=small", "arch=qwen2_moe", "trainer.pipeline_parallel_size=4"]),
+    # MLA with latents that do not divide by TP (replicated down-projections); the MTP layer
+    # and its copy of the embedding on the last stage
+    "tp2-pp2-deepseek_v3": (4, ["model=tiny", "arch=deepseek_v3", "model.kv_lora_rank=15",
+                                "model.q_lora_rank=21", "trainer.tensor_parallel_size=2",
+                                "trainer.pipeline_parallel_size=2"]),
 }  # fmt: skip
 
 

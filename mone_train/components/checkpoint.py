@@ -251,7 +251,7 @@ def load_model_weights(
     from megatron.core import dist_checkpointing
 
     try:
-        wanted = model.sharded_state_dict()
+        wanted = model_sharded_state_dict(model)
         if optional:
             available = dist_checkpointing.load_tensors_metadata(str(path))
             wanted = {k: v for k, v in wanted.items()
@@ -352,13 +352,23 @@ def _load_weights(module: torch.nn.Module, loaded: dict) -> None:
                 param.main_param.copy_(loaded[name])
 
 
+def model_sharded_state_dict(model) -> dict:
+    """megatron's sharded state dict of a bare GPTModel. Its metadata is passed, not left to
+    megatron's default: on a later pipeline stage with multi-token prediction (which holds a
+    copy of the word embedding) megatron-core 0.16.1's GPTModel reads
+    ``metadata['dp_cp_group']`` itself, and None fails there."""
+    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+    return model.sharded_state_dict(metadata=ensure_metadata_has_dp_cp_group(None))
+
+
 def _sharded_state_dict(model, optimizer) -> dict:
     from megatron.core.dist_checkpointing.optimizer import (
         get_param_id_to_sharded_param_map,
         optim_state_to_sharding_state,
     )
 
-    model_sd = _with_masters(model.module.sharded_state_dict(), model.module)
+    model_sd = _with_masters(model_sharded_state_dict(model.module), model.module)
     _init_optimizer_state(optimizer)
     optim_sd = optimizer.state_dict()
     params = [p for group in optimizer.param_groups for p in group["params"]]

@@ -106,11 +106,14 @@ def global_grad_norm(
     tensor-parallel rank holds whole (norms, routers) are counted on TP rank 0 only: the dense
     sum is then added up over ``dense_group`` (tensor x pipeline parallel). Expert gradients
     (``param.allreduce is False``) differ across expert-parallel ranks and pipeline stages:
-    summed over ``expert_group`` (expert x pipeline parallel).
+    summed over ``expert_group`` (expert x pipeline parallel). The last pipeline stage's copy
+    of the word embedding (multi-token prediction: megatron marks it ``shared``) has the first
+    stage's gradient after their all-reduce: counted there only.
     """
     from mone_train.model.init import is_tensor_split
 
     dense = [p.main_grad for p in params if getattr(p, "allreduce", True)
+             and not getattr(p, "shared", False)
              and (tp_rank == 0 or is_tensor_split(p, tp_size))]  # fmt: skip
     experts = [p.main_grad for p in params if not getattr(p, "allreduce", True)]
     device = params[0].main_grad.device

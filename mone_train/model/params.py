@@ -58,7 +58,8 @@ def count_parameters(
     def whole(p: torch.nn.Parameter) -> int:
         return p.numel() * (tp_size if is_tensor_split(p, tp_size) else 1)
 
-    all_params = {id(p): p for p in model.parameters()}
+    # (not the last pipeline stage's copy of the word embedding: megatron marks it ``shared``)
+    all_params = {id(p): p for p in model.parameters() if not getattr(p, "shared", False)}
     total_local = sum(whole(p) for p in all_params.values())
     expert_local = 0
     activated_experts_moe = 0

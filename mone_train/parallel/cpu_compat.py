@@ -1,6 +1,6 @@
 """Narrow patches that let megatron-core's MoE GPT train on a machine without CUDA.
 
-megatron-core (pinned in ``pyproject.toml``) assumes a GPU in seven places that the MoE training
+megatron-core (pinned in ``pyproject.toml``) assumes a GPU in eight places that the MoE training
 path reaches. Each patch below replaces exactly one of them with the CPU equivalent; nothing else
 in megatron-core or torch changes. :func:`apply` installs them for a run on the CPU (by default:
 when CUDA is absent) and is idempotent; :func:`restore` takes them out again (a CUDA run after a
@@ -34,6 +34,11 @@ code path which fails without it.
    arg 2 must be a type*) while building any MLA layer. We tell that module TE is absent, which
    only skips its TE-specific fp8/fp4 branch. This one is about TransformerEngine, not CUDA: a
    GPU run without TE installs it too (``ANY_DEVICE``).
+8. ``embedding_copy``: with multi-token prediction (or tied embeddings) under pipeline
+   parallelism the last stage holds a copy of the word embedding, which megatron starts equal to
+   the first stage's by an all-reduce of ``weight.data.cuda()`` (*Torch not compiled with CUDA
+   enabled*). We run megatron's set-up without that step, then the same all-reduce on the
+   tensor where it is (none on the meta device, where there is nothing to copy).
 
 With these, tensor and sequence parallelism need nothing more: megatron allocates their gather
 buffers on ``torch.cuda.current_device()`` (patch 2) and its stage-to-stage sends synchronise
@@ -54,6 +59,7 @@ PATCHES = (
     "alltoall_splits",
     "schedule_tokens",
     "mla_te_stubs",
+    "embedding_copy",
 )
 
 # Patches about TransformerEngine being absent, not CUDA: a GPU run without TE needs them too.
@@ -309,6 +315,35 @@ def _install_mla_te_stubs() -> None:
         _set(multi_latent_attention, "HAVE_TE", False)
 
 
+# --- 8. the last stage's copy of the word embedding ----------------------------------------------
+
+
+def _install_embedding_copy() -> None:
+    import torch.distributed as dist
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    original = LanguageModule.setup_embeddings_and_output_layer
+
+    def setup_embeddings_and_output_layer(self) -> None:
+        in_embedding_group = self._is_in_embd_group
+        self._is_in_embd_group = lambda: False  # megatron's all-reduce of a .cuda() copy
+        try:
+            original(self)
+        finally:
+            del self._is_in_embd_group
+        duplicated = self.share_embeddings_and_output_weights or getattr(
+            self.config, "mtp_num_layers", 0
+        )
+        if not (duplicated and self.config.pipeline_model_parallel_size > 1):
+            return
+        if dist.is_initialized() and in_embedding_group():
+            weight = self.shared_embedding_or_output_weight()
+            if not weight.is_meta:
+                dist.all_reduce(weight.data, group=self.embd_group)
+
+    _set(LanguageModule, "setup_embeddings_and_output_layer", setup_embeddings_and_output_layer)
+
+
 _INSTALLERS = {
     "rng_tracker": _install_rng_tracker,
     "current_device": _install_current_device,
@@ -317,4 +352,5 @@ _INSTALLERS = {
     "alltoall_splits": _install_alltoall_splits,
     "schedule_tokens": _install_schedule_tokens,
     "mla_te_stubs": _install_mla_te_stubs,
+    "embedding_copy": _install_embedding_copy,
 }

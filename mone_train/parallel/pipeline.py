@@ -2,11 +2,12 @@
 
 With ``trainer.pipeline_parallel_size`` P > 1 each rank builds one stage (``num_layers / P``
 consecutive layers; the embedding on the first stage, the final norm, output layer and loss on
-the last) and megatron-core's non-interleaved 1F1B schedule moves the micro batches through the
-stages: P - 1 warm-up forwards, then one forward and one backward in turn, then the cool-down
-backwards, so at most P micro batches' activations are alive on a stage. Every stage reads the
-same micro batches (the first needs the tokens, the last the labels), which keeps the data
-position identical on all ranks for checkpoints.
+the last, with the multi-token prediction block and its copy of the embedding when
+``model.mtp_num_layers`` > 0) and megatron-core's non-interleaved 1F1B schedule moves the
+micro batches through the stages: P - 1 warm-up forwards, then one forward and one backward
+in turn, then the cool-down backwards, so at most P micro batches' activations are alive on a
+stage. Every stage reads the same micro batches (the first needs the tokens, the last the
+labels), which keeps the data position identical on all ranks for checkpoints.
 
 The loss is megatron's "per micro batch, then mean over micro batches" form (the same as the
 single-stage step in ``train_step.py``), and MoE auxiliary losses stay inside each stage's

@@ -228,7 +228,8 @@ def _compute_seconds(plan: Plan, hw: Hardware) -> tuple[float, float]:
     tokens = t.global_batch_size * t.seq_length
     # the dense part and the routed experts' part of the executed FLOPs
     executed = plan.flops.executed * tokens
-    expert = 6.0 * shape.num_moe_layers * shape.topk * 3 * shape.hidden * shape.neurons * tokens
+    moe_layers = shape.num_moe_layers + shape.mtp_moe_layers  # multi-token prediction's too
+    expert = 6.0 * moe_layers * shape.topk * 3 * shape.hidden * shape.neurons * tokens
     dense = executed - expert
     rc_dense = dense / 3 if t.recompute == "full" else 0.0
     rc_expert = expert / 3 if t.recompute in ("moe", "full") else 0.0
@@ -242,7 +243,8 @@ def _compute_seconds(plan: Plan, hw: Hardware) -> tuple[float, float]:
     # residuals (about 6 h values), and in a MoE layer the permutation to and from the experts
     # (2 k h), SwiGLU (3 k F); read and written in 2-byte values, backward twice the forward
     h, kF = shape.hidden, shape.topk * shape.neurons
-    per_token = shape.num_layers * 6 * h + shape.num_moe_layers * (2 * shape.topk * h + 3 * kF)
+    layers = shape.num_layers + shape.mtp_layers
+    per_token = layers * 6 * h + moe_layers * (2 * shape.topk * h + 3 * kF)
     passes = 3 + (1 if t.recompute == "full" else 0)
     elementwise = passes * 2 * per_token * tokens / plan.world_size / (hw.hbm_gbps * 1e9)
     return compute, elementwise

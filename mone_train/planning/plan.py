@@ -22,6 +22,13 @@ stage num_layers / PP layers (the embedding on the first, the output layer on th
 under 1F1B, stage s holds min(PP - s, micro batches) micro batches in flight: the plan is that
 of the fullest stage.
 
+Multi-head latent attention and multi-token prediction (``arch=deepseek_v3``) are counted the
+same ways: MLA's weights per tensor-parallel rank (the latent down-projections whole), what it
+keeps (the latents and the per-head query, key and value of the core) and its FLOPs over its
+own head sizes; the MTP layers on the last stage with their copy of the embedding (when that
+stage is not the first), their activations and second cross-entropy, and their FLOPs (a layer
+each, and the output layer again).
+
 Legend: L layers, h hidden size, a attention heads, g query groups, d head size, V vocabulary,
 E experts (E_loc on one device), k router top-k, F neurons per expert, K kept neurons,
 b micro batch, s sequence length, T = b*s tokens, N = T*k routed rows, p bytes per element,
@@ -90,10 +97,18 @@ class Shape:
     qk_nope: int = 0
     qk_rope: int = 0
     v_dim: int = 0
+    # torch's CPU SDPA has no fused kernel for MLA's unequal query/key and value head sizes:
+    # its math path keeps the softmax (and scaled copies of q and k)
+    mla_math_core: bool = False
 
     @property
     def tokens(self) -> int:
         return self.micro_batch * self.seq
+
+    @property
+    def mtp_moe_layers(self) -> int:
+        """Multi-token prediction layers that are MoE (each is built like the last layer)."""
+        return self.mtp_layers if (list(self.moe_pattern) or [1])[-1] else 0
 
     @property
     def sp_tokens(self) -> int:
@@ -141,6 +156,7 @@ def shape_of(
     grouped = moe.grouped_on(device)
     shared = m.shared_expert_ffn_hidden_size
     shared_mone = mone and moe.shared_expert_mone and shared
+    unequal_heads = m.qk_head_dim + m.qk_pos_emb_head_dim != m.v_head_dim
     return Shape(
         num_layers=m.num_layers,
         num_moe_layers=sum(m.moe_layer_pattern()),
@@ -177,6 +193,7 @@ def shape_of(
         moe_pattern=tuple(m.moe_layer_pattern()),
         mtp_layers=m.mtp_num_layers,
         **_mla_shape(m),
+        mla_math_core=cpu and m.multi_latent_attention and unequal_heads,
     )
 
 
@@ -248,7 +265,7 @@ def parameter_numbers(shape: Shape, stage: StageLayers | None = None) -> ParamNu
     # multi-token prediction on the last stage: per layer two input norms, the projection of
     # both [h, 2h] (column-split), a layer like the last decoder layer and a final norm; its
     # own copy of the embedding when the first stage is elsewhere
-    mtp_moe = shape.mtp_layers if (list(shape.moe_pattern) or [1])[-1] else 0
+    mtp_moe = shape.mtp_moe_layers
     mtp = 3 * h + 2 * h * h // t + attention
     mtp += moe_replicated if mtp_moe else dense_mlp
     if stage.last and shape.mtp_layers:
@@ -351,16 +368,22 @@ def attention_bytes(shape: Shape) -> int:
 def mla_attention_bytes(shape: Shape) -> int:
     """What one multi-head latent attention block keeps for backward (an estimate, SDPA core):
     its input norm and input; the compressed query and key/value latents (each norm's input
-    and output); per head of this rank the up-projected query and key/value, the RoPE'd parts
-    and the contiguous query, key and value the core reads; the core's output and logsumexp."""
+    and output); RoPE's cos and sin (fp32, for queries and keys); per head of this rank the
+    contiguous query, key and value the core reads, the core's output and logsumexp (on CPU,
+    where SDPA runs its math path for unequal head sizes: the [b, a/t, s, s] softmax and its
+    scaled query and transposed key instead of the logsumexp). The up-projections' outputs
+    are not kept: RoPE and the concatenations that consume them need nothing of them in
+    backward (checked tensor by tensor: tests/test_deepseek_v3.py)."""
     T, Tsp, p, a = shape.tokens, shape.sp_tokens, shape.bytes_per_act, shape.heads // shape.tp
     qk = shape.qk_nope + shape.qk_rope
-    latents = 2 * Tsp * (shape.q_lora + shape.kv_lora) * p + T * shape.qk_rope * p
-    up = T * a * (qk + shape.qk_nope + shape.v_dim) * p  # q, and k_nope with v
-    rope = T * (a + 1) * shape.qk_rope * p  # the rotated query parts and the shared key part
+    latents = 2 * Tsp * (shape.q_lora + shape.kv_lora) * p
+    rope = 4 * shape.seq * shape.qk_rope * FP32
     core_in = T * a * (2 * qk + shape.v_dim) * p
     core = T * a * shape.v_dim * p + shape.micro_batch * a * shape.seq * FP32
-    return norm_bytes(shape) + Tsp * shape.hidden * p + latents + up + rope + core_in + core
+    if shape.mla_math_core:
+        softmax = shape.micro_batch * a * shape.seq * shape.seq * p
+        core = T * a * shape.v_dim * p + softmax + 2 * T * a * qk * p
+    return norm_bytes(shape) + Tsp * shape.hidden * p + latents + rope + core_in + core
 
 
 def moe_layer_bytes(shape: Shape) -> dict[str, int]:
@@ -411,6 +434,29 @@ def dense_mlp_bytes(shape: Shape) -> int:
     return norm_bytes(shape) + shape.sp_tokens * h * p + T * shape.ffn * 4 * p // shape.tp
 
 
+def mtp_layer_bytes(shape: Shape, recompute: str) -> int:
+    """What one multi-token prediction layer (megatron's, on the last stage) keeps for
+    backward (an estimate): its two input norms (of the shifted tokens' embedding and of the
+    decoder's output), the projection's input [T_t, 2h], a layer like the last decoder layer
+    (under ``trainer.recompute`` as those are), its final norm, its share of the hidden states
+    it concatenates with the decoder's (the output layer's input) and a second cross-entropy
+    (the fp32 softmax and labels). ``full`` recompute keeps only the layer's two inputs."""
+    T, Tsp, h, p = shape.tokens, shape.sp_tokens, shape.hidden, shape.bytes_per_act
+    head = Tsp * h * p + T * (shape.vocab // shape.tp) * FP32 + T
+    if recompute == "full":
+        return 2 * Tsp * h * p + head
+    if shape.mtp_moe_layers:
+        moe = moe_layer_bytes(shape)
+        mlp = moe["norm"] + Tsp * h * p if recompute == "moe" else sum(moe.values())
+    else:
+        mlp = dense_mlp_bytes(shape)
+    return 3 * norm_bytes(shape) + 2 * Tsp * h * p + attention_bytes(shape) + mlp + head
+
+
+def _only_mtp(parts: dict[str, int]) -> dict[str, int]:
+    return {"mtp": parts["mtp"]} if "mtp" in parts else {}
+
+
 def loss_bytes(shape: Shape) -> tuple[int, int]:
     """(kept for backward, alive only at the end of the forward) by the final norm, the output
     layer and megatron's cross-entropy (its softmax in fp32)."""
@@ -459,6 +505,8 @@ def activation_bytes(
         **{f"moe_{name}": stage.moe_layers * n for name, n in moe.items()},
     }
     kept_loss, logits = loss_bytes(shape) if stage.last else (0, 0)
+    if stage.last and shape.mtp_layers:
+        parts["mtp"] = shape.mtp_layers * mtp_layer_bytes(shape, recompute)
     recomputed = 0
     if recompute == "moe":
         parts = {k: v for k, v in parts.items() if not k.startswith("moe_")}
@@ -468,7 +516,7 @@ def activation_bytes(
     elif recompute == "full":
         biggest_mlp = moe_total if stage.moe_layers else dense_mlp_bytes(shape)
         recomputed = attention_bytes(shape) + biggest_mlp
-        parts = {"layer_inputs": stage.layers * layer_input}
+        parts = {"layer_inputs": stage.layers * layer_input, **_only_mtp(parts)}
     parts = {k: v * in_flight for k, v in parts.items()}
     if kept_loss:
         parts["loss"] = kept_loss  # the last stage: one micro batch in flight
@@ -511,20 +559,26 @@ class FlopsPerToken:
 
 
 def flops_per_token(shape: Shape) -> FlopsPerToken:
-    """FLOPs per token by ``health.model_flops_per_token`` (the trainer's MFU formula)."""
+    """FLOPs per token by ``health.training_flops_per_token`` (the trainer's MFU formula)."""
     from mone_train.components.health import model_flops_per_token
 
     numbers = parameter_numbers(shape)
     h, F, K = shape.hidden, shape.neurons, shape.kept
     # As the trainer's counts (model/params.py): dense weights, embeddings included, plus the
-    # routed experts' weights that one token touches.
-    per_layer_experts = shape.num_moe_layers * shape.topk
+    # routed experts' weights that one token touches (multi-token prediction layers included).
+    moe_layers = shape.num_moe_layers + shape.mtp_moe_layers
+    per_layer_experts = moe_layers * shape.topk
     routed = numbers.dense + per_layer_experts * 3 * h * F
     mone = numbers.dense + per_layer_experts * (h * F + 2 * h * K)
-    mone -= shape.num_moe_layers * 2 * h * (shape.shared - shape.shared_kept)  # MoNE shared
+    mone -= moe_layers * 2 * h * (shape.shared - shape.shared_kept)  # MoNE shared
+    # (health.training_flops_per_token of the config: each MTP layer runs the output layer
+    # again and counts as a layer; MLA's scores and values over its own head sizes)
+    routed_again = shape.mtp_layers * shape.vocab * h
+    width = shape.heads * (shape.qk_nope + shape.qk_rope + shape.v_dim) if shape.kv_lora else None
 
     def flops(params: int) -> float:
-        return model_flops_per_token(params, shape.num_layers, h, shape.seq)
+        layers = shape.num_layers + shape.mtp_layers
+        return model_flops_per_token(params + routed_again, layers, h, shape.seq, width)
 
     return FlopsPerToken(flops(numbers.total), flops(routed), flops(mone))
 
@@ -724,6 +778,7 @@ PART_LABELS = {
     "moe_inputs": "MoE layer inputs (recompute)",
     "layer_inputs": "layer inputs (recompute)",
     "loss": "final norm, logits, fp32 cross-entropy",
+    "mtp": "multi-token prediction (layer, 2nd loss)",
 }
 
 

@@ -152,6 +152,42 @@ def probe_mla_te_stubs() -> None:
     build_module(attention, config=config, layer_number=1)
 
 
+def probe_embedding_copy() -> None:
+    """The last of two pipeline stages with multi-token prediction copies the first stage's
+    word embedding at set-up (an all-reduce of its ``.cuda()`` data in megatron)."""
+    from types import SimpleNamespace
+
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    class LastOfTwo:  # what megatron's pipeline helpers ask of the stage's group
+        def rank(self):
+            return 1
+
+        def size(self):
+            return 2
+
+    class LastStage:  # the attributes megatron's set-up reads, on the MTP stage
+        pre_process, post_process, mtp_process = False, True, True
+        share_embeddings_and_output_weights = False
+        vp_stage = vp_size = None
+
+        def __init__(self):
+            self.config = SimpleNamespace(mtp_num_layers=1, pipeline_model_parallel_size=2)
+            self.pp_group, self.embd_group = LastOfTwo(), dist.group.WORLD
+            self.output_layer = SimpleNamespace(weight=torch.nn.Parameter(torch.ones(2)))
+            self.embedding = torch.nn.Parameter(torch.ones(4, 2))
+
+        def shared_embedding_or_output_weight(self):
+            return self.embedding
+
+        def _is_in_embd_group(self):
+            return True
+
+    stage = LastStage()
+    LanguageModule.setup_embeddings_and_output_layer(stage)
+    assert stage.embedding.shared and float(stage.embedding.sum()) == 0.0  # zeroed, summed
+
+
 PROBES = {
     "rng_tracker": probe_rng_tracker,
     "current_device": probe_current_device,
@@ -160,6 +196,7 @@ PROBES = {
     "alltoall_splits": probe_alltoall_splits,
     "schedule_tokens": probe_schedule_tokens,
     "mla_te_stubs": probe_mla_te_stubs,
+    "embedding_copy": probe_embedding_copy,
 }
 
 
