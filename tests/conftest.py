@@ -66,6 +66,19 @@ def _cuda_without_cpu_patches(request):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _fresh_aux_loss_tracker():
+    """megatron's auxiliary-loss tracker is one per process, sized by the first model that
+    records into it (its layers, MTP's included): every test starts without one, whichever
+    tests its process ran before (pytest-xdist orders them differently)."""
+    import sys
+
+    moe_utils = sys.modules.get("megatron.core.transformer.moe.moe_utils")
+    if moe_utils is not None:
+        moe_utils.get_moe_layer_wise_logging_tracker().clear()
+    yield
+
+
 @pytest.fixture
 def megatron_single():
     """A 1-process gloo group with megatron-core's parallel state (EP = 1)."""
