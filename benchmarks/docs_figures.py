@@ -369,7 +369,33 @@ def _lm_eval_parity(files: dict) -> list[str]:
     return lines
 
 
+def _layout_search_published(files: dict) -> list[str]:
+    """docs/memory.md: the layout search against published runs (grouped experts)."""
+    (result,) = files.values()
+
+    def layout(d: dict) -> str:
+        return "/".join(str(d[k]) for k in ("tp", "pp", "ep", "micro_batch", "vpp"))
+
+    def signed(x: float) -> str:
+        return f"{x:+.0%}".replace("-", "−").replace("%", " %")
+
+    lines = _header("run", "GPUs", "published TP/PP/EP/mb/VPP", "fits", "rank among ours",
+                    "published MFU", "predicted MFU", "error",
+                    "our best TP/PP/EP/mb/VPP (MFU)", "published vs our best")  # fmt: skip
+    for r in result["runs"]["grouped"]:
+        best, predicted = r["our_best"], r["predicted_mfu"]
+        published = r["published_mfu_our_formula"]
+        lines.append(_row(r["name"], r["gpus"], layout(r["published_layout"]),
+                          "yes" if r["fits"] else "no", f"{r['rank']} of {r['layouts_ranked']}",
+                          f"{published:.1%}".replace("%", " %"), f"{predicted:.1%}".replace("%", " %"),
+                          signed(predicted / published - 1),
+                          f"{layout(best)} ({best['mfu']:.1%})".replace("%", " %"),
+                          signed(predicted / best["mfu"] - 1)))  # fmt: skip
+    return lines
+
+
 TABLES = {
+    "layout_search_published": _layout_search_published,
     "final_loss": _final_loss,
     "keep_ratio_grid": _keep_ratio_grid,
     "mone_fying": _mone_fying,
