@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from mone_train.components.checkpoint import CHECKPOINTS
-from tests.helpers.distributed import free_port, metrics, train
+from tests.helpers.distributed import TINY_RUN, free_port, metrics, train
 
 # Training runs, subprocesses or process groups: the full tier only (make test).
 pytestmark = pytest.mark.slow
@@ -35,19 +35,14 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 TOL = 1e-5
 RUN = [
-    "model=tiny",
-    "trainer=smoke",
+    *TINY_RUN,
     "trainer.steps=5",
-    "trainer.log_interval=1",
     "trainer.eval_interval=5",
-    "trainer.eval_iters=2",
-    "trainer.seq_length=32",
     # 4 micro batches per step on one data-parallel rank: 1F1B's warm-up, steady state and
     # cool-down all run with 2 stages
     "trainer.micro_batch_size=2",
     "trainer.global_batch_size=8",
     "trainer.save_interval=0",
-    "logging.wandb_mode=disabled",
 ]
 
 
