@@ -23,9 +23,10 @@ import torch
 from mone_kernels import neuron_topk_swiglu_grouped, neuron_topk_swiglu_reference
 from mone_kernels import sparse_decode as sd
 from mone_kernels.dispatch import resolve_impl
-from mone_kernels.triton_topk_swiglu import neuron_topk_swiglu_triton, unpack_mask
+from mone_kernels.triton_topk_swiglu import unpack_mask
 from tests.conftest import GPU_TIER_DEVICE
 from tests.helpers.distributed import TINY_RUN, losses, metrics, train_in_fresh_process
+from tests.helpers.kernels import kernel_and_reference
 from tests.helpers.references import ng_lbl_literal
 
 pytestmark = pytest.mark.gpu
@@ -64,20 +65,13 @@ def test_compiled_kernel_forward_and_backward_match_reference(dtype):
     k = NEURONS // 2
     fc1 = _fc1(ROWS, NEURONS, torch_dtype, seed=1)
     assert resolve_impl("auto", fc1.device) == ("triton" if ON_GPU else "cpu")
-    dh = torch.randn(ROWS, NEURONS, device=DEVICE)
-    x = fc1.clone().requires_grad_()
-    h, packed, _ = neuron_topk_swiglu_triton(x, k)
-    (h.float() * dh).sum().backward()
-    x_ref = fc1.float().clone().requires_grad_()
-    h_ref, mask_ref, _ = neuron_topk_swiglu_reference(x_ref, k)
-    (h_ref * dh).sum().backward()
+    (h, packed, grad), (h_ref, mask_ref, grad_ref) = kernel_and_reference(fc1, k)
     mask = unpack_mask(packed, NEURONS)
     assert h.dtype == torch_dtype and (mask.sum(dim=-1) == k).all()
     same = _same_rows(mask, mask_ref)
     tol = TOLERANCE[torch_dtype]
     torch.testing.assert_close(h.float()[same], h_ref[same], rtol=tol, atol=tol)
-    grad, grad_ref = x.grad.float()[same], x_ref.grad[same]
-    torch.testing.assert_close(grad, grad_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(grad.float()[same], grad_ref[same], rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))

@@ -14,10 +14,10 @@ from mone_kernels.reference import expert_balance_loss
 from mone_kernels.triton_topk_swiglu import (
     neuron_topk_balance_stats,
     neuron_topk_swiglu_fwd,
-    neuron_topk_swiglu_triton,
     triton_runnable,
     unpack_mask,
 )
+from tests.helpers.kernels import kernel_and_reference
 from tests.helpers.references import ng_lbl_literal
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -37,18 +37,6 @@ def _fc1(rows, neurons, dtype=torch.float32, seed=0):
     return torch.randn(rows, 2 * neurons, generator=gen).to(DEVICE, dtype)
 
 
-def _compare(fc1, k):
-    """Run kernel and reference (fp32) on the same input; return both results and grads."""
-    dh = torch.randn(fc1.shape[0], fc1.shape[1] // 2, device=DEVICE)
-    x = fc1.clone().requires_grad_()
-    h, packed, _ = neuron_topk_swiglu_triton(x, k)
-    (h.float() * dh).sum().backward()
-    x_ref = fc1.float().clone().requires_grad_()
-    h_ref, mask_ref, _ = neuron_topk_swiglu_reference(x_ref, k)
-    (h_ref * dh).sum().backward()
-    return (h, packed, x.grad), (h_ref, mask_ref, x_ref.grad)
-
-
 @pytest.mark.parametrize("rows", [1, 7, 64])
 @pytest.mark.parametrize("neurons", [8, 96, 257])
 @pytest.mark.parametrize(
@@ -56,7 +44,9 @@ def _compare(fc1, k):
 )
 def test_forward_and_gradients_match_reference(rows, neurons, k_of):
     k = k_of(neurons)
-    (h, packed, grad), (h_ref, mask_ref, grad_ref) = _compare(_fc1(rows, neurons, seed=neurons), k)
+    (h, packed, grad), (h_ref, mask_ref, grad_ref) = kernel_and_reference(
+        _fc1(rows, neurons, seed=neurons), k
+    )
     mask = unpack_mask(packed, neurons)
     assert (mask.sum(dim=-1) == k).all()
     if mask_ref is not None:
@@ -73,7 +63,7 @@ def test_ties_and_all_negative_gates():
     fc1[2, :neurons] = 0.0  # SiLU(0) = 0 everywhere: all tied at zero
     fc1[3, :neurons] = -fc1[3, :neurons].abs() - 0.05  # all negative
     fc1[4, :neurons] = -1.278  # near SiLU's minimum, tied
-    (h, packed, grad), (h_ref, mask_ref, grad_ref) = _compare(fc1, k)
+    (h, packed, grad), (h_ref, mask_ref, grad_ref) = kernel_and_reference(fc1, k)
     mask = unpack_mask(packed, neurons)
     assert torch.equal(mask, mask_ref)
     assert torch.equal(mask[0], torch.arange(neurons, device=DEVICE) < k)
@@ -85,7 +75,7 @@ def test_ties_and_all_negative_gates():
 def test_low_precision_storage_with_fp32_compute(dtype):
     neurons, k = 96, 48
     fc1 = _fc1(16, neurons, dtype, seed=5)
-    (h, packed, grad), (h_ref, mask_ref, grad_ref) = _compare(fc1, k)
+    (h, packed, grad), (h_ref, mask_ref, grad_ref) = kernel_and_reference(fc1, k)
     assert h.dtype == dtype and grad.dtype == dtype
     assert torch.equal(unpack_mask(packed, neurons), mask_ref)
     tol = TOLERANCE[dtype]

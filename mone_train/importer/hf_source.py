@@ -106,8 +106,11 @@ class HFSource:
         if scale.shape != ((rows + b0 - 1) // b0, (cols + b1 - 1) // b1):
             raise ImportError_(f"{self.path}: {scale_name} has shape {list(scale.shape)}, not one "
                                f"scale per {b0}x{b1} block of {name}'s {[rows, cols]}")  # fmt: skip
-        blocks = scale.repeat_interleave(b0, dim=0)[:rows].repeat_interleave(b1, dim=1)[:, :cols]
-        return weight.float() * blocks
+        dequantised = weight.float()  # scaled in place, a block row at a time: no second copy
+        per_column = scale.repeat_interleave(b1, dim=1)[:, :cols]
+        for block_row, row_scales in zip(dequantised.split(b0), per_column):
+            block_row.mul_(row_scales)
+        return dequantised
 
     @property
     def block_size(self) -> tuple[int, int]:
